@@ -1,0 +1,30 @@
+# Two commands from nothing: `make demo` (the main job) and `make test` (the test suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch (on these machines it installs from local disk); users with GPUs can
+# override: make demo TORCH=torch==2.13.0+cu128 (or install torch first and drop the pin).
+TORCH ?= torch==2.13.0
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml $(BIN)/activate
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: demo test lint bench
+demo: $(VENV)/.installed
+	$(BIN)/destatic lab
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/pip install -q ".[bench]"
+	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
+	$(BIN)/python benchmarks/samplers.py

@@ -1,0 +1,39 @@
+"""Noise processes and prediction targets: the σ-space core (DESIGN.md, "One mathematical core")."""
+
+from destatic.process.base import Process
+from destatic.process.edm import EDM
+from destatic.process.flow import RectifiedFlow, resolution_shift
+from destatic.process.targets import (
+    TARGETS,
+    Denoiser,
+    EDMTarget,
+    EpsilonTarget,
+    FlowTarget,
+    SampleTarget,
+    Target,
+    VTarget,
+    get_target,
+    preconditioning,
+)
+from destatic.process.vp import BETA_SCHEDULES, VPDiscrete, beta_schedule, rescale_zero_terminal_snr
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "EDM",
+    "TARGETS",
+    "Denoiser",
+    "EDMTarget",
+    "EpsilonTarget",
+    "FlowTarget",
+    "Process",
+    "RectifiedFlow",
+    "SampleTarget",
+    "Target",
+    "VPDiscrete",
+    "VTarget",
+    "beta_schedule",
+    "get_target",
+    "preconditioning",
+    "rescale_zero_terminal_snr",
+    "resolution_shift",
+]

@@ -1,0 +1,33 @@
+"""σ grids, samplers and guidance (DESIGN.md, "Layers"). Imports nothing from models."""
+
+from destatic.sampling import ancestral, dpmpp, ode, unipc  # noqa: F401  (fill the registry)
+from destatic.sampling.base import SAMPLER_INFO, SAMPLERS, SamplerInfo, StepInfo, ancestral_step
+from destatic.sampling.grids import GRIDS, make_sigmas
+from destatic.sampling.guidance import ClassifierFreeGuidance
+from destatic.sampling.noise import generators, noise_sampler, randn
+from destatic.sampling.sample import (
+    NonFiniteError,
+    check_sigmas,
+    initial_noise,
+    sample,
+    sampler_info,
+)
+
+__all__ = [
+    "GRIDS",
+    "SAMPLERS",
+    "SAMPLER_INFO",
+    "ClassifierFreeGuidance",
+    "NonFiniteError",
+    "SamplerInfo",
+    "StepInfo",
+    "ancestral_step",
+    "check_sigmas",
+    "generators",
+    "initial_noise",
+    "make_sigmas",
+    "noise_sampler",
+    "randn",
+    "sample",
+    "sampler_info",
+]

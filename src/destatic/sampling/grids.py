@@ -1,0 +1,175 @@
+"""σ grids: where a sampler evaluates the model.
+
+Every grid is ``steps + 1`` decreasing σ values ending in 0. Two kinds:
+
+* **σ-space grids** need only (σ_min, σ_max): ``karras`` (Karras et al. 2022, eq. 5),
+  ``exponential`` (uniform in log σ), ``polyexponential`` (k-diffusion), ``ays`` (Align Your
+  Steps, Sabour et al. 2024: published SD 1.5 σ's, log-linearly re-interpolated for any count).
+* **time grids** read the model's own schedule and need ``process=``: ``normal`` (alias
+  ``linspace``) and ``sgm_uniform`` are uniform in the process's schedule time; ``leading`` and
+  ``trailing`` are diffusers' timestep spacings (Lin et al. 2024, Table 2); ``simple`` and
+  ``beta`` (Lee et al. 2024, α = β = 0.6) pick entries of the training σ table, as ComfyUI does.
+
+``snap=True`` moves each σ to the nearest trained timestep of a discrete model (round t(σ)), as
+diffusers does for its multistep schedulers; repeated values are merged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from destatic.process.base import Process
+
+__all__ = ["AYS_SD15", "GRIDS", "make_sigmas"]
+
+# Align Your Steps (Sabour, Fidler, Kreis 2024), the published 10-step grid for Stable Diffusion
+# 1.5 (σ from 14.615 to 0.029). Other step counts interpolate log σ linearly in the step index.
+AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+
+
+def _karras(steps, sigma_min, sigma_max, *, rho: float = 7.0, **_):
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def _exponential(steps, sigma_min, sigma_max, **_):
+    return torch.linspace(
+        math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64
+    ).exp()
+
+
+def _polyexponential(steps, sigma_min, sigma_max, *, rho: float = 1.0, **_):
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
+    return (ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp()
+
+
+def _ays(steps, sigma_min, sigma_max, *, knots=AYS_SD15, **_):
+    """Log-linear re-interpolation of a published grid (the AYS paper's ``loglinear_interp``),
+    then rescaled in log σ onto [σ_min, σ_max]."""
+    log_knots = np.log(np.asarray(knots, dtype=np.float64))
+    xs = np.linspace(0, 1, len(log_knots))
+    log_s = np.interp(np.linspace(0, 1, steps), xs, log_knots)
+    lo, hi = log_knots[-1], log_knots[0]
+    unit = (log_s - lo) / (hi - lo)
+    return torch.from_numpy(
+        np.exp(math.log(sigma_min) + unit * (math.log(sigma_max) - math.log(sigma_min)))
+    )
+
+
+def _time_uniform(steps, sigma_min, sigma_max, *, process: Process, drop_last: bool = False, **_):
+    start = float(process.sigma_to_t(torch.tensor(sigma_max, dtype=torch.float64)))
+    end = float(process.sigma_to_t(torch.tensor(sigma_min, dtype=torch.float64)))
+    t = torch.linspace(start, end, steps + 1 if drop_last else steps, dtype=torch.float64)
+    return process.t_to_sigma(t[:steps])
+
+
+def _normal(steps, sigma_min, sigma_max, **kw):
+    return _time_uniform(steps, sigma_min, sigma_max, **kw)
+
+
+def _sgm_uniform(steps, sigma_min, sigma_max, **kw):
+    return _time_uniform(steps, sigma_min, sigma_max, drop_last=True, **kw)
+
+
+def _table(process: Process, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    table = process.sigma_table()
+    keep = (table >= sigma_min * (1 - 1e-9)) & (table <= sigma_max * (1 + 1e-9))
+    return table[keep]
+
+
+def _leading(steps, sigma_min, sigma_max, *, process: Process, offset: int = 0, **_):
+    table = _table(process, sigma_min, sigma_max)
+    idx = np.arange(steps) * (len(table) // steps) + offset
+    return table[torch.from_numpy(idx[::-1].copy()).clamp(max=len(table) - 1)]
+
+
+def _trailing(steps, sigma_min, sigma_max, *, process: Process, **_):
+    table = _table(process, sigma_min, sigma_max)
+    idx = np.round(np.arange(len(table), 0, -len(table) / steps)).astype(np.int64) - 1
+    return table[torch.from_numpy(idx)]
+
+
+def _simple(steps, sigma_min, sigma_max, *, process: Process, **_):
+    table = _table(process, sigma_min, sigma_max)
+    stride = len(table) / steps
+    return table[torch.tensor([len(table) - 1 - int(i * stride) for i in range(steps)])]
+
+
+def _beta(
+    steps, sigma_min, sigma_max, *, process: Process, alpha: float = 0.6, beta: float = 0.6, **_
+):
+    from scipy.stats import beta as beta_dist
+
+    table = _table(process, sigma_min, sigma_max)
+    u = 1 - np.linspace(0, 1, steps, endpoint=False)
+    idx = np.rint(beta_dist.ppf(u, alpha, beta) * (len(table) - 1)).astype(np.int64)
+    return table[torch.from_numpy(idx)]
+
+
+GridFn = Callable[..., torch.Tensor]
+GRIDS: dict[str, GridFn] = {
+    "karras": _karras,
+    "exponential": _exponential,
+    "polyexponential": _polyexponential,
+    "ays": _ays,
+    "normal": _normal,
+    "linspace": _normal,
+    "sgm_uniform": _sgm_uniform,
+    "leading": _leading,
+    "trailing": _trailing,
+    "simple": _simple,
+    "beta": _beta,
+}
+_NEEDS_PROCESS = {"normal", "linspace", "sgm_uniform", "leading", "trailing", "simple", "beta"}
+
+
+def _snap(sigmas: torch.Tensor, process: Process) -> torch.Tensor:
+    t = process.sigma_to_t(sigmas).round()
+    return process.t_to_sigma(t)
+
+
+def make_sigmas(
+    grid: str,
+    steps: int,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    *,
+    process: Process | None = None,
+    snap: bool = False,
+    **options,
+) -> torch.Tensor:
+    """``steps + 1`` decreasing σ (float64), the last 0. σ_min/σ_max default to the process's.
+
+    >>> make_sigmas("karras", 4, 0.03, 14.6).shape
+    torch.Size([5])
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if process is not None:
+        sigma_min = process.sigma_min if sigma_min is None else sigma_min
+        sigma_max = process.sigma_max if sigma_max is None else sigma_max
+    if grid in _NEEDS_PROCESS and process is None:
+        raise ValueError(f"grid {grid!r} follows a model's own timesteps: pass process=")
+    if sigma_min is None or sigma_max is None:
+        raise ValueError("pass sigma_min and sigma_max, or process=")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    if math.isinf(sigma_max) and grid not in _NEEDS_PROCESS:
+        raise ValueError(
+            f"grid {grid!r} needs a finite sigma_max, but this process starts at σ = ∞; "
+            "use a time grid (normal, sgm_uniform, simple, beta) or pass a finite sigma_max"
+        )
+    sigmas = GRIDS[grid](steps, float(sigma_min), float(sigma_max), process=process, **options)
+    if snap:
+        if process is None:
+            raise ValueError("snap=True needs the model's process=")
+        sigmas = _snap(sigmas, process)
+    sigmas = torch.unique_consecutive(sigmas.to(torch.float64))
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
