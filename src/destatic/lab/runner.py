@@ -31,6 +31,7 @@ class LabRow:
     grid: str
     budget: int  # NFE asked for
     nfe: int  # model evaluations used (at most the budget)
+    steps: int
     rms: float  # RMS distance to the reference ODE solution from the same noise
     sw2: float  # sliced W2 distance to true samples
 
@@ -88,6 +89,7 @@ class LabProblem:
             grid,
             budget or nfe,
             nfe,
+            steps,
             rms(out, self.reference),
             sliced_wasserstein(out, self.true_samples),
         )
