@@ -3,6 +3,10 @@ import torch
 
 from destatic.lab import GaussianMixture
 
+# The tests use tiny tensors: extra intra-op threads only add spin-waiting (100× slower when the
+# machine is loaded), so run the whole suite single-threaded.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def mixture() -> GaussianMixture:
