@@ -96,7 +96,7 @@ def lcm(denoiser, x, sigmas, *, noise: NoiseFn | None = None, callback=None) -> 
 
 
 register("euler_ancestral", euler_ancestral, order=1, stochastic=True)
-register("ddim", euler_ancestral, order=1, eta=0.0)
-register("ddpm", euler_ancestral, order=1, stochastic=True, eta=1.0)
+register("ddim", euler_ancestral, order=1, defaults={"eta": 0.0})
+register("ddpm", euler_ancestral, order=1, stochastic=True, defaults={"eta": 1.0})
 register("dpmpp_2s_ancestral", dpmpp_2s_ancestral, order=2, evals_per_step=2, stochastic=True)
 register("lcm", lcm, order=1, stochastic=True)

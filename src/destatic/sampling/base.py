@@ -75,7 +75,7 @@ def register(
     order: int,
     evals_per_step: int = 1,
     stochastic: bool = False,
-    **defaults,
+    defaults: dict | None = None,
 ) -> None:
     """Add ``fn`` to the registry as ``name``; ``defaults`` fix options of a named variant
     (``ddim`` is ``euler_ancestral`` with ``eta=0``)."""
@@ -83,6 +83,7 @@ def register(
     def call(denoiser, x, sigmas, **options):
         return fn(denoiser, x, sigmas, **{**defaults, **options})
 
+    defaults = defaults or {}
     call.__name__ = name
     call.__doc__ = fn.__doc__
     SAMPLERS[name] = call if defaults else fn

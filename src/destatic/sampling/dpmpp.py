@@ -116,7 +116,7 @@ def dpmpp_3m_sde(
     return x
 
 
-register("dpmpp_2m", dpmpp_2m_sde, order=2, eta=0.0)
+register("dpmpp_2m", dpmpp_2m_sde, order=2, defaults={"eta": 0.0})
 register("dpmpp_2m_sde", dpmpp_2m_sde, order=2, stochastic=True)
-register("dpmpp_3m", dpmpp_3m_sde, order=3, eta=0.0)
+register("dpmpp_3m", dpmpp_3m_sde, order=3, defaults={"eta": 0.0})
 register("dpmpp_3m_sde", dpmpp_3m_sde, order=3, stochastic=True)

@@ -4,7 +4,8 @@ Every grid is ``steps + 1`` decreasing σ values ending in 0. Two kinds:
 
 * **σ-space grids** need only (σ_min, σ_max): ``karras`` (Karras et al. 2022, eq. 5),
   ``exponential`` (uniform in log σ), ``polyexponential`` (k-diffusion), ``ays`` (Align Your
-  Steps, Sabour et al. 2024: published SD 1.5 σ's, log-linearly re-interpolated for any count).
+  Steps, Sabour et al. 2024: published SD 1.5 σ's, log-linearly re-interpolated for any count),
+  and the optimised ``lab2d`` / ``lab16d`` (:data:`OPTIMIZED`).
 * **time grids** read the model's own schedule and need ``process=``: ``normal`` (alias
   ``linspace``) and ``sgm_uniform`` are uniform in the process's schedule time; ``leading`` and
   ``trailing`` are diffusers' timestep spacings (Lin et al. 2024, Table 2); ``simple`` and
@@ -24,11 +25,49 @@ import torch
 
 from destatic.process.base import Process
 
-__all__ = ["AYS_SD15", "GRIDS", "make_sigmas"]
+__all__ = ["AYS_SD15", "GRIDS", "OPTIMIZED", "loglinear_interp", "make_sigmas"]
 
 # Align Your Steps (Sabour, Fidler, Kreis 2024), the published 10-step grid for Stable Diffusion
-# 1.5 (σ from 14.615 to 0.029). Other step counts interpolate log σ linearly in the step index.
-AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+# 1.5 (σ from 14.615 to 0.029). As in ComfyUI's AlignYourSteps node, other step counts
+# re-interpolate log σ linearly over steps + 1 points and the last point becomes 0.
+AYS_SD15 = (14.6146, 6.4745, 3.8636, 2.6946, 1.8841, 1.3943, 0.9642, 0.6523, 0.3977, 0.1515, 0.0291)
+
+# Grids found by ``benchmarks/optimize_grids.py`` (destatic.sampling.optimize): 8 steps of
+# ``uni_pc_3`` on SD's schedule, minimising the RMS error to the exact ODE solution of the lab's
+# 2-D and 16-D Gaussian-mixture problems (training noise disjoint from the lab's). These are the
+# nonzero points; other step counts re-interpolate them log-linearly, other σ ranges rescale log σ.
+OPTIMIZED = {
+    "lab2d": (14.6146, 1.7833, 1.6555, 0.539, 0.2533, 0.1176, 0.0704, 0.0292),
+    "lab16d": (14.6146, 4.6998, 2.8988, 1.8478, 0.9231, 0.3093, 0.1797, 0.0402),
+}
+_KNOT_RANGE = (0.0292, 14.6146)  # the σ range the knots above were made for
+
+
+def loglinear_interp(knots, points: int) -> np.ndarray:
+    """``points`` values whose log follows the piecewise-linear log of ``knots`` (AYS)."""
+    log_knots = np.log(np.asarray(knots, dtype=np.float64))
+    xs = np.linspace(0, 1, len(log_knots))
+    return np.exp(np.interp(np.linspace(0, 1, points), xs, log_knots))
+
+
+def _rescale(sigmas: np.ndarray, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Map log σ linearly from the knots' range onto [σ_min, σ_max]."""
+    lo, hi = (math.log(v) for v in _KNOT_RANGE)
+    unit = (np.log(sigmas) - lo) / (hi - lo)
+    return torch.from_numpy(np.exp(math.log(sigma_min) + unit * math.log(sigma_max / sigma_min)))
+
+
+def _ays(steps, sigma_min, sigma_max, **_):
+    sigmas = _rescale(loglinear_interp(AYS_SD15, steps + 1), sigma_min, sigma_max)
+    return sigmas[:-1]  # the last point is replaced by 0
+
+
+def _optimized(name: str):
+    def grid(steps, sigma_min, sigma_max, **_):
+        return _rescale(loglinear_interp(OPTIMIZED[name], steps), sigma_min, sigma_max)
+
+    grid.__doc__ = f"The optimised grid {name!r} (see OPTIMIZED)."
+    return grid
 
 
 def _karras(steps, sigma_min, sigma_max, *, rho: float = 7.0, **_):
@@ -46,19 +85,6 @@ def _exponential(steps, sigma_min, sigma_max, **_):
 def _polyexponential(steps, sigma_min, sigma_max, *, rho: float = 1.0, **_):
     ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
     return (ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp()
-
-
-def _ays(steps, sigma_min, sigma_max, *, knots=AYS_SD15, **_):
-    """Log-linear re-interpolation of a published grid (the AYS paper's ``loglinear_interp``),
-    then rescaled in log σ onto [σ_min, σ_max]."""
-    log_knots = np.log(np.asarray(knots, dtype=np.float64))
-    xs = np.linspace(0, 1, len(log_knots))
-    log_s = np.interp(np.linspace(0, 1, steps), xs, log_knots)
-    lo, hi = log_knots[-1], log_knots[0]
-    unit = (log_s - lo) / (hi - lo)
-    return torch.from_numpy(
-        np.exp(math.log(sigma_min) + unit * (math.log(sigma_max) - math.log(sigma_min)))
-    )
 
 
 def _time_uniform(steps, sigma_min, sigma_max, *, process: Process, drop_last: bool = False, **_):
@@ -117,6 +143,7 @@ GRIDS: dict[str, GridFn] = {
     "exponential": _exponential,
     "polyexponential": _polyexponential,
     "ays": _ays,
+    **{name: _optimized(name) for name in OPTIMIZED},
     "normal": _normal,
     "linspace": _normal,
     "sgm_uniform": _sgm_uniform,

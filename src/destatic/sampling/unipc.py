@@ -116,4 +116,5 @@ def uni_pc(
 
 
 register("uni_pc", uni_pc, order=2)
-register("uni_pc_bh1", uni_pc, order=2, variant="bh1")
+register("uni_pc_bh1", uni_pc, order=2, defaults={"variant": "bh1"})
+register("uni_pc_3", uni_pc, order=3, defaults={"order": 3})
