@@ -25,6 +25,6 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed
-	$(BIN)/pip install -q ".[bench]"
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
-	$(BIN)/python benchmarks/samplers.py
+	$(BIN)/python benchmarks/samplers.py --json benchmarks/results/samplers.json > benchmarks/results/samplers.md
