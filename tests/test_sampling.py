@@ -210,3 +210,43 @@ def test_grid_needing_a_process_says_so():
 def test_sigma_space_grid_refuses_infinite_sigma_max():
     with pytest.raises(ValueError, match="finite sigma_max"):
         make_sigmas("karras", 4, process=RectifiedFlow())
+
+
+# --- grids ---------------------------------------------------------------------------------
+
+
+def test_simple_and_beta_grids_pick_trained_sigmas():
+    vp = VPDiscrete()
+    table = vp.sigma_table()
+    simple = make_sigmas("simple", 4, process=vp)  # ComfyUI: every 250th σ from the top
+    torch.testing.assert_close(simple[:-1], table[[999, 749, 499, 249]])
+    uniform_beta = make_sigmas("beta", 4, process=vp, alpha=1.0, beta=1.0)  # Beta(1,1) = uniform
+    torch.testing.assert_close(uniform_beta[:-1], table[[999, 749, 500, 250]])
+    default_beta = make_sigmas("beta", 10, process=vp)
+    assert len(default_beta) == 11 and bool(torch.isin(default_beta[:-1], table).all())
+
+
+@pytest.mark.parametrize(
+    "grid", ["karras", "exponential", "polyexponential", "ays", "lab2d", "lab16d"]
+)
+@pytest.mark.parametrize("steps", [1, 3, 8, 25])
+def test_sigma_space_grids_span_the_range(grid, steps):
+    sigmas = make_sigmas(grid, steps, 0.03, 14.6)
+    assert len(sigmas) == steps + 1 and sigmas[-1] == 0
+    assert sigmas[0] == pytest.approx(14.6)
+    assert bool((sigmas[1:] < sigmas[:-1]).all())
+    assert float(sigmas[-2]) >= 0.03 * (1 - 1e-9)
+
+
+def test_ays_ten_steps_is_the_published_grid():
+    from destatic.sampling.grids import AYS_SD15
+
+    sigmas = make_sigmas("ays", 10, 0.0291, 14.6146)
+    torch.testing.assert_close(sigmas[:-1], torch.tensor(AYS_SD15[:-1], dtype=torch.float64))
+
+
+def test_snap_rounds_to_trained_timesteps():
+    vp = VPDiscrete()
+    snapped = make_sigmas("karras", 10, process=vp, snap=True)
+    t = vp.sigma_to_t(snapped[:-1])
+    torch.testing.assert_close(t, t.round())

@@ -40,7 +40,7 @@ OPTIMIZED = {
     "lab2d": (14.6146, 1.7833, 1.6555, 0.539, 0.2533, 0.1176, 0.0704, 0.0292),
     "lab16d": (14.6146, 4.6998, 2.8988, 1.8478, 0.9231, 0.3093, 0.1797, 0.0402),
 }
-_KNOT_RANGE = (0.0292, 14.6146)  # the σ range the knots above were made for
+_OPTIMIZED_RANGE = (0.0292, 14.6146)  # the σ range (SD 1.x) the knots above were made for
 
 
 def loglinear_interp(knots, points: int) -> np.ndarray:
@@ -50,21 +50,23 @@ def loglinear_interp(knots, points: int) -> np.ndarray:
     return np.exp(np.interp(np.linspace(0, 1, points), xs, log_knots))
 
 
-def _rescale(sigmas: np.ndarray, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """Map log σ linearly from the knots' range onto [σ_min, σ_max]."""
-    lo, hi = (math.log(v) for v in _KNOT_RANGE)
+def _rescale(sigmas: np.ndarray, made_for: tuple[float, float], sigma_min: float, sigma_max: float):
+    """Map log σ linearly from the range the knots were made for onto [σ_min, σ_max]."""
+    lo, hi = (math.log(v) for v in made_for)
     unit = (np.log(sigmas) - lo) / (hi - lo)
     return torch.from_numpy(np.exp(math.log(sigma_min) + unit * math.log(sigma_max / sigma_min)))
 
 
 def _ays(steps, sigma_min, sigma_max, **_):
-    sigmas = _rescale(loglinear_interp(AYS_SD15, steps + 1), sigma_min, sigma_max)
+    made_for = (AYS_SD15[-1], AYS_SD15[0])
+    sigmas = _rescale(loglinear_interp(AYS_SD15, steps + 1), made_for, sigma_min, sigma_max)
     return sigmas[:-1]  # the last point is replaced by 0
 
 
 def _optimized(name: str):
     def grid(steps, sigma_min, sigma_max, **_):
-        return _rescale(loglinear_interp(OPTIMIZED[name], steps), sigma_min, sigma_max)
+        knots = loglinear_interp(OPTIMIZED[name], steps)
+        return _rescale(knots, _OPTIMIZED_RANGE, sigma_min, sigma_max)
 
     grid.__doc__ = f"The optimised grid {name!r} (see OPTIMIZED)."
     return grid
