@@ -1,0 +1,34 @@
+"""Denoising networks and their building blocks (DESIGN.md, "Layers")."""
+
+from destatic.models.attention import (
+    Attention,
+    BasicTransformerBlock,
+    FeedForward,
+    SpatialTransformer,
+)
+from destatic.models.layers import (
+    Downsample,
+    ResnetBlock,
+    TimestepEmbedding,
+    Upsample,
+    timestep_embedding,
+)
+from destatic.models.mmdit import MMDIT_MODELS, MMDiT, MMDiTConfig
+from destatic.models.unet import UNet2DCondition, UNetConfig
+
+__all__ = [
+    "MMDIT_MODELS",
+    "Attention",
+    "BasicTransformerBlock",
+    "Downsample",
+    "FeedForward",
+    "MMDiT",
+    "MMDiTConfig",
+    "ResnetBlock",
+    "SpatialTransformer",
+    "TimestepEmbedding",
+    "UNet2DCondition",
+    "UNetConfig",
+    "Upsample",
+    "timestep_embedding",
+]

@@ -1,0 +1,421 @@
+"""The Stable Diffusion 1.x / 2.x U-Net (Rombach et al. 2022, "High-Resolution Image Synthesis with
+Latent Diffusion Models"): an ε- or v-predicting U-Net on VAE latents, conditioned on the timestep
+(sinusoidal embedding → MLP, added inside every residual block) and on text tokens (cross-attention
+in ``SpatialTransformer``s).
+
+Config field names and ``state_dict`` keys are those of diffusers' ``UNet2DConditionModel``, so a
+diffusers checkpoint loads with ``UNet2DCondition(UNetConfig.from_diffusers(cfg))`` and
+``load_state_dict(weights, strict=True)``, with no key mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from destatic.models.attention import SpatialTransformer
+from destatic.models.layers import (
+    Downsample,
+    ResnetBlock,
+    TimestepEmbedding,
+    Upsample,
+    timestep_embedding,
+)
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UNetConfig:
+    """U-Net hyper-parameters, named as in diffusers' ``UNet2DConditionModel`` config.json.
+
+    Defaults are SD 1.x (v1-5). Note the historical diffusers quirk kept for checkpoint
+    compatibility: ``attention_head_dim`` is the number of attention *heads* per block (SD 1.x: 8
+    heads everywhere; SD 2.x: [5, 10, 20, 20] heads, i.e. 64 channels per head).
+    """
+
+    sample_size: int | None = 64  # latent side the model was trained at (informational)
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False  # map input x to 2x - 1 first
+    flip_sin_to_cos: bool = True  # cosines first in the timestep embedding
+    freq_shift: float = 0  # frequency denominator is dim/2 - freq_shift
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2  # resnets per down block (up blocks: one more)
+    downsample_padding: int = 1
+    dropout: float = 0.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768  # text-token width (CLIP ViT-L: 768; OpenCLIP ViT-H: 1024)
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8  # number of heads per block (see above)
+    use_linear_projection: bool = False  # SD 2.x: Linear proj_in/out; SD 1.x: 1×1 conv
+    upcast_attention: bool = False  # attention in float32 (SD 2.1 768-v)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # not used by the model
+
+    def __post_init__(self) -> None:
+        for name in ("down_block_types", "up_block_types", "block_out_channels"):
+            setattr(self, name, tuple(getattr(self, name)))
+        for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, list | tuple):
+                setattr(self, name, tuple(value))
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(
+                "down_block_types, up_block_types and block_out_channels differ in length"
+            )
+        for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != n:
+                raise ValueError(f"{name} must be an int or have one entry per block ({n})")
+        for b in self.down_block_types:
+            if b not in DOWN_BLOCKS:
+                raise ValueError(
+                    f"unsupported down_block_types entry {b!r}; supported: {DOWN_BLOCKS}"
+                )
+        for b in self.up_block_types:
+            if b not in UP_BLOCKS:
+                raise ValueError(f"unsupported up_block_types entry {b!r}; supported: {UP_BLOCKS}")
+
+    def per_block(self, name: str) -> tuple[int, ...]:
+        """``layers_per_block``, ``transformer_layers_per_block`` or ``attention_head_dim`` as a
+        tuple with one entry per down block."""
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
+
+    # -- serialisation ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown UNetConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> UNetConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict[str, Any]) -> UNetConfig:
+        """Read a diffusers ``UNet2DConditionModel`` config.json dict.
+
+        Options SD 1.x/2.x do not use (class/addition embeddings, other block types, ...) must be
+        absent or at their diffusers default, otherwise a ValueError names the option.
+        """
+        cfg = dict(cfg)
+        for key, allowed in _UNSUPPORTED_DEFAULTS.items():
+            if key in cfg:
+                value = cfg.pop(key)
+                if value not in allowed:
+                    raise ValueError(
+                        f"unsupported diffusers UNet option {key}={value!r} "
+                        f"(destatic supports only {allowed[0]!r})"
+                    )
+        private = {k: cfg.pop(k) for k in list(cfg) if k.startswith("_")}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"unsupported diffusers UNet option(s): {unknown}")
+        if isinstance(cfg.get("cross_attention_dim"), list | tuple):
+            raise ValueError("unsupported diffusers UNet option cross_attention_dim as a list")
+        return cls(**cfg, extra=private)
+
+
+# diffusers options outside SD 1.x/2.x: accepted only at these (default) values.
+_UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "only_cross_attention": (False,),
+    "mid_block_scale_factor": (1, 1.0),
+    "act_fn": ("silu",),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "num_attention_heads": (None,),
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "num_class_embeds": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0, 1),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+    "addition_embed_type_num_heads": (64,),  # only read with addition_embed_type
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class DownBlock(nn.Module):
+    """``layers`` resnets, each optionally followed by a SpatialTransformer, then a stride-2 conv.
+
+    Returns the output and every intermediate (the skip connections for the up path).
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        temb_ch: int,
+        layers: int,
+        cross_attn: bool,
+        add_downsample: bool,
+        cfg: UNetConfig,
+        heads: int,
+        depth: int,
+    ) -> None:
+        super().__init__()
+        groups, eps, p = cfg.norm_num_groups, cfg.norm_eps, cfg.dropout
+        if cross_attn:  # registered first, as in diffusers, so state_dict key order matches
+            self.attentions = nn.ModuleList(
+                _transformer(out_ch, heads, depth, cfg) for _ in range(layers)
+            )
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps, p)
+            for i in range(layers)
+        )
+        if add_downsample:
+            self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=cfg.downsample_padding)])
+
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)  # (B, C_out, H, W)
+            if hasattr(self, "attentions"):
+                x = self.attentions[i](x, context)  # (B, C_out, H, W)
+            skips.append(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)  # (B, C_out, H/2, W/2)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """resnet → SpatialTransformer → resnet at the lowest resolution."""
+
+    def __init__(self, ch: int, temb_ch: int, cfg: UNetConfig, heads: int, depth: int) -> None:
+        super().__init__()
+        groups, eps, p = cfg.norm_num_groups, cfg.norm_eps, cfg.dropout
+        self.attentions = nn.ModuleList([_transformer(ch, heads, depth, cfg)])
+        self.resnets = nn.ModuleList(ResnetBlock(ch, ch, temb_ch, groups, eps, p) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, temb)  # (B, C, H, W)
+        x = self.attentions[0](x, context)  # (B, C, H, W)
+        return self.resnets[1](x, temb)  # (B, C, H, W)
+
+
+class UpBlock(nn.Module):
+    """``layers`` resnets on [x, skip] concatenations (each optionally followed by a
+    SpatialTransformer), then nearest ×2 upsampling and a conv."""
+
+    def __init__(
+        self,
+        in_ch: int,  # channels of the matching down block's input (last skip)
+        out_ch: int,
+        prev_ch: int,  # channels coming up from the previous (deeper) block
+        temb_ch: int,
+        layers: int,
+        cross_attn: bool,
+        add_upsample: bool,
+        cfg: UNetConfig,
+        heads: int,
+        depth: int,
+    ) -> None:
+        super().__init__()
+        groups, eps, p = cfg.norm_num_groups, cfg.norm_eps, cfg.dropout
+        if cross_attn:
+            self.attentions = nn.ModuleList(
+                _transformer(out_ch, heads, depth, cfg) for _ in range(layers)
+            )
+        self.resnets = nn.ModuleList()
+        for i in range(layers):
+            skip_ch = in_ch if i == layers - 1 else out_ch  # the last resnet meets the block input
+            res_in = prev_ch if i == 0 else out_ch
+            self.resnets.append(ResnetBlock(res_in + skip_ch, out_ch, temb_ch, groups, eps, p))
+        if add_upsample:
+            self.upsamplers = nn.ModuleList([Upsample(out_ch)])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        size: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            x = resnet(x, temb)  # (B, C_out, H, W)
+            if hasattr(self, "attentions"):
+                x = self.attentions[i](x, context)  # (B, C_out, H, W)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x, size)  # (B, C_out, 2H, 2W)
+        return x
+
+
+def _transformer(ch: int, heads: int, depth: int, cfg: UNetConfig) -> SpatialTransformer:
+    return SpatialTransformer(
+        ch,
+        heads,
+        ch // heads,
+        cfg.cross_attention_dim,
+        depth,
+        cfg.norm_num_groups,
+        cfg.use_linear_projection,
+        cfg.dropout,
+        cfg.upcast_attention,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# U-Net
+# ----------------------------------------------------------------------------------------------
+
+
+class UNet2DCondition(nn.Module):
+    """Text-conditioned latent U-Net: ``forward(x, timestep, context) -> ε̂ (or v̂)``."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.block_out_channels
+        n = len(ch)
+        layers = cfg.per_block("layers_per_block")
+        heads = cfg.per_block("attention_head_dim")
+        depth = cfg.per_block("transformer_layers_per_block")
+        temb_ch = 4 * ch[0]
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            self.down_blocks.append(
+                DownBlock(
+                    ch[max(i - 1, 0)],
+                    ch[i],
+                    temb_ch,
+                    layers[i],
+                    kind == "CrossAttnDownBlock2D",
+                    add_downsample=i < n - 1,
+                    cfg=cfg,
+                    heads=heads[i],
+                    depth=depth[i],
+                )
+            )
+
+        rch, rlayers, rheads, rdepth = ch[::-1], layers[::-1], heads[::-1], depth[::-1]
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.up_block_types):
+            self.up_blocks.append(
+                UpBlock(
+                    in_ch=rch[min(i + 1, n - 1)],
+                    out_ch=rch[i],
+                    prev_ch=rch[max(i - 1, 0)],
+                    temb_ch=temb_ch,
+                    layers=rlayers[i] + 1,
+                    cross_attn=kind == "CrossAttnUpBlock2D",
+                    add_upsample=i < n - 1,
+                    cfg=cfg,
+                    heads=rheads[i],
+                    depth=rdepth[i],
+                )
+            )
+
+        # Registered after up_blocks, as in diffusers, so state_dict key order matches.
+        self.mid_block = MidBlock(ch[-1], temb_ch, cfg, heads[-1], depth[-1])
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """PyTorch default init, with the last layer of every residual branch and the output conv
+        zeroed (LDM's ``zero_module``), so a fresh U-Net starts as a sum of identity paths."""
+        for m in self.modules():
+            if isinstance(m, ResnetBlock):
+                nn.init.zeros_(m.conv2.weight)
+                nn.init.zeros_(m.conv2.bias)
+            elif isinstance(m, SpatialTransformer):
+                nn.init.zeros_(m.proj_out.weight)
+                nn.init.zeros_(m.proj_out.bias)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(
+        self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor
+    ) -> torch.Tensor:
+        """x: (B, in_channels, H, W) latents; timestep: scalar or (B,), fractional allowed;
+        context: (B, tokens, cross_attention_dim). Returns (B, out_channels, H, W)."""
+        cfg = self.config
+        t = torch.as_tensor(timestep, device=x.device)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t  # (B,)
+        temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = self.time_embedding(temb.to(x.dtype))  # (B, 4·C0)
+
+        if cfg.center_input_sample:
+            x = 2 * x - 1
+        h = self.conv_in(x)  # (B, C0, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            h, s = block(h, temb, context)  # (B, C_i, H/2^i, W/2^i)
+            skips.extend(s)
+        h = self.mid_block(h, temb, context)  # (B, C_last, H/2^(n-1), W/2^(n-1))
+        for block in self.up_blocks:
+            k = len(block.resnets)
+            s, skips = skips[-k:], skips[:-k]
+            size = tuple(skips[-1].shape[2:]) if skips else None  # odd sizes round-trip exactly
+            h = block(h, s, temb, context, size)  # (B, C, 2H, 2W)
+        h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+        return h
