@@ -6,6 +6,7 @@ from destatic.models.attention import (
     FeedForward,
     SpatialTransformer,
 )
+from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from destatic.models.layers import (
     Downsample,
     ResnetBlock,
@@ -19,7 +20,10 @@ from destatic.models.unet import UNet2DCondition, UNetConfig
 __all__ = [
     "MMDIT_MODELS",
     "Attention",
+    "AutoencoderConfig",
+    "AutoencoderKL",
     "BasicTransformerBlock",
+    "DiagonalGaussian",
     "Downsample",
     "FeedForward",
     "MMDiT",

@@ -11,7 +11,6 @@ diffusers checkpoint loads with ``UNet2DCondition(UNetConfig.from_diffusers(cfg)
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from destatic.models.attention import SpatialTransformer
+from destatic.models.config import JsonConfig
 from destatic.models.layers import (
     Downsample,
     ResnetBlock,
@@ -36,7 +36,7 @@ UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(JsonConfig):
     """U-Net hyper-parameters, named as in diffusers' ``UNet2DConditionModel`` config.json.
 
     Defaults are SD 1.x (v1-5). Note the historical diffusers quirk kept for checkpoint
@@ -107,26 +107,6 @@ class UNetConfig:
         return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
 
     # -- serialisation ---------------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown UNetConfig field(s): {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> UNetConfig:
-        return cls.from_dict(json.loads(text))
 
     @classmethod
     def from_diffusers(cls, cfg: dict[str, Any]) -> UNetConfig:
