@@ -71,20 +71,7 @@ class AutoencoderConfig(JsonConfig):
         other block types, ...) must be absent or at their diffusers default, otherwise a
         ValueError names the option.
         """
-        cfg = dict(cfg)
-        for key, allowed in _UNSUPPORTED_DEFAULTS.items():
-            if key in cfg:
-                value = cfg.pop(key)
-                if value not in allowed:
-                    raise ValueError(
-                        f"unsupported diffusers AutoencoderKL option {key}={value!r} "
-                        f"(destatic supports only {allowed[0]!r})"
-                    )
-        private = {k: cfg.pop(k) for k in list(cfg) if k.startswith("_")}
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = sorted(set(cfg) - names)
-        if unknown:
-            raise ValueError(f"unsupported diffusers AutoencoderKL option(s): {unknown}")
+        cfg, private = cls._read_diffusers(cfg, _UNSUPPORTED_DEFAULTS, "AutoencoderKL")
         return cls(**cfg, extra=private)
 
 

@@ -37,3 +37,28 @@ class JsonConfig:
     @classmethod
     def from_json(cls: type[C], text: str) -> C:
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def _read_diffusers(
+        cls, cfg: dict[str, Any], unsupported: dict[str, tuple], model: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(known fields, private ``_…`` keys) of a diffusers config.json dict.
+
+        Each key of ``unsupported`` must be absent or one of its allowed values; any other key
+        that is not a field of ``cls`` is an error too. Both errors name the option.
+        """
+        cfg = dict(cfg)
+        for key, allowed in unsupported.items():
+            if key in cfg:
+                value = cfg.pop(key)
+                if value not in allowed:
+                    raise ValueError(
+                        f"unsupported diffusers {model} option {key}={value!r} "
+                        f"(destatic supports only {allowed[0]!r})"
+                    )
+        private = {k: cfg.pop(k) for k in list(cfg) if k.startswith("_")}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}  # type: ignore[arg-type]
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"unsupported diffusers {model} option(s): {unknown}")
+        return cfg, private

@@ -10,7 +10,6 @@ diffusers checkpoint loads with ``UNet2DCondition(UNetConfig.from_diffusers(cfg)
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,20 +114,7 @@ class UNetConfig(JsonConfig):
         Options SD 1.x/2.x do not use (class/addition embeddings, other block types, ...) must be
         absent or at their diffusers default, otherwise a ValueError names the option.
         """
-        cfg = dict(cfg)
-        for key, allowed in _UNSUPPORTED_DEFAULTS.items():
-            if key in cfg:
-                value = cfg.pop(key)
-                if value not in allowed:
-                    raise ValueError(
-                        f"unsupported diffusers UNet option {key}={value!r} "
-                        f"(destatic supports only {allowed[0]!r})"
-                    )
-        private = {k: cfg.pop(k) for k in list(cfg) if k.startswith("_")}
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = sorted(set(cfg) - names)
-        if unknown:
-            raise ValueError(f"unsupported diffusers UNet option(s): {unknown}")
+        cfg, private = cls._read_diffusers(cfg, _UNSUPPORTED_DEFAULTS, "UNet")
         if isinstance(cfg.get("cross_attention_dim"), list | tuple):
             raise ValueError("unsupported diffusers UNet option cross_attention_dim as a list")
         return cls(**cfg, extra=private)
