@@ -4,29 +4,17 @@ import pytest
 import torch
 
 from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from tests import tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
 
-TINY = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=32,
-)
+TINY = tiny_sd.VAE
 
 
 def _pair() -> tuple[torch.nn.Module, AutoencoderKL]:
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL(**TINY).eval()
-    # Perturb every parameter (norm scales and biases included) so no branch is an identity.
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    tiny_sd.perturb(ref)
     ours = AutoencoderKL(AutoencoderConfig.from_diffusers(dict(ref.config))).eval()
     assert set(ours.state_dict()) == set(ref.state_dict())
     ours.load_state_dict(ref.state_dict(), strict=True)

@@ -4,20 +4,9 @@ import pytest
 import torch
 
 from destatic.models.mmdit import MMDIT_MODELS, MMDiT, MMDiTConfig
+from tests import tiny_sd
 
-TINY = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=4,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    caption_projection_dim=16,
-    pooled_projection_dim=24,
-    out_channels=4,
-    pos_embed_max_size=32,
-)
+TINY = tiny_sd.MMDIT
 
 
 def _inputs(cfg: MMDiTConfig, batch: int = 2, side: int = 16, tokens: int = 7):
@@ -36,9 +25,7 @@ def test_parity_with_diffusers(qk_norm, side):
 
     torch.manual_seed(0)
     ref = SD3Transformer2DModel(**TINY, qk_norm=qk_norm).eval()
-    with torch.no_grad():  # the zero-initialised gates and output layer too
-        for prm in ref.parameters():
-            prm.add_(0.1 * torch.randn_like(prm))
+    tiny_sd.perturb(ref, 0.1)  # the zero-initialised gates and output layer too
     model = MMDiT(MMDiTConfig.from_diffusers(dict(ref.config))).eval()
     assert model.state_dict().keys() == ref.state_dict().keys()
     torch.testing.assert_close(model.pos_embed.pos_embed, ref.pos_embed.pos_embed)

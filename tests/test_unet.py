@@ -6,21 +6,11 @@ import pytest
 import torch
 
 from destatic.models import UNet2DCondition, UNetConfig
+from tests import tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
 
-TINY = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+TINY = tiny_sd.UNET
 SD2 = dict(TINY, use_linear_projection=True, attention_head_dim=(2, 4))
 SD2_FULL = dict(
     SD2,
@@ -34,10 +24,7 @@ SD2_FULL = dict(
 def _pair(kwargs: dict) -> tuple[torch.nn.Module, UNet2DCondition]:
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**kwargs).eval()
-    # Perturb every parameter (norm scales and biases included) so no branch is an identity.
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    tiny_sd.perturb(ref)
     ours = UNet2DCondition(UNetConfig.from_diffusers(dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours

@@ -15,6 +15,7 @@ from destatic.models.layers import (
     timestep_embedding,
 )
 from destatic.models.mmdit import MMDIT_MODELS, MMDiT, MMDiTConfig
+from destatic.models.text import CLIPTextEncoder, MiniLMTextEncoder, TextEmbedding, TextEncoder
 from destatic.models.unet import UNet2DCondition, UNetConfig
 
 __all__ = [
@@ -23,13 +24,17 @@ __all__ = [
     "AutoencoderConfig",
     "AutoencoderKL",
     "BasicTransformerBlock",
+    "CLIPTextEncoder",
     "DiagonalGaussian",
     "Downsample",
     "FeedForward",
     "MMDiT",
     "MMDiTConfig",
+    "MiniLMTextEncoder",
     "ResnetBlock",
     "SpatialTransformer",
+    "TextEmbedding",
+    "TextEncoder",
     "TimestepEmbedding",
     "UNet2DCondition",
     "UNetConfig",

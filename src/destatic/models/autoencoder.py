@@ -11,12 +11,15 @@ to pixels. Attribute names match diffusers' ``AutoencoderKL`` (``encoder.down_bl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from destatic.models.config import JsonConfig
 from destatic.models.layers import Downsample, ResnetBlock, Upsample
@@ -286,8 +289,99 @@ class DiagonalGaussian:
         )
 
 
+def _tile_starts(n: int, tile: int, overlap: float) -> tuple[list[int], int]:
+    """Start offsets of length-``tile`` windows covering ``range(n)``, and the nominal overlap.
+
+    Windows advance by ``tile − round(tile·overlap)``; the last one is placed flush with the end
+    (so it may overlap its neighbour by more than the nominal amount) rather than hanging over.
+    """
+    if tile >= n:
+        return [0], 0
+    ov = min(max(round(tile * overlap), 0), tile - 1)
+    starts = list(range(0, n - tile, tile - ov))
+    starts.append(n - tile)
+    return starts, ov
+
+
+def _ramp(length: int, ramp: int, left: bool, right: bool, like: torch.Tensor) -> torch.Tensor:
+    """1-D blend weight: 1 inside, linear ramps (strictly positive) over ``ramp`` samples at the
+    sides that border another tile (``left`` / ``right``)."""
+    w = torch.ones(length, dtype=torch.float32, device=like.device)
+    r = min(ramp, length)
+    if r > 0:
+        up = (torch.arange(r, dtype=torch.float32, device=like.device) + 0.5) / r
+        if left:
+            w[:r] = torch.minimum(w[:r], up)
+        if right:
+            w[length - r :] = torch.minimum(w[length - r :], up.flip(0))
+    return w
+
+
+def _tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    tile: int,
+    overlap: float,
+    in_scale: int,
+    out_scale: int,
+) -> torch.Tensor:
+    """Apply a (roughly) translation-equivariant map ``fn`` tile by tile; blend the results.
+
+    Tiling happens on a (gh, gw) ``grid`` (latent pixels). Grid cell (i, j) is input pixels
+    ``[i·in_scale, (i+1)·in_scale)`` (the last row/column also takes any remainder) and output
+    pixels ``[i·out_scale, (i+1)·out_scale)``. Each output pixel is the weighted mean of the tiles
+    covering it, with weights ramping linearly across the overlaps (seam-free blending).
+    """
+    gh, gw = grid
+    ys, ov_y = _tile_starts(gh, tile, overlap)
+    xs, ov_x = _tile_starts(gw, tile, overlap)
+    th, tw = min(tile, gh), min(tile, gw)
+    acc: torch.Tensor | None = None
+    wsum = torch.zeros(gh * out_scale, gw * out_scale, dtype=torch.float32, device=x.device)
+    for y0 in ys:
+        iy1 = (y0 + th) * in_scale if y0 + th < gh else x.shape[-2]
+        wy = _ramp(th * out_scale, ov_y * out_scale, y0 > 0, y0 + th < gh, x)
+        for x0 in xs:
+            ix1 = (x0 + tw) * in_scale if x0 + tw < gw else x.shape[-1]
+            out = fn(x[..., y0 * in_scale : iy1, x0 * in_scale : ix1])
+            wx = _ramp(tw * out_scale, ov_x * out_scale, x0 > 0, x0 + tw < gw, x)
+            w = wy[:, None] * wx[None, :]  # (th·s, tw·s)
+            if acc is None:
+                acc = out.new_zeros(
+                    (*out.shape[:-2], gh * out_scale, gw * out_scale),
+                    dtype=torch.promote_types(out.dtype, torch.float32),  # fp32 or wider
+                )
+            oy, ox = y0 * out_scale, x0 * out_scale
+            sl = (..., slice(oy, oy + w.shape[0]), slice(ox, ox + w.shape[1]))
+            acc[sl] += out.to(acc.dtype) * w
+            wsum[oy : oy + w.shape[0], ox : ox + w.shape[1]] += w
+            out_dtype = out.dtype
+    assert acc is not None
+    return (acc / wsum.to(acc.dtype)).to(out_dtype)
+
+
+def _safe_decode_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """fp16 weights → bf16 on CUDA devices with bf16 support, else fp32; other dtypes unchanged."""
+    if param_dtype != torch.float16:
+        return param_dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name (the mapping ``functional_call`` substitutes)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
 class AutoencoderKL(nn.Module):
-    """KL-regularised autoencoder (Rombach et al. 2022; Kingma & Welling 2014), diffusers keys."""
+    """KL-regularised autoencoder (Rombach et al. 2022; Kingma & Welling 2014), diffusers keys.
+
+    Large images can be encoded/decoded in overlapping tiles (``tile=`` on :meth:`encode` /
+    :meth:`decode`, or :meth:`enable_tiling` for every call, ``forward`` included); see
+    :meth:`decode` for how it avoids the SD decoder's fp16 overflow.
+    """
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
@@ -297,19 +391,132 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lat, lat, 1) if config.use_post_quant_conv else None
+        # Default tiling (plain attributes, not in the state_dict); see enable_tiling().
+        self.tile_pixels: int | None = None
+        self.tile_overlap: float = 0.25
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Image (B, C_in, H, W) in [-1, 1] → posterior over latents (B, latent, H/f, W/f)."""
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent pixel along each side: 2^(levels − 1) (8 for SD)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def enable_tiling(self, tile_pixels: int = 512, overlap: float = 0.25) -> None:
+        """Tile every later encode/decode (``forward`` included) whose ``tile`` is None.
+
+        ``tile_pixels`` is the tile side in image pixels (decode uses ``tile_pixels // f``
+        latent pixels); ``overlap`` is the fraction of a tile shared with its neighbour.
+        """
+        f = self.downsample_factor
+        if tile_pixels < f or tile_pixels % f:
+            raise ValueError(f"tile_pixels must be a positive multiple of {f}")
+        self.tile_pixels = int(tile_pixels)
+        self.tile_overlap = float(overlap)
+
+    def disable_tiling(self) -> None:
+        self.tile_pixels = None
+
+    def _resolve_tile(
+        self, tile: int | None, overlap: float | None, latent: bool
+    ) -> tuple[int | None, float]:
+        overlap = self.tile_overlap if overlap is None else float(overlap)
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError("overlap must be in [0, 1)")
+        if tile is None:
+            if self.tile_pixels is None:
+                return None, overlap
+            tile = self.tile_pixels // self.downsample_factor if latent else self.tile_pixels
+        if tile <= 0:
+            raise ValueError("tile must be positive")
+        return int(tile), overlap
+
+    def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
+        return moments
+
+    def encode(
+        self, x: torch.Tensor, tile: int | None = None, overlap: float | None = None
+    ) -> DiagonalGaussian:
+        """Image (B, C_in, H, W) in [-1, 1] → posterior over latents (B, latent, H/f, W/f).
+
+        ``tile`` (image pixels, a multiple of f) encodes overlapping ``tile``×``tile`` crops
+        separately and blends their posterior mean/log-variance maps with linear ramps over the
+        overlap (``overlap``, a fraction of the tile, default 0.25); this bounds memory (the mid
+        block's attention is quadratic in H·W) at the price of an approximation: each tile's
+        GroupNorm statistics and attention see only that tile. ``tile=None`` uses the setting of
+        :meth:`enable_tiling` (off by default); a tile covering the whole image is exact.
+        """
+        tile, overlap = self._resolve_tile(tile, overlap, latent=False)
+        f = self.downsample_factor
+        gh, gw = x.shape[-2] // f, x.shape[-1] // f
+        if tile is None or (tile >= x.shape[-2] and tile >= x.shape[-1]):
+            return DiagonalGaussian(self._encode_moments(x))
+        if tile % f:
+            raise ValueError(f"encode tile must be a multiple of the downsample factor {f}")
+        moments = _tiled(self._encode_moments, x, (gh, gw), tile // f, overlap, f, 1)
         return DiagonalGaussian(moments)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent (B, latent, h, w) (unscaled) → image (B, C_out, h·f, w·f)."""
+    def _decode_plain(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        tile: int | None = None,
+        overlap: float | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Latent (B, latent, h, w) (unscaled) → image (B, C_out, h·f, w·f), in ``z.dtype``.
+
+        Precision: the SD VAE decoder's activations overflow fp16 (black or NaN images), so when
+        the module's parameters are fp16 and ``dtype`` is None the decoder runs in bf16 on CUDA
+        devices that support it and in fp32 otherwise (CPU included). The weights are cast on the
+        fly for this call only (``torch.func.functional_call``; the module itself stays fp16)
+        with autocast disabled, and the image is returned in the input's dtype. An explicit
+        ``dtype`` forces the compute dtype the same way (e.g. ``torch.float32`` everywhere, or
+        ``torch.float16`` to opt back into plain fp16). For any other parameter dtype and
+        ``dtype=None`` the decoder runs as is.
+
+        Tiling: ``tile`` (latent pixels) decodes overlapping ``tile``×``tile`` latent crops and
+        blends the images with linear ramps over the overlap (``overlap``, a fraction of the
+        tile, default 0.25); an approximation for the reasons given in :meth:`encode`, exact
+        when the tile covers the whole latent. ``tile=None`` uses :meth:`enable_tiling`'s
+        setting (off by default).
+        """
+        tile, overlap = self._resolve_tile(tile, overlap, latent=True)
+        param_dtype = next(self.decoder.parameters()).dtype
+        run_dtype = _safe_decode_dtype(param_dtype, z.device) if dtype is None else dtype
+        if run_dtype == param_dtype:
+            fn: Callable[[torch.Tensor], torch.Tensor] = self._decode_plain
+            in_dtype = z.dtype
+            z = z.to(run_dtype)
+            ctx: Any = contextlib.nullcontext()
+        else:
+            names = ["decoder"] + (["post_quant_conv"] if self.post_quant_conv is not None else [])
+            cast = {
+                n: {k: v.to(run_dtype) for k, v in _tensors(getattr(self, n)).items()}
+                for n in names
+            }
+
+            def fn(t: torch.Tensor) -> torch.Tensor:
+                if self.post_quant_conv is not None:
+                    t = functional_call(self.post_quant_conv, cast["post_quant_conv"], (t,))
+                return functional_call(self.decoder, cast["decoder"], (t,))
+
+            in_dtype = z.dtype
+            z = z.to(run_dtype)
+            ctx = torch.autocast(device_type=z.device.type, enabled=False)
+        with ctx:
+            h, w = z.shape[-2:]
+            if tile is None or (tile >= h and tile >= w):
+                out = fn(z)
+            else:
+                f = self.downsample_factor
+                out = _tiled(fn, z, (h, w), tile, overlap, 1, f)
+        return out.to(in_dtype)
 
     def forward(
         self,
