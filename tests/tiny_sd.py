@@ -98,3 +98,76 @@ def components(tmp: Path, seed: int = 0):
     for module in (unet, vae, text):
         module.eval()
     return unet, vae, text, tokenizer
+
+
+# SD3: two tiny CLIPs with projection (hidden 32 each, projection 12 each → pooled 24) and a
+# transformer whose joint_attention_dim (64) holds both CLIP widths, with no T5.
+SD3_MMDIT = dict(MMDIT, sample_size=8, joint_attention_dim=64, pooled_projection_dim=24)
+SD3_VAE = dict(VAE, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)
+
+
+def _clip_with_projection(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=12,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def sd3_pipeline(tmp: Path, seed: int = 0):
+    """A tiny random diffusers StableDiffusion3Pipeline (CLIP-L + CLIP-G, no T5), perturbed."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed)
+    transformer = perturb(SD3Transformer2DModel(**SD3_MMDIT)).eval()
+    vae = perturb(AutoencoderKL(**SD3_VAE)).eval()
+    tokenizer = clip_tokenizer(tmp / "tokenizer_src")
+    tokenizer_2 = clip_tokenizer(tmp / "tokenizer_2_src")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=_clip_with_projection(len(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=_clip_with_projection(len(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def t5_encoder_and_tokenizer(d_model: int = 64):
+    """A tiny random T5EncoderModel (width ``d_model``) and a character-level T5 tokenizer."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(c, -1.0) for c in string.ascii_lowercase + string.digits + " ▁.,!?'-"]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=d_model,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval(), tokenizer

@@ -15,7 +15,13 @@ from destatic.models.layers import (
     timestep_embedding,
 )
 from destatic.models.mmdit import MMDIT_MODELS, MMDiT, MMDiTConfig
-from destatic.models.text import CLIPTextEncoder, MiniLMTextEncoder, TextEmbedding, TextEncoder
+from destatic.models.text import (
+    CLIPTextEncoder,
+    MiniLMTextEncoder,
+    SD3TextEncoder,
+    TextEmbedding,
+    TextEncoder,
+)
 from destatic.models.unet import UNet2DCondition, UNetConfig
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "MMDiTConfig",
     "MiniLMTextEncoder",
     "ResnetBlock",
+    "SD3TextEncoder",
     "SpatialTransformer",
     "TextEmbedding",
     "TextEncoder",

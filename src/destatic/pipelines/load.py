@@ -2,7 +2,9 @@
 
 ``load(path)`` reads ``model_index.json`` and one sub-folder per component: a destatic folder,
 or a Stable Diffusion 1.x/2.x folder saved by diffusers (UNet2DConditionModel, AutoencoderKL,
-CLIPTextModel + CLIPTokenizer and the scheduler config, mapped onto our process and target).
+CLIPTextModel + CLIPTokenizer and the scheduler config, mapped onto our process and target),
+or a Stable Diffusion 3 folder (SD3Transformer2DModel, CLIP-L + CLIP-G + optional T5, the
+FlowMatchEulerDiscreteScheduler config → :class:`~destatic.process.RectifiedFlow` + "flow").
 Weights are safetensors only; nothing is downloaded.
 """
 
@@ -22,7 +24,7 @@ from destatic.checkpoints import (
     scheduler_config_from_process,
 )
 from destatic.models.mmdit import MMDiT
-from destatic.models.text import CLIPTextEncoder, MiniLMTextEncoder
+from destatic.models.text import CLIPTextEncoder, MiniLMTextEncoder, SD3TextEncoder
 from destatic.pipelines.text_to_image import Pipeline
 
 __all__ = ["load", "save"]
@@ -49,14 +51,46 @@ def _text_encoder(folder: Path, entry: list | None):
     )
 
 
+def _sd3_text_encoder(folder: Path, index: dict, network) -> SD3TextEncoder:
+    for key in ("text_encoder", "text_encoder_2"):
+        name = (index.get(key) or [None, None])[1]
+        if name != "CLIPTextModelWithProjection":
+            raise CheckpointError(
+                f"{folder / 'model_index.json'}: SD3 {key} must be CLIPTextModelWithProjection, "
+                f"got {name!r}"
+            )
+    t5 = (index.get("text_encoder_3") or [None, None])[1]
+    if t5 not in (None, "T5EncoderModel"):
+        raise CheckpointError(
+            f"{folder / 'model_index.json'}: SD3 text_encoder_3 must be T5EncoderModel or null, "
+            f"got {t5!r}"
+        )
+    if t5 is None and (folder / "text_encoder_3").is_dir():
+        raise CheckpointError(f"{folder}: text_encoder_3/ exists but model_index.json names none")
+    if not isinstance(network, MMDiT):
+        raise CheckpointError(f"{folder}: an SD3 pipeline needs an SD3Transformer2DModel/MMDiT")
+    max_sequence_length = int(index.get("destatic_max_sequence_length", 256))
+    return SD3TextEncoder.from_folders(
+        folder,
+        joint_attention_dim=network.config.joint_attention_dim,
+        max_sequence_length=max_sequence_length,
+    )
+
+
 def load(path: str | os.PathLike) -> Pipeline:
     """A :class:`Pipeline` from a destatic or diffusers-layout folder on disk."""
     folder = Path(path)
     index = read_model_index(folder)
-    if "text_encoder_3" in index or "text_encoder_2" in index:
+    several = "text_encoder_3" in index or "text_encoder_2" in index
+    if several and "transformer" not in index:
         raise CheckpointError(
-            f"{folder}: pipelines with several text encoders (SD3, SDXL) do not load yet; "
-            "load the transformer alone with destatic.checkpoints.load_component"
+            f"{folder}: pipelines with several text encoders and a UNet (SDXL) do not load yet; "
+            "load the UNet alone with destatic.checkpoints.load_component"
+        )
+    if several and "text_encoder_2" not in index:
+        raise CheckpointError(
+            f"{folder / 'model_index.json'} names text_encoder_3 but no text_encoder_2; "
+            "an SD3 pipeline needs CLIP-L (text_encoder) and CLIP-G (text_encoder_2)"
         )
     network_key = next((k for k in _NETWORK_FOLDERS if k in index), None)
     if network_key is None:
@@ -67,7 +101,10 @@ def load(path: str | os.PathLike) -> Pipeline:
     network = load_component(folder / network_key)
     autoencoder = load_component(folder / "vae")
     process, target = process_from_scheduler_config(_scheduler_config(folder))
-    text_encoder = _text_encoder(folder, index.get("text_encoder"))
+    if several:
+        text_encoder = _sd3_text_encoder(folder, index, network)
+    else:
+        text_encoder = _text_encoder(folder, index.get("text_encoder"))
     return Pipeline(network, autoencoder, text_encoder, process, target)
 
 
@@ -75,6 +112,9 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
     """Write ``pipeline`` in the diffusers layout (``half``: fp16 weights)."""
     import torch
 
+    encoder = pipeline.text_encoder
+    if isinstance(encoder, SD3TextEncoder) and encoder.clip_skip:
+        raise ValueError("saving an SD3TextEncoder with clip_skip > 0 is not supported")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else None
@@ -95,8 +135,24 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
         config=pipeline.autoencoder.config.to_dict(),
         dtype=dtype,
     )
-    encoder = pipeline.text_encoder
-    if isinstance(encoder, CLIPTextEncoder):
+    extra: dict = {}
+    if isinstance(encoder, SD3TextEncoder):
+        text_entry = ["transformers", type(encoder.clip_l.model).__name__]
+        parts = [("", encoder.clip_l.model, encoder.clip_l.tokenizer)]
+        parts.append(("_2", encoder.clip_g.model, encoder.clip_g.tokenizer))
+        if encoder.t5 is not None:
+            parts.append(("_3", encoder.t5, encoder.t5_tokenizer))
+        for suffix, model, tokenizer in parts:
+            model.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
+            tokenizer.save_pretrained(folder / f"tokenizer{suffix}")
+            extra[f"text_encoder{suffix}"] = ["transformers", type(model).__name__]
+            extra[f"tokenizer{suffix}"] = ["transformers", type(tokenizer).__name__]
+        if encoder.t5 is None:
+            extra["text_encoder_3"] = [None, None]
+            extra["tokenizer_3"] = [None, None]
+        if encoder.max_sequence_length != 256:
+            extra["destatic_max_sequence_length"] = encoder.max_sequence_length
+    elif isinstance(encoder, CLIPTextEncoder):
         encoder.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
         encoder.tokenizer.save_pretrained(folder / "tokenizer")
         text_entry = ["transformers", type(encoder.model).__name__]
@@ -114,4 +170,5 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
     }
     if isinstance(encoder, CLIPTextEncoder):
         index["tokenizer"] = ["transformers", type(encoder.tokenizer).__name__]
+    index.update(extra)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
