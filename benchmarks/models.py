@@ -277,7 +277,7 @@ def fmt_ms(s: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--quick", action="store_true", help="fewer repeats; skip torch.compile")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--out", type=Path, default=RESULTS, help="Markdown output file")
@@ -386,7 +386,8 @@ def main() -> None:
                 notes.append(
                     f"{names[kind]}: torch.compile (default mode, inductor) compiled in "
                     f"{res['compile_s']:.0f} s (child process, {time.perf_counter() - t0:.0f} s "
-                    "in all); its rows compare against diffusers eager measured above, and its "
+                    "in all; a warm inductor cache in /tmp shortens repeat runs); its rows "
+                    "compare against diffusers eager measured above, and its "
                     "own eager timing in the child is shown in parentheses."
                 )
                 for r in res["rows"]:
