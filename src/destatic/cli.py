@@ -67,5 +67,35 @@ def samplers() -> None:
     typer.echo("grids: " + ", ".join(GRIDS))
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Build the training datasets (cached locally).")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("emoji")
+def data_emoji(
+    size: int = typer.Option(64, min=1, help="Image side in pixels."),
+    out: Path = typer.Option(
+        None, help="Output folder (default: $DESTATIC_CACHE/emoji or ~/.cache/destatic/emoji)."
+    ),
+) -> None:
+    """Render Noto Color Emoji (Debian fonts-noto-color-emoji + unicode-data) to a captioned
+    uint8 dataset: emoji_{size}.npz + emoji_{size}.json."""
+    from destatic.data.emoji import build_emoji, cache_paths
+
+    try:
+        ds = build_emoji(size, out=out, progress=True)
+    except (FileNotFoundError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    npz_path, json_path = cache_paths(size, out)
+    alts = sum(len(a) for a in ds.alt_captions)
+    typer.echo(
+        f"images {len(ds)}  train {len(ds.train())}  held-out {len(ds.heldout())}  "
+        f"(+{alts} alternative captions)"
+    )
+    typer.echo(f"wrote {npz_path}")
+    typer.echo(f"wrote {json_path}")
+
+
 if __name__ == "__main__":
     app()
