@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from destatic.data.base import SplitDataset
+
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
 INSTALL_HINT = "apt-get install fonts-noto-color-emoji unicode-data"
@@ -36,7 +38,7 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class EmojiDataset:
+class EmojiDataset(SplitDataset):
     """Images ``(N, size, size, 3)`` uint8 on white with one main caption each."""
 
     images: np.ndarray
@@ -45,26 +47,6 @@ class EmojiDataset:
     groups: list[str] = field(default_factory=list)
     subgroups: list[str] = field(default_factory=list)
     split: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U7"))
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def _subset(self, mask: np.ndarray) -> EmojiDataset:
-        idx = np.flatnonzero(mask)
-        return EmojiDataset(
-            images=self.images[idx],
-            captions=[self.captions[i] for i in idx],
-            alt_captions=[self.alt_captions[i] for i in idx],
-            groups=[self.groups[i] for i in idx],
-            subgroups=[self.subgroups[i] for i in idx],
-            split=self.split[idx],
-        )
-
-    def train(self) -> EmojiDataset:
-        return self._subset(self.split == "train")
-
-    def heldout(self) -> EmojiDataset:
-        return self._subset(self.split == "heldout")
 
 
 def split_of(caption: str) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from destatic.data.base import SplitDataset
 from destatic.data.emoji import split_of
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
@@ -35,31 +36,13 @@ SHOWN_NAMES = 3  # names listed per skip reason in the warning
 
 
 @dataclass
-class CaptionedImages:
+class CaptionedImages(SplitDataset):
     """Images ``(N, size, size, 3)`` uint8 on white, a caption and a relative file name each."""
 
     images: np.ndarray
     captions: list[str]
     names: list[str]
     split: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U7"))
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def _subset(self, mask: np.ndarray) -> CaptionedImages:
-        idx = np.flatnonzero(mask)
-        return CaptionedImages(
-            images=self.images[idx],
-            captions=[self.captions[i] for i in idx],
-            names=[self.names[i] for i in idx],
-            split=self.split[idx],
-        )
-
-    def train(self) -> CaptionedImages:
-        return self._subset(self.split == "train")
-
-    def heldout(self) -> CaptionedImages:
-        return self._subset(self.split == "heldout")
 
 
 def _visible(path: Path, root: Path) -> bool:
