@@ -347,22 +347,8 @@ def per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def score(problem, library, name, grid, budget, nfe, out, stochastic, seconds) -> Row:
     """A table row for the final states ``out`` of one run."""
     if not bool(torch.isfinite(out).all()):
-        nan = math.nan
-        error = "non-finite output"
-        return Row(
-            problem.dim,
-            library,
-            name,
-            grid,
-            budget,
-            nfe,
-            nan,
-            nan,
-            -1,
-            nan,
-            stochastic,
-            seconds,
-            error,
+        return unscored(
+            problem, library, name, grid, budget, nfe, stochastic, seconds, "non-finite output"
         )
     errors = per_sample(out, problem.reference)
     return Row(
@@ -381,14 +367,19 @@ def score(problem, library, name, grid, budget, nfe, out, stochastic, seconds) -
     )
 
 
-def failed(problem, library, name, grid, budget, stochastic, t0, err) -> Row:
-    """A row for a run that raised (a blow-up is a result too)."""
-    seconds = time.perf_counter() - t0
+def unscored(problem, library, name, grid, budget, nfe, stochastic, seconds, error) -> Row:
+    """A row without metrics: the run blew up (a blow-up is a result too)."""
     nan = math.nan
-    message = f"{type(err).__name__}: {err}"
     return Row(
-        problem.dim, library, name, grid, budget, 0, nan, nan, -1, nan, stochastic, seconds, message
+        problem.dim, library, name, grid, budget, nfe, nan, nan, -1, nan, stochastic, seconds, error
     )
+
+
+def failed(problem, library, name, grid, budget, stochastic, t0, err) -> Row:
+    """A row for a run that raised."""
+    seconds = time.perf_counter() - t0
+    message = f"{type(err).__name__}: {err}"
+    return unscored(problem, library, name, grid, budget, 0, stochastic, seconds, message)
 
 
 def measure(problem, library, name, grid, budget, stochastic, fn, *args):

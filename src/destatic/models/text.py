@@ -154,6 +154,19 @@ def _offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _load_local(
+    model_cls: Any, model_dir: Path, tokenizer_cls: Any, tokenizer_dir: Path, torch_dtype=None
+) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) from local folders, offline, in ``torch_dtype`` if given."""
+    load_kw: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        load_kw["dtype"] = torch_dtype
+    with _offline():
+        model = model_cls.from_pretrained(str(model_dir), **load_kw)
+        tokenizer = tokenizer_cls.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    return model.eval(), tokenizer
+
+
 _WEIGHTS = [["config.json", "model.safetensors"], ["config.json", "model.safetensors.index.json"]]
 _WEIGHTS_ANY = [*_WEIGHTS, ["config.json", "pytorch_model.bin"]]
 
@@ -223,13 +236,7 @@ class CLIPTextEncoder(TextEncoder):
         model_cls = (
             CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in archs else CLIPTextModel
         )
-        load_kw: dict[str, Any] = {"local_files_only": True}
-        if torch_dtype is not None:
-            load_kw["dtype"] = torch_dtype
-        with _offline():
-            model = model_cls.from_pretrained(str(te_dir), **load_kw)
-            tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        model.eval()
+        model, tokenizer = _load_local(model_cls, te_dir, CLIPTokenizer, tok_dir, torch_dtype)
         return cls(model, tokenizer, **kw)
 
     def _encode(self, prompts: list[str]) -> TextEmbedding:
@@ -298,13 +305,7 @@ class MiniLMTextEncoder(TextEncoder):
         from transformers import AutoModel, AutoTokenizer
 
         path = _minilm_dir()
-        load_kw: dict[str, Any] = {"local_files_only": True}
-        if torch_dtype is not None:
-            load_kw["dtype"] = torch_dtype
-        with _offline():
-            model = AutoModel.from_pretrained(str(path), **load_kw)
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model.eval()
+        model, tokenizer = _load_local(AutoModel, path, AutoTokenizer, path, torch_dtype)
         return cls(model, tokenizer, max_length=max_length)
 
     def _encode(self, prompts: list[str]) -> TextEmbedding:
@@ -422,13 +423,9 @@ class SD3TextEncoder(TextEncoder):
             tok_dir = _check_dir(
                 folder / "tokenizer_3", "T5 tokenizer", [["tokenizer.json"], ["spiece.model"]]
             )
-            load_kw: dict[str, Any] = {"local_files_only": True}
-            if torch_dtype is not None:
-                load_kw["dtype"] = torch_dtype
-            with _offline():
-                t5 = T5EncoderModel.from_pretrained(str(te_dir), **load_kw)
-                t5_tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-            t5.eval()
+            t5, t5_tokenizer = _load_local(
+                T5EncoderModel, te_dir, AutoTokenizer, tok_dir, torch_dtype
+            )
         return cls(
             clip_l,
             clip_g,
