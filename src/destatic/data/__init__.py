@@ -1,8 +1,16 @@
 """Datasets built locally from Debian packages (nothing is downloaded at run time)."""
 
+from destatic.data.clipart import ClipartDataset, build_clipart, load_clipart
 from destatic.data.emoji import EmojiDataset, build_emoji, load_emoji
-
-__all__ = ["EmojiDataset", "build_emoji", "load_emoji"]
 from destatic.data.folder import CaptionedImages, load_image_folder
 
-__all__ += ["CaptionedImages", "load_image_folder"]
+__all__ = [
+    "CaptionedImages",
+    "ClipartDataset",
+    "EmojiDataset",
+    "build_clipart",
+    "build_emoji",
+    "load_clipart",
+    "load_emoji",
+    "load_image_folder",
+]

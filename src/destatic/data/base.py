@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["SplitDataset"]
+__all__ = ["SplitDataset", "atomic_write", "cache_root"]
 
 D = TypeVar("D", bound="SplitDataset")
 
@@ -37,3 +40,23 @@ class SplitDataset:
 
     def heldout(self: D) -> D:
         return self._subset(self.split == "heldout")
+
+
+def cache_root() -> Path:
+    """``$DESTATIC_CACHE``, else ``~/.cache/destatic``: where built datasets are cached."""
+    base = os.environ.get("DESTATIC_CACHE")
+    return Path(base) if base else Path.home() / ".cache" / "destatic"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from destatic.data.base import SplitDataset
+from destatic.data.base import SplitDataset, atomic_write, cache_root
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -57,8 +55,7 @@ def split_of(caption: str) -> str:
 
 def default_root() -> Path:
     """``$DESTATIC_CACHE/emoji``, else ``~/.cache/destatic/emoji``."""
-    base = os.environ.get("DESTATIC_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "destatic") / "emoji"
+    return cache_root() / "emoji"
 
 
 def cache_paths(size: int, root: Path | None = None) -> tuple[Path, Path]:
@@ -99,19 +96,6 @@ def _check_requirements() -> None:
             "skin-tone sequences would not ligate. Install libraqm (apt-get install libraqm0) "
             "or the PyPI Pillow wheel, which bundles it."
         )
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_emoji(size: int = 64, out: Path | None = None, progress: bool = True) -> EmojiDataset:
@@ -182,10 +166,8 @@ def _save(ds: EmojiDataset, size: int, root: Path | None) -> None:
         "subgroups": ds.subgroups,
         "split": ds.split.tolist(),
     }
-    _atomic_write(npz_path, lambda f: np.savez_compressed(f, images=ds.images))
-    _atomic_write(
-        json_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-    )
+    atomic_write(npz_path, lambda f: np.savez_compressed(f, images=ds.images))
+    atomic_write(json_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
 
 
 def load_emoji(size: int = 64, root: Path | None = None, progress: bool = True) -> EmojiDataset:

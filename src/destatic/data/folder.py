@@ -117,11 +117,20 @@ def _from_sidecars(root: Path, skipped: dict[str, list[str]]) -> list[tuple[Path
     return found
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
-    """RGB (alpha on white), centre-cropped to a square, LANCZOS-resized to ``size``²."""
+class ImageTooLarge(ValueError):
+    """More pixels than the caller allows (raised before decoding)."""
+
+
+def open_rgb(path: Path, max_pixels: int | None = None):
+    """The image at ``path`` as a Pillow RGB image: EXIF orientation applied, 16-bit grey scaled
+    to 8 bits, alpha (or a transparency colour) composited on white. Raises
+    :class:`ImageTooLarge` for more than ``max_pixels`` pixels (checked before decoding) and
+    whatever Pillow raises for unreadable files."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise ImageTooLarge(f"{path}: {im.width}×{im.height} is over {max_pixels} pixels")
         im.load()
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert would clip at 255
@@ -130,18 +139,28 @@ def _decode(path: Path, size: int) -> np.ndarray:
             rgba = im.convert("RGBA")
             bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             bg.alpha_composite(rgba)
-            im = bg.convert("RGB")
-        else:
-            im = im.convert("RGB")
+            return bg.convert("RGB")
+        return im.convert("RGB")
+
+
+def resize_square(im, size: int) -> np.ndarray:
+    """A square Pillow image LANCZOS-resized to ``size``², as uint8 ``(size, size, 3)``."""
+    from PIL import Image
+
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    """RGB (alpha on white), centre-cropped to a square, LANCZOS-resized to ``size``²."""
+    im = open_rgb(path)
     w, h = im.size
     s = min(w, h)
     if s < 1:
         raise ValueError(f"empty image {w}×{h}")
     left, top = (w - s) // 2, (h - s) // 2
-    im = im.crop((left, top, left + s, top + s))
-    if s != size:
-        im = im.resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(im, dtype=np.uint8)
+    return resize_square(im.crop((left, top, left + s, top + s)), size)
 
 
 def load_image_folder(
