@@ -335,3 +335,30 @@ def test_unsupported_schedulers() -> None:
         process_from_scheduler_config(dict(SD1_SCHEDULER, beta_schedule="sigmoid"))
     with pytest.raises(CheckpointError, match="prediction_type"):
         process_from_scheduler_config(dict(SD1_SCHEDULER, prediction_type="flow"))
+
+
+def test_edm_scheduler_config_round_trip_and_diffusers_preconditioning():
+    """EDMEulerScheduler ↔ (EDM, EDMTarget): the same c_in, c_noise, c_skip and c_out."""
+    from diffusers import EDMEulerScheduler
+
+    from destatic.checkpoints import process_from_scheduler_config, scheduler_config_from_process
+    from destatic.process import EDM, Denoiser, EDMTarget
+
+    process, target = EDM(min_sigma=0.01, max_sigma=50.0, sigma_data=0.7), EDMTarget(0.7)
+    cfg = scheduler_config_from_process(process, target)
+    back, back_target = process_from_scheduler_config(cfg)
+    assert back == process and back_target == target
+    sched = EDMEulerScheduler.from_config({k: v for k, v in cfg.items() if k != "_class_name"})
+    x = torch.randn(3, 4, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 1.0, 20.0], dtype=torch.float64)
+    seen = {}
+
+    def net(x_in, label):
+        seen["x_in"], seen["label"] = x_in, label
+        return torch.ones_like(x_in)
+
+    ours = Denoiser(net, process, target)(x, sigma)
+    s = sigma[:, None]
+    torch.testing.assert_close(seen["x_in"], sched.precondition_inputs(x, s))
+    torch.testing.assert_close(seen["label"], sched.precondition_noise(sigma))
+    torch.testing.assert_close(ours, sched.precondition_outputs(x, torch.ones_like(x), s))

@@ -23,7 +23,7 @@ from torch import nn
 from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from destatic.models.mmdit import MMDiT, MMDiTConfig
 from destatic.models.unet import UNet2DCondition, UNetConfig
-from destatic.process import RectifiedFlow, VPDiscrete
+from destatic.process import EDM, EDMTarget, RectifiedFlow, Target, VPDiscrete, get_target
 from destatic.process.base import Process
 from destatic.process.vp import BETA_SCHEDULES
 
@@ -64,6 +64,7 @@ VP_SCHEDULERS = (
     "DEISMultistepScheduler",
 )
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 VP_TARGETS = ("epsilon", "v_prediction", "sample")
 
 
@@ -361,7 +362,7 @@ def save_component(
 # ----------------------------------------------------------------------------------------------
 
 
-def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str]:
+def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str | Target]:
     """A diffusers scheduler ``config.json`` dict → (destatic process, prediction target name).
 
     β-schedule schedulers (DDIM, PNDM, Euler, DPM-Solver, LMS, UniPC, Heun, DDPM, …) give a
@@ -372,6 +373,21 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str]:
     """
     name = cfg.get("_class_name")
     steps = int(cfg.get("num_train_timesteps", 1000))
+    if name in EDM_SCHEDULERS:
+        # diffusers' EDM "epsilon" is EDM's F-prediction (c_out = σ·σ_d/√(σ²+σ_d²)).
+        if cfg.get("prediction_type", "epsilon") != "epsilon":
+            raise CheckpointError(
+                f"{name} with prediction_type={cfg.get('prediction_type')!r} is not supported; "
+                "only 'epsilon' (EDM's F-prediction) is"
+            )
+        sigma_data = float(cfg.get("sigma_data", 0.5))
+        process = EDM(
+            min_sigma=float(cfg.get("sigma_min", 0.002)),
+            max_sigma=float(cfg.get("sigma_max", 80.0)),
+            sigma_data=sigma_data,
+            num_timesteps=steps,
+        )
+        return process, EDMTarget(sigma_data)
     if name in FLOW_SCHEDULERS:
         shift = float(cfg.get("shift", 1.0))
         if not (math.isfinite(shift) and shift > 0):
@@ -380,7 +396,7 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str]:
     if name not in VP_SCHEDULERS:
         raise CheckpointError(
             f"unsupported scheduler class {name!r}; supported: "
-            f"{', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS)}"
+            f"{', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS + EDM_SCHEDULERS)}"
         )
     if cfg.get("trained_betas") is not None:
         raise CheckpointError(
@@ -409,9 +425,28 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str]:
     return process, target
 
 
-def scheduler_config_from_process(process: Process, target: str) -> dict[str, Any]:
+def scheduler_config_from_process(process: Process, target: str | Target) -> dict[str, Any]:
     """The inverse of :func:`process_from_scheduler_config`: a diffusers-compatible scheduler
-    config (``EulerDiscreteScheduler`` for VP, ``FlowMatchEulerDiscreteScheduler`` for flow)."""
+    config (``EulerDiscreteScheduler`` for VP, ``FlowMatchEulerDiscreteScheduler`` for flow,
+    ``EDMEulerScheduler`` for EDM)."""
+    target_obj = get_target(target)
+    target = target_obj.name
+    if isinstance(process, EDM):
+        if not isinstance(target_obj, EDMTarget) or target_obj.sigma_data != process.sigma_data:
+            raise CheckpointError(
+                "an EDM process needs the EDM target with the same sigma_data "
+                f"({process.sigma_data}); got {target_obj!r}"
+            )
+        return {
+            "_class_name": "EDMEulerScheduler",
+            "num_train_timesteps": process.num_timesteps,
+            "sigma_min": process.min_sigma,
+            "sigma_max": process.max_sigma,
+            "sigma_data": process.sigma_data,
+            "sigma_schedule": "karras",
+            "rho": 7.0,
+            "prediction_type": "epsilon",
+        }
     if isinstance(process, RectifiedFlow):
         if target != "flow":
             raise CheckpointError(

@@ -71,6 +71,22 @@ data_app = typer.Typer(no_args_is_help=True, help="Build the training datasets (
 app.add_typer(data_app, name="data")
 
 
+def _build_data(build, cache_paths, size: int, out: Path | None, summary) -> None:
+    """Run ``build(size, out=out, progress=True)``; print ``summary(ds)`` and the files."""
+    try:
+        ds = build(size, out=out, progress=True)
+    except (FileNotFoundError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    npz_path, json_path = cache_paths(size, out)
+    typer.echo(
+        f"images {len(ds)}  train {len(ds.train())}  held-out {len(ds.heldout())}  "
+        + summary(ds, json_path)
+    )
+    typer.echo(f"wrote {npz_path}")
+    typer.echo(f"wrote {json_path}")
+
+
 @data_app.command("emoji")
 def data_emoji(
     size: int = typer.Option(64, min=1, help="Image side in pixels."),
@@ -80,21 +96,72 @@ def data_emoji(
 ) -> None:
     """Render Noto Color Emoji (Debian fonts-noto-color-emoji + unicode-data) to a captioned
     uint8 dataset: emoji_{size}.npz + emoji_{size}.json."""
-    from destatic.data.emoji import build_emoji, cache_paths
+    from destatic.data import emoji
+
+    def summary(ds, json_path: Path) -> str:
+        return f"(+{sum(len(a) for a in ds.alt_captions)} alternative captions)"
+
+    _build_data(emoji.build_emoji, emoji.cache_paths, size, out, summary)
+
+
+@data_app.command("clipart")
+def data_clipart(
+    size: int = typer.Option(64, min=1, help="Image side in pixels."),
+    out: Path = typer.Option(
+        None,
+        help="Output folder (default: $DESTATIC_CACHE/clipart or ~/.cache/destatic/clipart).",
+    ),
+) -> None:
+    """Convert Open Clip Art (Debian openclipart-png + openclipart-svg) to a captioned uint8
+    dataset: clipart_{size}.npz + clipart_{size}.json."""
+    from destatic.data import clipart
+
+    def summary(ds, json_path: Path) -> str:
+        skipped = json.loads(json_path.read_text(encoding="utf-8"))["skipped"]
+        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+        return (
+            f"distinct captions {len(set(ds.captions))}  "
+            f"skipped {sum(skipped.values())} ({reasons or 'none'})"
+        )
+
+    _build_data(clipart.build_clipart, clipart.cache_paths, size, out, summary)
+
+
+def _override(text: str) -> tuple[str, object]:
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise typer.BadParameter(f"--set takes table.key=value, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word: a string
+    return key.strip(), parsed
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="TOML training config (see configs/)."),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Override a config value: table.key=value (repeatable)."
+    ),
+    resume: bool = typer.Option(True, help="Resume from the newest checkpoint in output.dir."),
+) -> None:
+    """Train (or resume) a model: checkpoints, metrics, loss curve, sample grids and the
+    exported pipeline go to output.dir. Several processes: torchrun --nproc_per_node N -m
+    destatic.cli train CONFIG."""
+    from destatic.checkpoints import CheckpointError
+    from destatic.training import ConfigError, TrainingError, load_config
+    from destatic.training import train as run
 
     try:
-        ds = build_emoji(size, out=out, progress=True)
-    except (FileNotFoundError, RuntimeError) as err:
+        cfg = load_config(config, dict(_override(s) for s in set_ or []))
+        folder = run(cfg, resume=resume)
+    except (ConfigError, CheckpointError, TrainingError) as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
-    npz_path, json_path = cache_paths(size, out)
-    alts = sum(len(a) for a in ds.alt_captions)
-    typer.echo(
-        f"images {len(ds)}  train {len(ds.train())}  held-out {len(ds.heldout())}  "
-        f"(+{alts} alternative captions)"
-    )
-    typer.echo(f"wrote {npz_path}")
-    typer.echo(f"wrote {json_path}")
+        raise typer.Exit(2) from None
+    typer.echo(f"model: {folder}")
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ def _scheduler_config(folder: Path) -> dict:
     return read_json(path)
 
 
-def _text_encoder(folder: Path, entry: list | None):
+def _text_encoder(folder: Path, entry: list | None, index: dict):
     library, name = (entry or [None, None])[:2]
     if name == "MiniLMTextEncoder":
-        return MiniLMTextEncoder.from_package()
+        return MiniLMTextEncoder.from_package(int(index.get("destatic_text_max_length", 77)))
     if name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
         return CLIPTextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer")
     raise CheckpointError(
@@ -99,12 +99,13 @@ def load(path: str | os.PathLike) -> Pipeline:
         if key not in index:
             raise CheckpointError(f"{folder / 'model_index.json'} names no {key!r} component")
     network = load_component(folder / network_key)
-    autoencoder = load_component(folder / "vae")
+    pixel_space = (index["vae"] or [None, None])[1] is None  # destatic pixel-space model
+    autoencoder = None if pixel_space else load_component(folder / "vae")
     process, target = process_from_scheduler_config(_scheduler_config(folder))
     if several:
         text_encoder = _sd3_text_encoder(folder, index, network)
     else:
-        text_encoder = _text_encoder(folder, index.get("text_encoder"))
+        text_encoder = _text_encoder(folder, index.get("text_encoder"), index)
     return Pipeline(network, autoencoder, text_encoder, process, target)
 
 
@@ -128,13 +129,14 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
         config=pipeline.network.config.to_dict(),
         dtype=dtype,
     )
-    save_component(
-        pipeline.autoencoder,
-        folder / "vae",
-        class_name="AutoencoderKL",
-        config=pipeline.autoencoder.config.to_dict(),
-        dtype=dtype,
-    )
+    if pipeline.autoencoder is not None:
+        save_component(
+            pipeline.autoencoder,
+            folder / "vae",
+            class_name="AutoencoderKL",
+            config=pipeline.autoencoder.config.to_dict(),
+            dtype=dtype,
+        )
     extra: dict = {}
     if isinstance(encoder, SD3TextEncoder):
         text_entry = ["transformers", type(encoder.clip_l.model).__name__]
@@ -158,13 +160,14 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
         text_entry = ["transformers", type(encoder.model).__name__]
     else:
         text_entry = ["destatic", type(encoder).__name__]
+        extra["destatic_text_max_length"] = encoder.max_length
     scheduler = scheduler_config_from_process(pipeline.process, pipeline.target)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index = {
         "_class_name": "DestaticPipeline",
         network_key: ["destatic", network_class],
-        "vae": ["destatic", "AutoencoderKL"],
+        "vae": ["destatic", "AutoencoderKL"] if pipeline.autoencoder is not None else [None, None],
         "text_encoder": text_entry,
         "scheduler": ["diffusers", scheduler["_class_name"]],
     }

@@ -8,6 +8,7 @@ sampler and grid from per-sample seeded noise, and decodes them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from torch import nn
 from destatic.models.autoencoder import AutoencoderKL
 from destatic.models.mmdit import MMDiT
 from destatic.models.text import TextEmbedding, TextEncoder
-from destatic.process import Denoiser, Process
+from destatic.process import Denoiser, Process, Target
 from destatic.sampling import (
     ClassifierFreeGuidance,
     StepInfo,
@@ -37,13 +38,14 @@ def _as_list(prompt: str | Sequence[str]) -> list[str]:
 
 @dataclass
 class Pipeline:
-    """A latent text-to-image model: any network × any process/target × any sampler."""
+    """A latent (or pixel-space) text-to-image model: any network × any process/target × any
+    sampler."""
 
     network: nn.Module  # UNet2DCondition or MMDiT
-    autoencoder: AutoencoderKL
+    autoencoder: AutoencoderKL | None  # None: the network works on pixels in [-1, 1]
     text_encoder: TextEncoder
     process: Process
-    target: str  # "epsilon", "v_prediction", "flow", …
+    target: str | Target  # "epsilon", "v_prediction", "flow", or a Target (EDM's σ_data)
 
     @property
     def device(self) -> torch.device:
@@ -55,19 +57,38 @@ class Pipeline:
 
     @property
     def latent_channels(self) -> int:
+        if self.autoencoder is None:
+            return int(self.network.config.in_channels)
         return self.autoencoder.config.latent_channels
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel along a side (1 for a pixel-space model)."""
+        if self.autoencoder is None:
+            return 1
+        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE factor (× the patch size of a DiT)."""
-        factor = 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
         patch = self.network.config.patch_size if isinstance(self.network, MMDiT) else 1
-        return factor * patch
+        return self.latent_factor * patch
 
     @property
     def default_size(self) -> int:
-        factor = 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
-        return int(self.network.config.sample_size) * factor
+        return int(self.network.config.sample_size) * self.latent_factor
+
+    @property
+    def default_grid(self) -> str:
+        """``karras`` for processes with a finite σ_max; ``normal`` (uniform in the process's
+        own time, as SD3 and Flux sample) for those that start at σ = ∞."""
+        return "karras" if math.isfinite(self.process.sigma_max) else "normal"
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space samples → images in [0, 1] (float32)."""
+        if self.autoencoder is not None:
+            latents = self.autoencoder.images_from_latents(latents)
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     def _conditioning(self, embedding: TextEmbedding) -> dict[str, torch.Tensor]:
         tokens = embedding.tokens.to(self.device, self.dtype)
@@ -89,7 +110,7 @@ class Pipeline:
         negative_prompt: str | Sequence[str] | None = None,
         steps: int = 20,
         sampler: str = "dpmpp_2m",
-        grid: str = "karras",
+        grid: str | None = None,
         guidance: float = 5.0,
         seed: int | Sequence[int] = 0,
         width: int | None = None,
@@ -126,8 +147,8 @@ class Pipeline:
         guided = ClassifierFreeGuidance(denoiser, cond, uncond, guidance)
 
         if sigmas is None:
-            sigmas = make_sigmas(grid, steps, process=self.process)
-        factor = 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
+            sigmas = make_sigmas(grid or self.default_grid, steps, process=self.process)
+        factor = self.latent_factor
         shape = (batch, self.latent_channels, height // factor, width // factor)
         gens = generators(seeds)
         if noise is None:
@@ -140,8 +161,7 @@ class Pipeline:
         latents = sample(
             sampler, guided, x, sigmas, generator=gens, callback=callback, **sampler_options
         )
-        images = self.autoencoder.images_from_latents(latents)
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return self.decode(latents)
 
     def __call__(self, prompt: str | Sequence[str], **kwargs):
         """``generate`` as a list of ``PIL.Image`` (the DESIGN.md contract)."""

@@ -1,0 +1,28 @@
+"""Training: objectives, the loop, checkpoints and configs (DESIGN.md, "training")."""
+
+from destatic.training.config import Config, ConfigError, load_config
+from destatic.training.objectives import (
+    OBJECTIVES,
+    Objective,
+    edm_objective,
+    flow_objective,
+    vp_objective,
+)
+from destatic.training.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from destatic.training.trainer import TrainingError, train
+
+__all__ = [
+    "OBJECTIVES",
+    "Config",
+    "ConfigError",
+    "Objective",
+    "TrainingError",
+    "edm_objective",
+    "flow_objective",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_config",
+    "save_checkpoint",
+    "train",
+    "vp_objective",
+]

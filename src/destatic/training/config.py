@@ -1,0 +1,307 @@
+"""Training configs: a TOML file validated into dataclasses.
+
+``destatic train configs/emoji.toml`` reads one file with the tables ``[data]``, ``[model]``,
+``[objective]``, ``[autoencoder]``, ``[optim]``, ``[train]``, ``[sample]`` and ``[output]``
+(all optional; every key has a default). Unknown tables or keys, values of the wrong type and
+out-of-range values are a :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AutoencoderTrainConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message names the key and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"{where} = {value!r}: choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "emoji"  # emoji | clipart | folder
+    path: str = ""  # the image folder for dataset = "folder"
+    size: int = 32  # image side in pixels
+    caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    alt_captions: bool = True  # also train on a dataset's alternative captions (emoji)
+
+    def check(self) -> None:
+        _choice("data.dataset", self.dataset, ("emoji", "clipart", "folder"))
+        _require(self.dataset != "folder" or bool(self.path), "data.path is needed for folder")
+        _require(8 <= self.size <= 4096, f"data.size = {self.size}: use 8 … 4096 pixels")
+        _require(
+            0 <= self.caption_dropout < 1,
+            f"data.caption_dropout = {self.caption_dropout}: use a share in [0, 1)",
+        )
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "unet"  # unet | mmdit
+    autoencoder: str = ""  # folder of a trained AutoencoderKL: latent space; "" = pixel space
+    text_max_length: int = 32  # tokens the text encoder pads/truncates prompts to
+    unet: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields
+    mmdit: dict[str, Any] = field(default_factory=dict)  # MMDiTConfig fields
+
+    def check(self) -> None:
+        _choice("model.kind", self.kind, ("unet", "mmdit"))
+        _require(
+            2 <= self.text_max_length <= 512,
+            f"model.text_max_length = {self.text_max_length}: use 2 … 512",
+        )
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "flow"  # flow | vp | edm (destatic.training.objectives)
+    options: dict[str, Any] = field(default_factory=dict)  # the objective's keyword arguments
+
+    def check(self) -> None:
+        from destatic.training.objectives import OBJECTIVES
+
+        _choice("objective.kind", self.kind, tuple(OBJECTIVES))
+        params = inspect.signature(OBJECTIVES[self.kind]).parameters
+        named = {k for k, p in params.items() if p.kind is not p.VAR_KEYWORD}
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = sorted(set(self.options) - named)
+        _require(
+            takes_any or not unknown,
+            f"unknown [objective] key(s) {unknown} for kind {self.kind!r}; "
+            f"valid: kind, {', '.join(sorted(named))}",
+        )
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """Used when ``[train] task = "autoencoder"``."""
+
+    config: dict[str, Any] = field(default_factory=dict)  # AutoencoderConfig fields
+    reconstruction: str = "l1"  # l1 | mse
+    kl_weight: float = 1e-6
+
+    def check(self) -> None:
+        _choice("autoencoder.reconstruction", self.reconstruction, ("l1", "mse"))
+        _require(self.kl_weight >= 0, f"autoencoder.kl_weight = {self.kl_weight}: use ≥ 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 200
+    schedule: str = "constant"  # constant | cosine | linear (after warm-up)
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    ema_decay: float = 0.999  # 0 = no EMA (the exported model is the raw weights)
+
+    def check(self) -> None:
+        _require(0 < self.lr < 1, f"optim.lr = {self.lr}: use a learning rate in (0, 1)")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas = {self.betas}: two numbers in [0, 1)",
+        )
+        _require(self.weight_decay >= 0, f"optim.weight_decay = {self.weight_decay}: use ≥ 0")
+        _require(self.eps > 0, f"optim.eps = {self.eps}: use > 0")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps = {self.warmup_steps}: use ≥ 0")
+        _choice("optim.schedule", self.schedule, ("constant", "cosine", "linear"))
+        _require(self.grad_clip >= 0, f"optim.grad_clip = {self.grad_clip}: use ≥ 0 (0 = off)")
+        _require(0 <= self.ema_decay < 1, f"optim.ema_decay = {self.ema_decay}: use [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    task: str = "denoiser"  # denoiser | autoencoder
+    steps: int = 10_000  # optimizer steps
+    batch_size: int = 64  # global batch per optimizer step (over processes and accumulation)
+    grad_accum: int = 1  # micro-batches per optimizer step and process
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 1000  # 0 = only at the end
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    tensorboard: bool = True  # also log to TensorBoard (when the package is installed)
+    progress: bool = True
+
+    def check(self) -> None:
+        _choice("train.task", self.task, ("denoiser", "autoencoder"))
+        _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            _require(value >= 1, f"train.{name} = {value}: use a positive integer")
+        for name in ("keep_checkpoints", "max_bad_steps"):
+            value = getattr(self, name)
+            _require(value >= 1, f"train.{name} = {value}: use a positive integer")
+        _require(self.sample_every >= 0, f"train.sample_every = {self.sample_every}: use ≥ 0")
+        _require(self.threads >= 0, f"train.threads = {self.threads}: use ≥ 0")
+        _require(
+            self.batch_size % self.grad_accum == 0,
+            f"train.batch_size = {self.batch_size} is not a multiple of "
+            f"train.grad_accum = {self.grad_accum}",
+        )
+
+
+@dataclass
+class SampleConfig:
+    """Periodic sample grids: one image per prompt, with fixed seeds."""
+
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "grinning face",
+            "red heart",
+            "cat face",
+            "flag: japan",
+            "pizza",
+            "woman technologist: medium skin tone",
+            "thumbs up",
+            "rocket",
+        ]
+    )
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    grid: str = "normal"
+    guidance: float = 4.0
+    seed: int = 0
+
+    def check(self) -> None:
+        from destatic.sampling import SAMPLERS
+
+        _require(len(self.prompts) >= 1, "sample.prompts needs at least one prompt")
+        _require(1 <= self.steps <= 1000, f"sample.steps = {self.steps}: use 1 … 1000")
+        _choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        _require(self.guidance >= 0, f"sample.guidance = {self.guidance}: use ≥ 0")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/emoji"  # checkpoints, metrics, samples and the exported model go here
+
+    def check(self) -> None:
+        _require(bool(self.dir), "output.dir must not be empty")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def check(self) -> Config:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, table: dict[str, Any], where: str = "config") -> Config:
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(table) - set(sections))
+        _require(not unknown, f"{where}: unknown table(s) {unknown}; valid: {', '.join(sections)}")
+        values = {}
+        for name in sections:
+            section_cls = typing.get_type_hints(cls)[name]
+            raw = table.get(name, {})
+            _require(isinstance(raw, dict), f"{where}: [{name}] must be a table")
+            if section_cls is ObjectiveConfig:  # kind + free-form keyword arguments
+                raw = dict(raw)
+                values[name] = ObjectiveConfig(kind=raw.pop("kind", "flow"), options=raw)
+                _check_type(f"{name}.kind", values[name].kind, str)
+            else:
+                values[name] = _section(section_cls, raw, name)
+        return cls(**values).check()
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        if any(_matches(value, a) for a in typing.get_args(annotation)):
+            return
+    elif _matches(value, annotation):
+        return
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{key} = {value!r}: expected {name}")
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation) or annotation
+    if annotation is type(None):
+        return value is None
+    if origin is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and (item is Any or all(_matches(v, item) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is Any:
+        return True
+    return isinstance(value, origin)
+
+
+def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    _require(not unknown, f"unknown [{name}] key(s) {unknown}; valid: {', '.join(names)}")
+    kwargs = {}
+    for key, value in raw.items():
+        _check_type(f"{name}.{key}", value, hints[key])
+        kwargs[key] = float(value) if hints[key] is float else value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a TOML training config; ``overrides`` maps ``"table.key"`` to values."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        _require(bool(key), f"override {dotted!r} must look like table.key")
+        table.setdefault(section, {})[key] = value
+    return Config.from_dict(table, where=str(path))

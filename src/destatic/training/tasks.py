@@ -1,0 +1,273 @@
+"""What is being trained: a text-conditioned denoiser, or the autoencoder of a latent space.
+
+A task owns its model and data and answers three questions for the loop in
+:mod:`destatic.training.trainer`: what a step's global batch is (:meth:`Task.draw`, every random
+number drawn up front from one generator, so any split over processes and accumulation steps
+sees the same batch), what the per-sample loss of a slice of it is (:meth:`Task.loss`), and how
+the trained weights are exported for inference (:meth:`Task.export`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from destatic.models.mmdit import MMDiT, MMDiTConfig
+from destatic.models.text import MiniLMTextEncoder
+from destatic.models.unet import UNet2DCondition, UNetConfig
+from destatic.pipelines.text_to_image import Pipeline
+from destatic.training.config import Config, ConfigError
+from destatic.training.data import CaptionBank, LatentCache, load_training_images, pixels
+from destatic.training.objectives import OBJECTIVES
+
+__all__ = ["AutoencoderTask", "DenoiserTask", "Task", "make_task"]
+
+Batch = dict[str, torch.Tensor]
+
+
+class Task(ABC):
+    model: nn.Module
+
+    @abstractmethod
+    def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
+        """The global batch for dataset rows ``index`` (CPU tensors, one row per sample)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+        """Per-sample loss [b] for a slice of a batch from :meth:`draw`."""
+
+    @abstractmethod
+    def export(self, weights: nn.Module, folder: Path) -> None:
+        """Write ``weights`` (the EMA or raw model) as an inference folder."""
+
+    @property
+    @abstractmethod
+    def num_items(self) -> int: ...
+
+    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+        """Images [B, 3, H, W] in [0, 1] and their labels, for progress grids."""
+        raise NotImplementedError
+
+
+def _parse_config(cls: Any, fields: dict[str, Any], where: str) -> Any:
+    try:
+        return cls.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{where}]: {e}") from e
+
+
+class DenoiserTask(Task):
+    """Text → image denoiser in pixel space or in a frozen autoencoder's latent space."""
+
+    def __init__(self, cfg: Config, device: torch.device, progress: bool = True):
+        self.cfg = cfg
+        data = load_training_images(cfg.data, progress=progress)
+        self.text_encoder = MiniLMTextEncoder.from_package(max_length=cfg.model.text_max_length)
+        flat = [c for caps in data.captions for c in caps]
+        self.bank = CaptionBank(self.text_encoder, flat, progress=progress)
+        self.caption_ids = [self.bank.ids(caps) for caps in data.captions]
+        self.autoencoder: AutoencoderKL | None = None
+        if cfg.model.autoencoder:
+            from destatic.checkpoints import load_component
+
+            self.autoencoder = load_component(cfg.model.autoencoder).to(device).eval()
+            self.autoencoder.requires_grad_(False)
+            self.latents: LatentCache | None = LatentCache(
+                self.autoencoder, data.images, progress=progress
+            )
+            self.images = None
+            channels, side = self.latents.mean.shape[1], self.latents.mean.shape[-1]
+        else:
+            self.latents = None
+            self.images = torch.from_numpy(data.images)
+            channels, side = 3, cfg.data.size
+        objective_cls = OBJECTIVES[cfg.objective.kind]
+        try:
+            self.objective = objective_cls(**cfg.objective.options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"[objective]: {e}") from e
+        self.model = self._network(channels, side)
+        self.pipeline = Pipeline(
+            self.model,
+            self.autoencoder,
+            self.text_encoder,
+            self.objective.process,
+            self.objective.target,
+        )
+
+    def _network(self, channels: int, side: int) -> nn.Module:
+        m = self.cfg.model
+        dims = {"in_channels": channels, "sample_size": side}
+        if m.kind == "unet":
+            fields = {**m.unet, **dims, "out_channels": channels}
+            fields.setdefault("cross_attention_dim", self.text_encoder.dim)
+            return UNet2DCondition(_parse_config(UNetConfig, fields, "model.unet"))
+        fields = {**m.mmdit, **dims, "out_channels": channels}
+        fields.setdefault("joint_attention_dim", self.text_encoder.dim)
+        fields.setdefault("pooled_projection_dim", self.text_encoder.pooled_dim)
+        return MMDiT(_parse_config(MMDiTConfig, fields, "model.mmdit"))
+
+    @property
+    def num_items(self) -> int:
+        return len(self.caption_ids)
+
+    def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
+        n = len(index)
+        choice = torch.rand(n, generator=generator)
+        captions = torch.stack(
+            [ids[int(c * len(ids))] for ids, c in zip(self._ids(index), choice, strict=True)]
+        )
+        drop = torch.rand(n, generator=generator) < self.cfg.data.caption_dropout
+        captions = torch.where(drop, torch.zeros_like(captions), captions)  # 0 = ""
+        sigma = self.objective.sample_sigma(n, generator)
+        if self.latents is not None:
+            shape = (n, *self.latents.mean.shape[1:])
+            x0 = self.latents.draw(index, torch.randn(shape, generator=generator))
+        else:
+            assert self.images is not None
+            x0 = pixels(self.images[index])
+        noise = torch.randn(x0.shape, generator=generator)
+        return {"x0": x0, "caption": captions, "sigma": sigma, "noise": noise}
+
+    def _ids(self, index: torch.Tensor) -> list[torch.Tensor]:
+        return [self.caption_ids[int(i)] for i in index]
+
+    def conditioning(self, caption: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        cond = {"context": self.bank.tokens[caption].to(device)}
+        if isinstance(self.model, MMDiT):
+            cond["pooled"] = self.bank.pooled[caption].to(device)
+        return cond
+
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+        return self.objective.loss(
+            model,
+            batch["x0"].to(device),
+            self.conditioning(batch["caption"], device),
+            sigma=batch["sigma"],
+            noise=batch["noise"],
+        )
+
+    def _pipeline(self, weights: nn.Module) -> Pipeline:
+        p = self.pipeline
+        return Pipeline(weights, p.autoencoder, p.text_encoder, p.process, p.target)
+
+    def export(self, weights: nn.Module, folder: Path) -> None:
+        from destatic.pipelines.load import save
+
+        save(self._pipeline(weights), folder)
+
+    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+        s = cfg.sample
+        was_training = weights.training
+        weights.eval()
+        try:
+            images = self._pipeline(weights).generate(
+                s.prompts,
+                steps=s.steps,
+                sampler=s.sampler,
+                grid=s.grid,
+                guidance=s.guidance,
+                seed=s.seed,
+            )
+        finally:
+            weights.train(was_training)
+        return images, list(s.prompts)
+
+
+class AutoencoderTask(Task):
+    """KL autoencoder: reconstruction (L1 or MSE) + kl_weight · KL(q(z|x) ‖ N(0, I)).
+
+    The KL term is summed over latent elements and divided by the number of pixel values, so
+    kl_weight is comparable across sizes (LDM's weights are of order 1e-6 with summed terms).
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, progress: bool = True):
+        self.cfg = cfg
+        data = load_training_images(cfg.data, progress=progress)
+        self.images = torch.from_numpy(data.images)
+        fields = {"sample_size": cfg.data.size, **cfg.autoencoder.config}
+        config = _parse_config(AutoencoderConfig, fields, "autoencoder.config")
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        if cfg.data.size % factor:
+            raise ConfigError(
+                f"data.size = {cfg.data.size} is not a multiple of the autoencoder's factor "
+                f"{factor}"
+            )
+        self.model = _Reconstruction(AutoencoderKL(config))
+
+    @property
+    def num_items(self) -> int:
+        return len(self.images)
+
+    def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
+        x = pixels(self.images[index])
+        config = self.model.autoencoder.config
+        f = 2 ** (len(config.block_out_channels) - 1)
+        c = config.latent_channels
+        eps = torch.randn((len(index), c, x.shape[-2] // f, x.shape[-1] // f), generator=generator)
+        return {"x": x, "eps": eps}
+
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+        x = batch["x"].to(device)
+        recon, kl = model(x, batch["eps"].to(device))
+        diff = recon.float() - x
+        per = diff.abs() if self.cfg.autoencoder.reconstruction == "l1" else diff.pow(2)
+        return per.flatten(1).mean(1) + self.cfg.autoencoder.kl_weight * kl.float() / x[0].numel()
+
+    @torch.no_grad()
+    def export(self, weights: nn.Module, folder: Path) -> None:
+        """Save with ``scaling_factor`` = 1/std of the latent means over the data (as SD did)."""
+        from destatic.checkpoints import save_component
+
+        weights = weights.autoencoder
+        was_training = weights.training
+        weights.eval()
+        device = next(weights.parameters()).device
+        means = [
+            weights.encode(pixels(self.images[i : i + 64]).to(device)).mean.float().cpu()
+            for i in range(0, min(len(self.images), 1024), 64)
+        ]
+        std = float(torch.cat(means).std())
+        config = weights.config.to_dict()
+        config["scaling_factor"] = 1.0 / std if std > 0 and math.isfinite(std) else 1.0
+        save_component(weights, folder, class_name="AutoencoderKL", config=config)
+        weights.train(was_training)
+
+    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+        """Originals (top row) above their reconstructions."""
+        ae = weights.autoencoder
+        was_training = ae.training
+        ae.eval()
+        n = min(8, len(self.images))
+        with torch.no_grad():
+            device = next(ae.parameters()).device
+            x = pixels(self.images[:n]).to(device)
+            recon = ae(x).float().cpu()
+        ae.train(was_training)
+        images = torch.cat([x.cpu(), recon]) / 2 + 0.5
+        return images.clamp(0, 1), ["original"] * n + ["reconstruction"] * n
+
+
+class _Reconstruction(nn.Module):
+    """The autoencoder as one forward pass (so DDP sees it): x, ε → (reconstruction, KL)."""
+
+    def __init__(self, autoencoder: AutoencoderKL):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        post = self.autoencoder.encode(x)
+        z = post.mean + post.std * eps.to(post.mean.dtype)
+        return self.autoencoder.decode(z), post.kl()
+
+
+def make_task(cfg: Config, device: torch.device, progress: bool = True) -> Task:
+    if cfg.train.task == "autoencoder":
+        return AutoencoderTask(cfg, device, progress)
+    return DenoiserTask(cfg, device, progress)

@@ -1,0 +1,270 @@
+"""The training loop end to end on a tiny captioned folder: resume after kill -9, NaN handling,
+the exported pipeline, the autoencoder task and two processes against one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import destatic
+from destatic.checkpoints import load_weights
+from destatic.training import TrainingError, latest_checkpoint, load_config, train
+from destatic.training.state import load_checkpoint
+
+TINY_UNET = """
+[model.unet]
+block_out_channels = [16, 32]
+down_block_types = ["CrossAttnDownBlock2D", "DownBlock2D"]
+up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D"]
+layers_per_block = 1
+attention_head_dim = 2
+norm_num_groups = 8
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """24 coloured shapes with captions (``name.txt`` beside ``name.png``)."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
+    for i in range(24):
+        name, rgb = list(colours.items())[i % 3]
+        a = np.full((16, 16, 3), 255, np.uint8)
+        r0, c0 = rng.integers(0, 8, size=2)
+        a[r0 : r0 + 8, c0 : c0 + 8] = rgb
+        Image.fromarray(a).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a {name} square")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DESTATIC_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def write_config(path: Path, folder: Path, out: Path, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[data]
+dataset = "folder"
+path = "{folder}"
+size = 16
+
+[model]
+text_max_length = 8
+{TINY_UNET}
+
+[optim]
+lr = 1e-3
+warmup_steps = 2
+schedule = "cosine"
+
+[train]
+steps = 6
+batch_size = 4
+checkpoint_every = 1
+log_every = 1
+sample_every = 0
+threads = 1
+progress = false
+tensorboard = false
+{extra}
+
+[sample]
+prompts = ["a red square", "a blue square"]
+steps = 3
+
+[output]
+dir = "{out}"
+"""
+    )
+    return path
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0):
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst <= atol, worst
+
+
+def test_train_exports_a_pipeline_that_generates(folder, tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.toml", folder, tmp_path / "run"))
+    model = train(cfg)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 6
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "samples" / "step-00000006.png").is_file()
+    assert len(list((tmp_path / "run" / "checkpoints").glob("step-*"))) == 2  # keep = 2
+    pipe = destatic.load(model)
+    assert pipe.autoencoder is None and pipe.text_encoder.max_length == 8
+    images = pipe.generate("a red square", steps=3, guidance=2.0)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    # the exported network is the EMA of the last checkpoint
+    ema = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))["ema"]
+    exported = load_weights(model / "unet")
+    assert_same(exported, {k[7:]: v for k, v in ema.items() if k.startswith("module.")})
+
+
+def test_kill_9_and_resume_gives_the_same_weights(folder, tmp_path):
+    """6 steps straight = a run killed (SIGKILL) after a checkpoint past step 3, resumed."""
+    straight = load_config(write_config(tmp_path / "a.toml", folder, tmp_path / "straight"))
+    train(straight)
+
+    cfg_path = write_config(tmp_path / "b.toml", folder, tmp_path / "killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "destatic.cli", "train", str(cfg_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pointer = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if pointer.is_file() and pointer.read_text().strip() >= "step-00000003":
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    stopped = load_checkpoint(latest_checkpoint(tmp_path / "killed" / "checkpoints"))["step"]
+    assert 3 <= stopped < 6
+    train(load_config(cfg_path))  # the same command again resumes
+    assert_same(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"))
+    steps = [
+        int(line.split(",")[0].split(":")[1])
+        for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no repeated records after the resume
+
+
+def test_nan_losses_skip_then_stop_without_a_nan_checkpoint(folder, tmp_path, monkeypatch):
+    from destatic.training import tasks
+
+    cfg = load_config(
+        write_config(tmp_path / "c.toml", folder, tmp_path / "run", "max_bad_steps = 3")
+    )
+    real = tasks.DenoiserTask.loss
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch, device):
+        calls["n"] += 1
+        loss = real(self, model, batch, device)
+        return loss * float("nan") if calls["n"] == 2 or calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(tasks.DenoiserTask, "loss", poisoned)
+    with pytest.warns(UserWarning, match="update skipped"):
+        with pytest.raises(TrainingError) as err:
+            train(cfg)
+    # steps 1 and 3 train, 2 is skipped, 4, 5 and 6 are skipped and the third in a row stops
+    message = str(err.value)
+    assert "3 steps in a row" in message and "(step 6)" in message
+    assert "step-00000005" in message  # the last good checkpoint, named
+    root = tmp_path / "run" / "checkpoints"
+    step4, step5 = (load_checkpoint(root / f"step-0000000{i}") for i in (4, 5))
+    assert step5["bad_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in step5["model"].values())
+    assert_same(step4["model"], step5["model"])  # skipped updates leave the weights alone
+    assert not (root / "step-00000006").exists()
+
+
+def test_resume_with_another_model_is_a_clear_error(folder, tmp_path):
+    path = write_config(tmp_path / "c.toml", folder, tmp_path / "run", "")
+    train(load_config(path, {"train.steps": 1}))
+    other = load_config(path, {"train.steps": 2, "model.text_max_length": 9})
+    with pytest.raises(ValueError, match=r"\[model\] differs"):
+        train(other)
+
+
+def test_grad_accumulation_matches_one_big_batch(folder, tmp_path):
+    a = load_config(write_config(tmp_path / "a.toml", folder, tmp_path / "a"), {"train.steps": 3})
+    b = load_config(
+        write_config(tmp_path / "b.toml", folder, tmp_path / "b"),
+        {"train.steps": 3, "train.grad_accum": 2},
+    )
+    train(a)
+    train(b)
+    assert_same(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"), atol=1e-5)
+
+
+def test_autoencoder_task_exports_a_loadable_vae(folder, tmp_path):
+    extra = 'task = "autoencoder"\n\n[autoencoder.config]\nblock_out_channels = [8, 16]\n'
+    extra += 'down_block_types = ["DownEncoderBlock2D", "DownEncoderBlock2D"]\n'
+    extra += 'up_block_types = ["UpDecoderBlock2D", "UpDecoderBlock2D"]\nnorm_num_groups = 4\n'
+    cfg = load_config(write_config(tmp_path / "c.toml", folder, tmp_path / "vae", extra))
+    out = train(cfg)
+    from destatic.checkpoints import load_component
+
+    vae = load_component(out)
+    assert vae.config.scaling_factor != 0.18215  # measured on the data
+    assert (tmp_path / "vae" / "samples" / "step-00000006.png").is_file()
+
+    # and a latent denoiser trains on its cached latents
+    latent = load_config(
+        write_config(tmp_path / "d.toml", folder, tmp_path / "ldm"),
+        {"model.autoencoder": str(out), "train.steps": 2},
+    )
+    pipe = destatic.load(train(latent))
+    assert pipe.autoencoder is not None
+    assert pipe.generate("a red square", steps=2).shape == (1, 3, 16, 16)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun on POSIX")
+def test_two_processes_match_one(folder, tmp_path):
+    """torchrun with 2 CPU processes (gloo), global batch 4 = one process with batch 4."""
+    one = load_config(write_config(tmp_path / "a.toml", folder, tmp_path / "one"))
+    one.train.steps = 3
+    train(one)
+    cfg = write_config(tmp_path / "b.toml", folder, tmp_path / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(29500 + os.getpid() % 1000)]
+    cmd += ["-m", "destatic.cli", "train", str(cfg), "--set", "train.steps=3"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_non_finite_weights_are_never_checkpointed(folder, tmp_path, monkeypatch):
+    cfg = load_config(write_config(tmp_path / "c.toml", folder, tmp_path / "run"))
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def corrupting(self, *args, **kwargs):  # an update that is finite in the loss but not after
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", corrupting)
+    with pytest.raises(TrainingError, match="not finite; no checkpoint written"):
+        train(cfg)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000002"
+
+
+def test_edm_objective_trains_and_round_trips(folder, tmp_path):
+    cfg = load_config(
+        write_config(tmp_path / "c.toml", folder, tmp_path / "run"),
+        {"objective.kind": "edm", "objective.sigma_data": 0.6, "train.steps": 2},
+    )
+    pipe = destatic.load(train(cfg))
+    assert pipe.process.sigma_data == 0.6 and pipe.target.sigma_data == 0.6
+    assert pipe.generate("a red square", steps=2).shape == (1, 3, 16, 16)
