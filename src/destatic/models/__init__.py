@@ -15,6 +15,7 @@ from destatic.models.layers import (
     timestep_embedding,
 )
 from destatic.models.mmdit import MMDIT_MODELS, MMDiT, MMDiTConfig
+from destatic.models.speedups import fuse_projections, optimize, unfuse_projections
 from destatic.models.text import (
     CLIPTextEncoder,
     MiniLMTextEncoder,
@@ -46,5 +47,8 @@ __all__ = [
     "UNet2DCondition",
     "UNetConfig",
     "Upsample",
+    "fuse_projections",
+    "optimize",
     "timestep_embedding",
+    "unfuse_projections",
 ]

@@ -37,15 +37,63 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(dropout)])
+        self.is_cross = context_dim is not None
+        self.fused = False
+
+    def fuse_projections(self) -> None:
+        """Replace the separate projections by one ``Linear``: ``to_qkv`` for self-attention,
+        ``to_kv`` for cross-attention (the query comes from other tokens than the keys).
+
+        Same maths, one larger matmul instead of two or three small ones; outputs change only
+        by float rounding. While fused the state dict holds ``to_qkv.weight`` / ``to_kv.weight``
+        instead of diffusers' keys: call :meth:`unfuse_projections` before saving.
+        """
+        if self.fused:
+            return
+        names = ("to_k", "to_v") if self.is_cross else ("to_q", "to_k", "to_v")
+        layers = [getattr(self, n) for n in names]
+        w = torch.cat([m.weight.detach() for m in layers])
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        fused.weight.data.copy_(w)
+        fused.weight.requires_grad_(layers[0].weight.requires_grad)
+        for n in names:  # keeps each name's slot in _modules, so unfusing restores key order
+            setattr(self, n, None)
+        setattr(self, "to_kv" if self.is_cross else "to_qkv", fused)
+        self.fused = True
+
+    def unfuse_projections(self) -> None:
+        """Undo :meth:`fuse_projections` (keeping any training done while fused)."""
+        if not self.fused:
+            return
+        names = ("to_k", "to_v") if self.is_cross else ("to_q", "to_k", "to_v")
+        fname = "to_kv" if self.is_cross else "to_qkv"
+        w = getattr(self, fname).weight.detach()
+        for n, part in zip(names, w.chunk(len(names)), strict=True):
+            m = nn.Linear(part.shape[1], part.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            m.weight.data.copy_(part)
+            m.weight.requires_grad_(getattr(self, fname).weight.requires_grad)
+            setattr(self, n, m)
+        delattr(self, fname)
+        self.fused = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
         B, N, _ = x.shape
         # (B, heads, tokens, head_dim)
-        q, k, v = (
-            t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
-            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
-        )
+        if self.fused and not self.is_cross:
+            if context is not None:
+                raise ValueError("fused self-attention takes no context; unfuse_projections()")
+            qkv = self.to_qkv(x).view(B, N, 3, self.heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        elif self.fused:
+            q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
+            kv = self.to_kv(context).view(B, context.shape[1], 2, self.heads, -1)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            context = x if context is None else context
+            q, k, v = (
+                t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+                for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+            )
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 QK_NORMS = (None, "rms_norm")
+STREAM_CTX = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
 #################################################################################
@@ -228,17 +229,62 @@ class JointAttention(nn.Module):
         norm = (lambda: RMSNorm(head_dim)) if qk_norm == "rms_norm" else (lambda: None)
         self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (norm() for _ in range(4))
 
-    def _qkv(self, x: torch.Tensor, proj: tuple[nn.Linear, ...], norms: tuple) -> tuple:
+        self.fused = False
+
+    _STREAMS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", STREAM_CTX))
+
+    def fuse_projections(self) -> None:
+        """One ``Linear`` per stream for queries, keys and values (``to_qkv``, ``to_added_qkv``,
+        the names diffusers uses): one matmul instead of three, same maths, outputs change only
+        by float rounding. Call :meth:`unfuse_projections` before saving diffusers keys."""
+        if self.fused:
+            return
+        for fname, names in self._STREAMS:
+            layers = [getattr(self, n) for n in names]
+            w = torch.cat([m.weight.detach() for m in layers])
+            b = torch.cat([m.bias.detach() for m in layers])
+            fused = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+            fused.weight.data.copy_(w)
+            fused.bias.data.copy_(b)
+            fused.requires_grad_(layers[0].weight.requires_grad)
+            for n in names:  # keeps each name's slot in _modules, so key order survives
+                setattr(self, n, None)
+            setattr(self, fname, fused)
+        self.fused = True
+
+    def unfuse_projections(self) -> None:
+        """Undo :meth:`fuse_projections` (keeping any training done while fused)."""
+        if not self.fused:
+            return
+        for fname, names in self._STREAMS:
+            fused = getattr(self, fname)
+            parts = zip(fused.weight.detach().chunk(3), fused.bias.detach().chunk(3), strict=True)
+            for n, (w, b) in zip(names, parts, strict=True):
+                m = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+                m.weight.data.copy_(w)
+                m.bias.data.copy_(b)
+                m.requires_grad_(fused.weight.requires_grad)
+                setattr(self, n, m)
+            delattr(self, fname)
+        self.fused = False
+
+    def _qkv(self, x: torch.Tensor, proj: tuple, fused: nn.Module | None, norms: tuple) -> tuple:
         """One stream's per-head queries, keys (optionally RMS-normed) and values."""
-        q, k, v = (p(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in proj)
+        if fused is not None:
+            qkv = fused(x).unflatten(-1, (3, self.heads, -1))  # (B, N, 3, H, d)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (p(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in proj)
         q, k = (t if n is None else n(t) for t, n in zip((q, k), norms, strict=True))
         return q, k, v  # (B, H, N, d) each
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor):
         n = x.shape[1]
-        xs = self._qkv(x, (self.to_q, self.to_k, self.to_v), (self.norm_q, self.norm_k))
+        fx = self.to_qkv if self.fused else None
+        fc = self.to_added_qkv if self.fused else None
+        xs = self._qkv(x, (self.to_q, self.to_k, self.to_v), fx, (self.norm_q, self.norm_k))
         added = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
-        cs = self._qkv(ctx, added, (self.norm_added_q, self.norm_added_k))  # (B, H, L, d) each
+        cs = self._qkv(ctx, added, fc, (self.norm_added_q, self.norm_added_k))  # (B, H, L, d)
         q, k, v = (torch.cat(pair, dim=2) for pair in zip(xs, cs, strict=True))  # (B, H, N+L, d)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, N+L, D)
         x, ctx = out[:, :n], out[:, n:]  # (B, N, D), (B, L, D)

@@ -1,0 +1,90 @@
+"""Opt-in inference speed-ups for the denoisers, each exact up to float rounding.
+
+Nothing here runs unless asked: a model as built or loaded computes exactly what diffusers'
+does (bit-identical in eager fp32). The levers, measured in ``benchmarks/models.py``:
+
+- :func:`fuse_projections` — one ``Linear`` for the queries, keys and values of each attention
+  (keys and values only for cross-attention). Reversible with :func:`unfuse_projections`, which
+  restores diffusers' state-dict keys for saving.
+- ``torch.compile`` with inductor, optionally with ``freezing`` (weights become constants:
+  folded, and pre-packed for oneDNN on CPU). A frozen model must not be trained or have its
+  weights changed afterwards: the compiled graph keeps the weights it saw.
+- ``channels_last`` memory format for the convolutions of the U-Net / autoencoder.
+
+:func:`optimize` bundles the first three.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["fuse_projections", "optimize", "unfuse_projections"]
+
+
+def _fusable(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if callable(getattr(m, "fuse_projections", None))]
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Fuse the q/k/v projections of every attention module in ``model`` (in place).
+
+    The state dict then holds ``to_qkv`` / ``to_kv`` / ``to_added_qkv`` weights instead of
+    diffusers' ``to_q``, ``to_k``, ``to_v`` (and ``add_*_proj``); :func:`unfuse_projections`
+    restores the original keys, in their original order. Returns ``model``.
+    """
+    for m in _fusable(model):
+        if m is not model:
+            m.fuse_projections()
+    return model
+
+
+def unfuse_projections(model: nn.Module) -> nn.Module:
+    """Split fused projections back into diffusers' layers (in place); returns ``model``."""
+    for m in _fusable(model):
+        if m is not model:
+            m.unfuse_projections()
+    return model
+
+
+def optimize(
+    model: nn.Module,
+    *,
+    fuse: bool = True,
+    channels_last: bool = False,
+    compile: bool = False,
+    freeze: bool = False,
+    mode: str | None = None,
+    dynamic: bool | None = False,
+) -> nn.Module:
+    """Return ``model`` set up for fast inference; the result computes the same function.
+
+    fuse: fuse attention projections (:func:`fuse_projections`; in place, reversible).
+    channels_last: move 4-D weights to ``torch.channels_last`` (in place). Inputs may stay
+        contiguous; the convolutions convert them.
+    compile: wrap the model in ``torch.compile`` (inductor). The returned module is the
+        compiled wrapper; ``model`` itself is left uncompiled and still usable.
+    freeze: with ``compile``, let inductor treat the weights as constants (constant folding,
+        oneDNN weight pre-packing on CPU). Inference only: call the result under
+        ``torch.no_grad()`` (freezing does nothing with autograd on), and do not change the
+        weights afterwards — the compiled graph would keep the old ones.
+    mode: ``torch.compile`` mode, e.g. ``"max-autotune-no-cudagraphs"``.
+    dynamic: passed to ``torch.compile`` (False: specialise on input shapes; a new batch size
+        recompiles once).
+
+    Outputs differ from the plain model only by float rounding (about 1e-6 relative in fp32;
+    ``tests/test_model_speedups.py``). Measured effect on CPU: BENCHMARKS.md, "Models against
+    diffusers".
+    """
+    if freeze and not compile:
+        raise ValueError("freeze=True needs compile=True (freezing is an inductor pass)")
+    if fuse:
+        fuse_projections(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if not compile:
+        return model
+    options: dict[str, Any] = {"freezing": True} if freeze else {}
+    return torch.compile(model, mode=mode, dynamic=dynamic, options=options or None)
