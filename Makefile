@@ -15,9 +15,20 @@ $(VENV)/.installed: pyproject.toml $(BIN)/activate
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test lint bench
+DEMO_PROMPTS := "grinning face" "red heart" "cat face" "pizza"
+SHEET_PROMPTS := "grinning face" "red heart" "cat face" "flag: japan" "pizza" "rocket" \
+	"thumbs up" "woman technologist: medium skin tone" "sun" "ghost" "green apple" "fire" \
+	"dog face" "star" "birthday cake" "flag: germany"
+
+.PHONY: demo test lint bench bundle
 demo: $(VENV)/.installed
-	$(BIN)/destatic lab
+	$(BIN)/destatic generate $(DEMO_PROMPTS) --upscale 4 -o out
+
+# Refresh the bundled default model from a finished `destatic train configs/emoji.toml`.
+bundle: $(VENV)/.installed
+	rm -rf src/destatic/assets/emoji
+	$(BIN)/destatic export runs/emoji/model src/destatic/assets/emoji --half
+	$(BIN)/destatic generate $(SHEET_PROMPTS) -o /tmp/destatic-sheet --sheet docs/emoji_samples.png
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -268,3 +268,32 @@ def test_edm_objective_trains_and_round_trips(folder, tmp_path):
     pipe = destatic.load(train(cfg))
     assert pipe.process.sigma_data == 0.6 and pipe.target.sigma_data == 0.6
     assert pipe.generate("a red square", steps=2).shape == (1, 3, 16, 16)
+
+
+def test_cli_trains_exports_half_and_generates(folder, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from destatic.cli import app
+
+    cfg = write_config(tmp_path / "c.toml", folder, tmp_path / "run")
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(cfg), "--set", "train.steps=2"])
+    assert result.exit_code == 0, result.output
+    model = tmp_path / "run" / "model"
+    result = runner.invoke(app, ["export", str(model), str(tmp_path / "half")])
+    assert result.exit_code == 0, result.output
+    assert load_weights(tmp_path / "half" / "unet")["conv_in.weight"].dtype == torch.float16
+    args = ["generate", "a red square", "a blue square", "--model", str(tmp_path / "half")]
+    result = runner.invoke(app, [*args, "--steps", "2", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name for p in pngs] == ["000-a-red-square-seed0.png", "001-a-blue-square-seed1.png"]
+    assert Image.open(pngs[0]).size == (16, 16)
+    # errors are one line
+    bad = runner.invoke(app, ["train", str(cfg), "--set", "train.steps=0"])
+    assert bad.exit_code == 2 and "train.steps = 0" in bad.output
+    bad = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and "error:" in bad.output
+    bad = runner.invoke(app, ["generate", "x", "--model", str(model), "--sampler", "eulr"])
+    assert bad.exit_code == 2 and "unknown sampler" in bad.output

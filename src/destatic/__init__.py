@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 __version__ = "0.1.0"
 
+#: The bundled default model: text → 32×32 emoji (configs/emoji.toml), fp16 safetensors.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "emoji"
 
-def load(path: str | os.PathLike):
-    """A :class:`destatic.pipelines.Pipeline` from a destatic or diffusers-layout folder."""
+
+def load(path: str | os.PathLike | None = None):
+    """A :class:`destatic.pipelines.Pipeline` from a destatic or diffusers-layout folder;
+    without a path, the bundled default model."""
     from destatic.pipelines import load as load_pipeline
 
-    return load_pipeline(path)
+    return load_pipeline(DEFAULT_MODEL if path is None else path)

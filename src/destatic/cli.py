@@ -127,6 +127,88 @@ def data_clipart(
     _build_data(clipart.build_clipart, clipart.cache_paths, size, out, summary)
 
 
+@app.command()
+def generate(
+    prompt: list[str] = typer.Argument(..., help="One or more prompts."),
+    model: Path = typer.Option(None, help="Pipeline folder (default: the bundled emoji model)."),
+    out: Path = typer.Option(Path("out"), "-o", "--out", help="A .png file, or a folder."),
+    negative: str = typer.Option("", help="Negative prompt."),
+    steps: int = typer.Option(20, min=1, help="Sampler steps."),
+    sampler: str = typer.Option("dpmpp_2m", help="Sampler (destatic samplers lists them)."),
+    grid: str = typer.Option(None, help="σ grid (default: karras, or normal for flow models)."),
+    guidance: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, help="Seed of the first image; the next ones count up."),
+    num_images: int = typer.Option(1, "-n", "--num-images", min=1, help="Images per prompt."),
+    size: int = typer.Option(None, help="Image side in pixels (default: the model's)."),
+    upscale: int = typer.Option(1, min=1, max=16, help="Also enlarge the PNG (nearest)."),
+    sheet: Path = typer.Option(None, help="Also write all images as one labelled PNG sheet."),
+) -> None:
+    """Text → image with any sampler; writes one PNG per image."""
+    import re
+
+    import destatic
+    from destatic.checkpoints import CheckpointError
+
+    try:
+        pipe = destatic.load(model)
+        images = pipe(
+            prompt,
+            negative_prompt=negative or None,
+            steps=steps,
+            sampler=sampler,
+            grid=grid,
+            guidance=guidance,
+            seed=seed,
+            num_images=num_images,
+            width=size,
+            height=size,
+        )
+    except (CheckpointError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    names = [p for p in prompt for _ in range(num_images)]
+    single = out.suffix.lower() == ".png" and len(images) == 1
+    if not single:
+        out.mkdir(parents=True, exist_ok=True)
+    for i, (image, text) in enumerate(zip(images, names, strict=True)):
+        if upscale > 1:
+            image = image.resize((image.width * upscale, image.height * upscale), 0)
+        slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "image"
+        path = out if single else out / f"{i:03d}-{slug}-seed{seed + i}.png"
+        image.save(path)
+        typer.echo(f"wrote {path}")
+    if sheet is not None:
+        import numpy as np
+        import torch
+
+        from destatic.training.monitor import save_grid
+
+        arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
+        tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
+        save_grid(tensor, names, sheet, columns=min(8, len(images)))
+        typer.echo(f"wrote {sheet}")
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A pipeline folder (e.g. runs/emoji/model)."),
+    dest: Path = typer.Argument(..., help="Where to write it."),
+    half: bool = typer.Option(True, help="Store weights as fp16 (they load back as fp32)."),
+) -> None:
+    """Copy a pipeline folder in the diffusers layout, optionally as fp16 safetensors."""
+    import destatic
+    from destatic.checkpoints import CheckpointError
+    from destatic.pipelines import save
+
+    try:
+        save(destatic.load(source), dest, half=half)
+    except (CheckpointError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    typer.echo(f"wrote {dest} ({size / 1e6:.1f} MB)")
+
+
 def _override(text: str) -> tuple[str, object]:
     import tomllib
 

@@ -1,0 +1,47 @@
+"""The bundled default model: small, loads offline, follows its config, generates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import destatic
+from destatic.training import load_config
+
+CONFIG = Path(__file__).parents[1] / "configs" / "emoji.toml"
+
+
+def test_bundle_is_small_fp16_safetensors():
+    files = [f for f in destatic.DEFAULT_MODEL.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 25e6
+    assert {f.suffix for f in files} <= {".json", ".safetensors"}  # never pickle
+    from destatic.checkpoints import load_weights
+
+    weights = load_weights(destatic.DEFAULT_MODEL / "unet")
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+
+
+def test_bundle_matches_its_config():
+    cfg = load_config(CONFIG)
+    unet = json.loads((destatic.DEFAULT_MODEL / "unet" / "config.json").read_text())
+    for key, value in cfg.model.unet.items():
+        assert unet[key] == value, key
+    index = json.loads((destatic.DEFAULT_MODEL / "model_index.json").read_text())
+    assert index["destatic_text_max_length"] == cfg.model.text_max_length
+    scheduler = json.loads(
+        (destatic.DEFAULT_MODEL / "scheduler" / "scheduler_config.json").read_text()
+    )
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_default_model_generates_distinct_images_per_prompt():
+    pipe = destatic.load()
+    images = pipe.generate(["red heart", "green apple"], steps=8, seed=0)
+    assert images.shape == (2, 3, 32, 32)
+    assert bool(torch.isfinite(images).all())
+    assert float((images[0] - images[1]).abs().mean()) > 0.05  # the prompt changes the image
+    # a red heart is redder than it is green
+    heart = images[0]
+    assert float(heart[0].mean()) > float(heart[1].mean())
