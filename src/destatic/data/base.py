@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["SplitDataset", "atomic_write", "cache_root"]
+__all__ = ["SplitDataset", "atomic_write", "cache_root", "read_cache"]
 
 D = TypeVar("D", bound="SplitDataset")
 
@@ -60,3 +61,17 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_cache(npz_path: Path, json_path: Path, **expected) -> tuple[np.ndarray, dict] | None:
+    """``(images, metadata)`` of a dataset cache (``images`` in the npz, one caption per image
+    in the json), or None when a file is missing, a metadata key differs from ``expected``, or
+    the counts disagree: the caller then rebuilds it."""
+    if not (npz_path.is_file() and json_path.is_file()):
+        return None
+    meta = json.loads(json_path.read_text(encoding="utf-8"))
+    if any(meta.get(key) != value for key, value in expected.items()):
+        return None
+    with np.load(npz_path) as z:
+        images = z["images"]
+    return (images, meta) if len(images) == len(meta["captions"]) else None

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from destatic.data.base import SplitDataset, atomic_write, cache_root
+from destatic.data.base import SplitDataset, atomic_write, cache_root, read_cache
 from destatic.data.emoji import split_of
 from destatic.data.folder import ImageTooLarge, open_rgb, resize_square
 
@@ -349,26 +349,23 @@ def load_clipart(
     categories: Sequence[str] | None = None,
 ) -> ClipartDataset:
     """The cached dataset at ``size``², built (and cached) first if missing or stale."""
-    npz_path, json_path = cache_paths(size, root)
     src = Path(source) if source is not None else CLIPART_ROOT
-    if npz_path.is_file() and json_path.is_file():
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-        if (
-            meta.get("version") == FORMAT_VERSION
-            and meta.get("size") == size
-            and meta.get("source") == str(src)
-            and meta.get("categories") == (list(categories) if categories else None)
-        ):
-            with np.load(npz_path) as z:
-                images = z["images"]
-            if len(images) == len(meta["captions"]):
-                return ClipartDataset(
-                    images=images,
-                    captions=meta["captions"],
-                    names=meta["names"],
-                    titles=meta["titles"],
-                    categories=meta["categories_of"],
-                    alt_captions=meta["alt_captions"],
-                    split=np.array(meta["split"], dtype="<U7"),
-                )
+    cached = read_cache(
+        *cache_paths(size, root),
+        version=FORMAT_VERSION,
+        size=size,
+        source=str(src),
+        categories=list(categories) if categories else None,
+    )
+    if cached is not None:
+        images, meta = cached
+        return ClipartDataset(
+            images=images,
+            captions=meta["captions"],
+            names=meta["names"],
+            titles=meta["titles"],
+            categories=meta["categories_of"],
+            alt_captions=meta["alt_captions"],
+            split=np.array(meta["split"], dtype="<U7"),
+        )
     return build_clipart(size, out=root, progress=progress, source=source, categories=categories)

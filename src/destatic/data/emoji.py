@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from destatic.data.base import SplitDataset, atomic_write, cache_root
+from destatic.data.base import SplitDataset, atomic_write, cache_root, read_cache
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -172,19 +172,15 @@ def _save(ds: EmojiDataset, size: int, root: Path | None) -> None:
 
 def load_emoji(size: int = 64, root: Path | None = None, progress: bool = True) -> EmojiDataset:
     """The cached dataset at ``size``², built (and cached) first if missing or stale."""
-    npz_path, json_path = cache_paths(size, root)
-    if npz_path.is_file() and json_path.is_file():
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-        if meta.get("version") == FORMAT_VERSION and meta.get("size") == size:
-            with np.load(npz_path) as z:
-                images = z["images"]
-            if len(images) == len(meta["captions"]):
-                return EmojiDataset(
-                    images=images,
-                    captions=meta["captions"],
-                    alt_captions=meta["alt_captions"],
-                    groups=meta["groups"],
-                    subgroups=meta["subgroups"],
-                    split=np.array(meta["split"], dtype="<U7"),
-                )
-    return build_emoji(size, out=root, progress=progress)
+    cached = read_cache(*cache_paths(size, root), version=FORMAT_VERSION, size=size)
+    if cached is None:
+        return build_emoji(size, out=root, progress=progress)
+    images, meta = cached
+    return EmojiDataset(
+        images=images,
+        captions=meta["captions"],
+        alt_captions=meta["alt_captions"],
+        groups=meta["groups"],
+        subgroups=meta["subgroups"],
+        split=np.array(meta["split"], dtype="<U7"),
+    )
