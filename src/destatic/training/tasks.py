@@ -50,9 +50,9 @@ class Task(ABC):
     @abstractmethod
     def num_items(self) -> int: ...
 
+    @abstractmethod
     def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """Images [B, 3, H, W] in [0, 1] and their labels, for progress grids."""
-        raise NotImplementedError
 
 
 def _parse_config(cls: Any, fields: dict[str, Any], where: str) -> Any:
