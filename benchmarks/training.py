@@ -2,6 +2,7 @@
 against the same architecture trained through diffusers' UNet2DConditionModel in a plain loop.
 
     python benchmarks/training.py [--config configs/emoji.toml] [--reps 5]
+    python benchmarks/training.py --costs    # the model-size tables of BENCHMARKS.md "Training"
 
 Both sides get the same global batch (destatic's own draw: emoji images, cached MiniLM caption
 tokens, logit-normal σ, noise) and the same initial weights. destatic runs its full step
@@ -31,14 +32,115 @@ from destatic.training.tasks import make_task
 from destatic.training.trainer import _Run, batch_indices
 
 THREADS = 2
+# U-Net candidates for the default model: (block_out_channels, cross-attention per level, resnets)
+CANDIDATES = [
+    ((64, 128, 192), (0, 1, 1), 2),
+    ((64, 128, 192), (0, 1, 1), 1),
+    ((64, 128, 192), (0, 0, 1), 2),
+    ((32, 64, 128), (0, 1, 1), 2),
+    ((32, 64, 128), (0, 1, 1), 1),
+    ((32, 64, 128), (0, 0, 1), 1),
+]
+
+
+def _unet(channels, attention, layers):
+    from destatic.models import UNet2DCondition, UNetConfig
+
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+    up = [d.replace("Down", "Up") for d in reversed(down)]
+    return UNet2DCondition(
+        UNetConfig(
+            in_channels=3,
+            out_channels=3,
+            sample_size=32,
+            cross_attention_dim=384,
+            block_out_channels=channels,
+            down_block_types=down,
+            up_block_types=up,
+            layers_per_block=layers,
+            attention_head_dim=4,
+            norm_num_groups=16,
+        )
+    )
+
+
+def costs() -> None:
+    """Params, training GFLOP per sample (forward + backward) and forward + backward samples/s
+    of the pixel U-Net candidates and of the latent route (autoencoder + MMDiT)."""
+    import time
+
+    from destatic.models import AutoencoderConfig, AutoencoderKL, MMDiT, MMDiTConfig
+
+    def measure(model, step, batch):
+        flops = count_flops(lambda: step(1))
+        step(batch)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            step(batch)
+            best = min(best, time.perf_counter() - t0)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        return params, flops, batch / best
+
+    def unet_step(m):
+        return lambda b: (
+            m(torch.randn(b, 3, 32, 32), torch.rand(b) * 1000, torch.randn(b, 24, 384))
+            .square()
+            .mean()
+            .backward()
+        )
+
+    print(
+        "| block_out_channels | cross-attention | resnets | params M | GFLOP/sample | samples/s |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    for channels, attention, layers in CANDIDATES:
+        m = _unet(channels, attention, layers)
+        params, flops, rate = measure(m, unet_step(m), 64)
+        print(f"| {channels} | {attention} | {layers} | {params:.1f} | {flops:.2f} | {rate:.0f} |")
+
+    ae_cfg = load_config("configs/emoji_autoencoder.toml").autoencoder.config
+    ae = AutoencoderKL(AutoencoderConfig(sample_size=64, **ae_cfg))
+
+    def ae_step(b):
+        x = torch.randn(b, 3, 64, 64)
+        post = ae.encode(x)
+        z = post.mean + post.std * torch.randn_like(post.std)
+        (ae.decode(z) - x).abs().mean().backward()
+
+    print("\n| latent route | params M | GFLOP/sample | samples/s |")
+    print("|---|---:|---:|---:|")
+    params, flops, rate = measure(ae, ae_step, 32)
+    print(f"| autoencoder 64² → 16×16×4 | {params:.1f} | {flops:.2f} | {rate:.0f} |")
+    for layers, heads in ((8, 4), (6, 3)):
+        dit = MMDiT(
+            MMDiTConfig(
+                sample_size=16, patch_size=2, in_channels=4, num_layers=layers,
+                attention_head_dim=64, num_attention_heads=heads, joint_attention_dim=384,
+                pooled_projection_dim=384, pos_embed_max_size=16,
+            )
+        )  # fmt: skip
+
+        def dit_step(b, dit=dit):
+            out = dit(torch.randn(b, 4, 16, 16), torch.rand(b) * 1000, torch.randn(b, 24, 384),
+                      torch.randn(b, 384))  # fmt: skip
+            out.square().mean().backward()
+
+        params, flops, rate = measure(dit, dit_step, 64)
+        name = f"MMDiT {layers} × {heads * 64} on 16×16×4"
+        print(f"| {name} | {params:.1f} | {flops:.2f} | {rate:.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/emoji.toml")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--costs", action="store_true", help="print the model-size tables")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    if args.costs:
+        costs()
+        return
     from diffusers import UNet2DConditionModel
 
     cfg = load_config(args.config, {"train.progress": False, "train.tensorboard": False})

@@ -141,7 +141,7 @@ def get_target(name: str | Target) -> Target:
     return TARGETS[name]()
 
 
-def _view(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_sample(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample coefficient [B] → [B, 1, …] in x's dtype."""
     return c.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -185,11 +185,11 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         c_in, c_skip, c_out, c_noise = preconditioning(self.process, self.target, sigma)
-        out = self.net(_view(c_in, x) * x, c_noise.to(x.dtype), **cond)
-        return _view(c_skip, x) * x + _view(c_out, x) * out.to(x.dtype)
+        out = self.net(per_sample(c_in, x) * x, c_noise.to(x.dtype), **cond)
+        return per_sample(c_skip, x) * x + per_sample(c_out, x) * out.to(x.dtype)
 
     def raw_output(self, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor):
         """Inverse of the wrapper: the network output that gives ``denoised`` at (x, σ)."""
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         _, c_skip, c_out, _ = preconditioning(self.process, self.target, sigma)
-        return (denoised - _view(c_skip, x) * x) / _view(c_out, x)
+        return (denoised - per_sample(c_skip, x) * x) / per_sample(c_out, x)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from destatic.data.base import cache_root
 from destatic.models.autoencoder import AutoencoderKL
 from destatic.models.text import TextEncoder
 from destatic.training.config import ConfigError, DataConfig
@@ -86,7 +87,7 @@ class CaptionBank:
         h = hashlib.sha1(f"{type(encoder).__name__}:{encoder.max_length}".encode())
         _hash_module(h, encoder)
         h.update("\n".join(names).encode())
-        path = (cache_dir or _cache_root() / "text") / f"{h.hexdigest()[:20]}.safetensors"
+        path = (cache_dir or cache_root() / "text") / f"{h.hexdigest()[:20]}.safetensors"
         stored = _read_cache(path)
         if stored is not None:
             self.tokens, self.pooled = stored["tokens"], stored["pooled"]
@@ -108,11 +109,6 @@ class CaptionBank:
 
     def ids(self, captions: list[str]) -> torch.Tensor:
         return torch.tensor([self.index[c] for c in captions])
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("DESTATIC_CACHE")
-    return Path(base) if base else Path.home() / ".cache" / "destatic"
 
 
 def _hash_module(h: Any, module: torch.nn.Module) -> None:
@@ -160,7 +156,7 @@ class LatentCache:
         h = hashlib.sha1(autoencoder.config.to_json().encode())
         _hash_module(h, autoencoder)
         h.update(np.ascontiguousarray(images).tobytes())
-        path = (cache_dir or _cache_root() / "latents") / f"{h.hexdigest()[:20]}.safetensors"
+        path = (cache_dir or cache_root() / "latents") / f"{h.hexdigest()[:20]}.safetensors"
         stored = _read_cache(path)
         if stored is not None:
             self.mean, self.std = stored["mean"], stored["std"]

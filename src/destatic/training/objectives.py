@@ -38,13 +38,10 @@ from destatic.process import (
     get_target,
     preconditioning,
 )
+from destatic.process.targets import per_sample
 from destatic.process.vp import VPDiscrete
 
 __all__ = ["OBJECTIVES", "Objective", "edm_objective", "flow_objective", "vp_objective"]
-
-
-def _view(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return c.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 @dataclass
@@ -83,12 +80,12 @@ class Objective:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         noise = noise.to(x0.device, x0.dtype)
         sigma_dev = sigma.to(x0.device)
-        x = x0 + _view(sigma_dev, x0) * noise
+        x = x0 + per_sample(sigma_dev, x0) * noise
         c_in, _, _, c_noise = preconditioning(self.process, self.target, sigma_dev)
-        out = net(_view(c_in, x0) * x, c_noise.to(x0.dtype), **cond).float()
-        want = self.target.target(x0.float(), noise.float(), _view(sigma_dev, x0).float())
-        per_sample = (out - want).pow(2).flatten(1).mean(1)
-        return per_sample * self.weight(sigma_dev).float()
+        out = net(per_sample(c_in, x0) * x, c_noise.to(x0.dtype), **cond).float()
+        want = self.target.target(x0.float(), noise.float(), per_sample(sigma_dev, x0).float())
+        mse = (out - want).pow(2).flatten(1).mean(1)
+        return mse * self.weight(sigma_dev).float()
 
 
 def flow_objective(
