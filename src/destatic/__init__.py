@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 
 #: The bundled default model: text → 32×32 emoji (configs/emoji.toml), fp16 safetensors.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "emoji"
+#: The bundled prompt-adherence scorer for emoji (configs/emoji_evaluator.toml).
+DEFAULT_EVALUATOR = Path(__file__).parent / "assets" / "emoji_evaluator"
 
 
 def load(path: str | os.PathLike | None = None):

@@ -14,13 +14,15 @@ app = typer.Typer(
 )
 
 
-def _ints(text: str) -> list[int]:
+def _numbers(text: str, kind: type = int, minimum: float = 1) -> list:
+    """Comma-separated numbers of ``kind``, each at least ``minimum``."""
+    what = "integers" if kind is int else "numbers"
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise typer.BadParameter(f"expected positive integers, got {text!r}")
+        raise typer.BadParameter(f"expected comma-separated {what}, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise typer.BadParameter(f"expected {what} ≥ {minimum:g}, got {text!r}")
     return values
 
 
@@ -46,7 +48,9 @@ def lab(
     if grid not in GRIDS:
         raise typer.BadParameter(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
     try:
-        rows = run_lab(_ints(dims), sampler or None, _ints(nfe), grid, samples, seed, progress=True)
+        rows = run_lab(
+            _numbers(dims), sampler or None, _numbers(nfe), grid, samples, seed, progress=True
+        )
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -129,7 +133,7 @@ def data_clipart(
 
 @app.command()
 def generate(
-    prompt: list[str] = typer.Argument(..., help="One or more prompts."),
+    prompt: list[str] = typer.Argument(None, help="One or more prompts."),
     model: Path = typer.Option(None, help="Pipeline folder (default: the bundled emoji model)."),
     out: Path = typer.Option(Path("out"), "-o", "--out", help="A .png file, or a folder."),
     negative: str = typer.Option("", help="Negative prompt."),
@@ -142,40 +146,87 @@ def generate(
     size: int = typer.Option(None, help="Image side in pixels (default: the model's)."),
     upscale: int = typer.Option(1, min=1, max=16, help="Also enlarge the PNG (nearest)."),
     sheet: Path = typer.Option(None, help="Also write all images as one labelled PNG sheet."),
+    from_: Path = typer.Option(
+        None, "--from", help="Regenerate a PNG written by destatic from its stored parameters."
+    ),
+    image: Path = typer.Option(None, help="Image → image: the input image (sets the size)."),
+    strength: float = typer.Option(
+        1.0, min=0.0, max=1.0, help="Image → image: share of the steps run on the input."
+    ),
+    mask: Path = typer.Option(None, help="Inpainting: white = repaint, black = keep."),
 ) -> None:
-    """Text → image with any sampler; writes one PNG per image."""
+    """Text → image (or image → image, inpainting) with any sampler; writes one PNG per image,
+    with its generation parameters in the PNG's text chunks (A1111's "parameters" and a
+    "destatic" JSON)."""
     import re
 
     import destatic
     from destatic.checkpoints import CheckpointError
+    from destatic.pipelines.metadata import GenerationParams, png_info, read_params
 
     try:
+        if from_ is not None:
+            if prompt:
+                raise ValueError("give either prompts or --from, not both")
+            stored = read_params(from_)
+            model = Path(stored.model) if stored.model else None
+            todo = [stored]
+        elif not prompt:
+            raise ValueError("give at least one prompt (or --from image.png)")
+        else:
+            model_name = str(model) if model is not None else ""
+            todo = [
+                GenerationParams(
+                    prompt=text,
+                    negative_prompt=negative,
+                    steps=steps,
+                    sampler=sampler,
+                    grid=grid,
+                    guidance=guidance,
+                    seed=seed + i,
+                    width=size,
+                    height=size,
+                    model=model_name,
+                    image=str(image) if image else "",
+                    strength=strength,
+                    mask=str(mask) if mask else "",
+                )
+                for i, text in enumerate(p for p in prompt for _ in range(num_images))
+            ]
+            inputs = todo[0].generate_kwargs()
+            inputs = {k: inputs[k] for k in ("image", "strength", "mask") if k in inputs}
+            if mask is not None and image is None:
+                raise ValueError("--mask needs --image")
         pipe = destatic.load(model)
-        images = pipe(
-            prompt,
-            negative_prompt=negative or None,
-            steps=steps,
-            sampler=sampler,
-            grid=grid,
-            guidance=guidance,
-            seed=seed,
-            num_images=num_images,
-            width=size,
-            height=size,
-        )
+        if from_ is not None:
+            images = pipe(stored.prompt, **stored.generate_kwargs())
+        else:
+            images = pipe(
+                prompt,
+                negative_prompt=negative or None,
+                steps=steps,
+                sampler=sampler,
+                grid=grid,
+                guidance=guidance,
+                seed=seed,
+                num_images=num_images,
+                width=size,
+                height=size,
+                **inputs,
+            )
     except (CheckpointError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    names = [p for p in prompt for _ in range(num_images)]
     single = out.suffix.lower() == ".png" and len(images) == 1
     if not single:
         out.mkdir(parents=True, exist_ok=True)
-    for i, (image, text) in enumerate(zip(images, names, strict=True)):
+    for i, (image, params) in enumerate(zip(images, todo, strict=True)):
+        params.width, params.height = image.width, image.height
         if upscale > 1:
             image = image.resize((image.width * upscale, image.height * upscale), 0)
-        slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "image"
-        path = out if single else out / f"{i:03d}-{slug}-seed{seed + i}.png"
-        image.save(path)
+        slug = re.sub(r"[^a-z0-9]+", "-", params.prompt.lower()).strip("-")[:60] or "image"
+        path = out if single else out / f"{i:03d}-{slug}-seed{params.seed}.png"
+        image.save(path, pnginfo=png_info(params))
         typer.echo(f"wrote {path}")
     if sheet is not None:
         import numpy as np
@@ -185,7 +236,7 @@ def generate(
 
         arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
         tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
-        save_grid(tensor, names, sheet, columns=min(8, len(images)))
+        save_grid(tensor, [p.prompt for p in todo], sheet, columns=min(8, len(images)))
         typer.echo(f"wrote {sheet}")
 
 
@@ -195,13 +246,25 @@ def export(
     dest: Path = typer.Argument(..., help="Where to write it."),
     half: bool = typer.Option(True, help="Store weights as fp16 (they load back as fp32)."),
 ) -> None:
-    """Copy a pipeline folder in the diffusers layout, optionally as fp16 safetensors."""
+    """Copy a pipeline (or evaluator) folder in the diffusers layout, optionally as fp16
+    safetensors."""
+    import torch
+
     import destatic
     from destatic.checkpoints import CheckpointError
+    from destatic.metrics.evaluator import (
+        is_evaluator_folder,
+        load_image_text_model,
+        save_evaluator,
+    )
     from destatic.pipelines import save
 
     try:
-        save(destatic.load(source), dest, half=half)
+        if is_evaluator_folder(source):
+            dtype = torch.float16 if half else None
+            save_evaluator(load_image_text_model(source), dest, dtype=dtype)
+        else:
+            save(destatic.load(source), dest, half=half)
     except (CheckpointError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -244,6 +307,76 @@ def train(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"model: {folder}")
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(None, help="Pipeline folder (default: the bundled model)."),
+    data: str = typer.Option("emoji", help="Dataset whose held-out split is the reference."),
+    data_path: str = typer.Option("", help="The image folder when --data folder."),
+    samplers: str = typer.Option("euler,dpmpp_2m,heun", help="Comma-separated samplers."),
+    steps: str = typer.Option("1,2,4,8,16,32", help="Comma-separated step counts."),
+    grid: str = typer.Option(None, help="σ grid (default: the model's)."),
+    guidance: float = typer.Option(3.0, min=0.0, help="Guidance scale of the steps sweep."),
+    guidance_sweep: str = typer.Option(
+        "1,1.5,2,3,4.5,6", help="Guidance scales of the guidance sweep ('' = none)."
+    ),
+    guidance_sampler: str = typer.Option("dpmpp_2m", help="Sampler of the guidance sweep."),
+    guidance_steps: int = typer.Option(16, min=1, help="Steps of the guidance sweep."),
+    metrics: str = typer.Option(
+        "retrieval,clip,fid,kid,pr", help="retrieval, clip (evaluator); fid, kid, pr (Inception)."
+    ),
+    evaluator: Path = typer.Option(None, help="Evaluator folder (default: the bundled one)."),
+    n: int = typer.Option(0, min=0, help="Held-out prompts to use (0 = all)."),
+    seed: int = typer.Option(0, help="Seed of the first image; the next ones count up."),
+    batch_size: int = typer.Option(64, min=1, help="Images generated per batch."),
+    out: Path = typer.Option(Path("runs/eval"), "-o", "--out", help="Report folder."),
+) -> None:
+    """Quality against steps per sampler and against guidance, on the held-out prompts: a table,
+    results.json and plots (quality_vs_nfe.png, quality_vs_guidance.png) in --out."""
+    import destatic
+    from destatic.checkpoints import CheckpointError
+    from destatic.metrics.evaluator import load_evaluator
+    from destatic.metrics.inception import InceptionFeatures, MissingInceptionError
+    from destatic.metrics.sweep import Setting, evaluate, reference_set, write_report
+    from destatic.sampling import sampler_info
+
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    try:
+        names = [s.strip() for s in samplers.split(",") if s.strip()]
+        for name in [*names, guidance_sampler]:
+            sampler_info(name)
+        step_settings = [Setting(s, k, guidance, grid) for s in names for k in _numbers(steps)]
+        scales = _numbers(guidance_sweep, float, 0) if guidance_sweep.strip() else []
+        guide_settings = [Setting(guidance_sampler, guidance_steps, g, grid) for g in scales]
+        pipe = destatic.load(model)
+        reference = reference_set(data, pipe.default_size, data_path, n=n, seed=seed)
+        scorer = None
+        if {"retrieval", "clip"} & set(wanted):
+            scorer = load_evaluator(evaluator)
+        inception = InceptionFeatures() if {"fid", "kid", "pr"} & set(wanted) else None
+        common = dict(evaluator=scorer, inception=inception, metrics=wanted, seed=seed)
+        real, by_steps = evaluate(pipe, step_settings, reference, **common, batch_size=batch_size)
+        _, by_guidance = (
+            evaluate(pipe, guide_settings, reference, **common, batch_size=batch_size)
+            if guide_settings
+            else (real, [])
+        )
+    except (CheckpointError, ValueError, FileNotFoundError, MissingInceptionError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    meta = {
+        "model": str(model or destatic.DEFAULT_MODEL),
+        "data": data,
+        "n": len(reference.prompts),
+        "seed": seed,
+        "evaluator": str(evaluator or destatic.DEFAULT_EVALUATOR) if scorer else None,
+    }
+    title = f"{Path(meta['model']).name} on {data} held-out (n = {meta['n']})"
+    written = write_report(real, by_steps, by_guidance, out, title=title, meta=meta)
+    typer.echo((out / "results.md").read_text(encoding="utf-8"))
+    for path in written:
+        typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -529,10 +529,12 @@ class AutoencoderKL(nn.Module):
         return self.decode(z)
 
     def latents_from_images(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self, x: torch.Tensor, generator: torch.Generator | None = None, *, sample: bool = True
     ) -> torch.Tensor:
-        """Diffusion-space latents: (posterior sample − shift_factor) · scaling_factor."""
-        z = self.encode(x).sample(generator)
+        """Diffusion-space latents: (posterior sample − shift_factor) · scaling_factor; with
+        ``sample=False`` the posterior mean instead of a sample."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
         shift = self.config.shift_factor or 0.0
         return (z - shift) * self.config.scaling_factor
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from destatic.models.autoencoder import AutoencoderKL
@@ -21,15 +24,76 @@ from destatic.models.text import TextEmbedding, TextEncoder
 from destatic.process import Denoiser, Process, Target
 from destatic.sampling import (
     ClassifierFreeGuidance,
+    KnownRegion,
     StepInfo,
     generators,
-    initial_noise,
     make_sigmas,
+    randn,
     sample,
     sampler_info,
 )
 
-__all__ = ["Pipeline"]
+if TYPE_CHECKING:
+    import PIL.Image
+
+__all__ = ["Pipeline", "as_image_batch", "strength_sigmas"]
+
+
+ImageInput = Union[torch.Tensor, np.ndarray, "PIL.Image.Image", Sequence["PIL.Image.Image"]]
+
+
+def as_image_batch(image: ImageInput, name: str, channels: int) -> torch.Tensor:
+    """A PIL image (or list of them), a uint8 / float array [H, W, C] or [B, H, W, C], or a
+    float tensor [B, C, H, W] / [C, H, W] in [0, 1] → float32 [B, channels, H, W] in [0, 1].
+    A mask (``channels=1``) may come as an RGB or "L" image; its channels are averaged."""
+    if isinstance(image, torch.Tensor):
+        x = image.float()
+        if x.ndim == 3:
+            x = x[None]
+    else:
+        arrays = image if isinstance(image, (list, tuple)) else [image]
+        if arrays and not isinstance(arrays[0], np.ndarray):
+            mode = "L" if channels == 1 else "RGB"
+            arrays = [np.asarray(a.convert(mode)) for a in arrays]
+        a = np.stack([np.asarray(a) for a in arrays]) if len(arrays) > 1 else np.asarray(arrays[0])
+        if a.ndim == 2 or (a.ndim == 3 and len(arrays) > 1 and arrays[0].ndim == 2):
+            a = a[..., None]
+        if a.ndim == 3:
+            a = a[None]
+        scale = 255.0 if a.dtype == np.uint8 else 1.0
+        x = torch.from_numpy(np.array(a)).float().permute(0, 3, 1, 2) / scale
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be [B, C, H, W] or one image, got {tuple(x.shape)}")
+    if channels == 1 and x.shape[1] != 1:
+        x = x.mean(dim=1, keepdim=True)
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} has {x.shape[1]} channels, expected {channels}")
+    if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+        raise ValueError(f"{name} values must lie in [0, 1] (uint8 arrays are scaled by 1/255)")
+    return x
+
+
+def _per_prompt(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """One entry per generated image: a single entry is repeated, else counts must match."""
+    if len(x) == batch:
+        return x
+    if len(x) == 1:
+        return x.expand(batch, *x.shape[1:])
+    raise ValueError(f"got {len(x)} {name}s for {batch} images; give one or one per image")
+
+
+def strength_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The tail of a grid that image → image runs: its last ``int(steps·strength)`` steps
+    (diffusers' img2img rule), so strength 1 is the whole grid."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    steps = len(sigmas) - 1
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise ValueError(
+            f"strength {strength} with {steps} steps runs no step; raise steps or strength"
+        )
+    return sigmas[steps - run :]
 
 
 def _as_list(prompt: str | Sequence[str]) -> list[str]:
@@ -90,6 +154,15 @@ class Pipeline:
             latents = self.autoencoder.images_from_latents(latents)
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] → the model's clean state x0 (the autoencoder's
+        posterior mean, scaled; or the pixels in [-1, 1] for a pixel-space model)."""
+        x = images.to(self.device, torch.float32) * 2 - 1
+        if self.autoencoder is not None:
+            ae_dtype = next(self.autoencoder.parameters()).dtype
+            x = self.autoencoder.latents_from_images(x.to(ae_dtype), sample=False)
+        return x.to(self.dtype)
+
     def _conditioning(self, embedding: TextEmbedding) -> dict[str, torch.Tensor]:
         tokens = embedding.tokens.to(self.device, self.dtype)
         if isinstance(self.network, MMDiT):
@@ -119,11 +192,21 @@ class Pipeline:
         noise: torch.Tensor | None = None,
         sigmas: torch.Tensor | None = None,
         callback: Callable[[StepInfo], None] | None = None,
+        image: ImageInput | None = None,
+        strength: float = 1.0,
+        mask: ImageInput | None = None,
         **sampler_options,
     ) -> torch.Tensor:
         """Images as a float tensor [B, C, H, W] in [0, 1]. ``seed`` is the first of
         consecutive per-image seeds (or one seed per image); ``noise`` replaces the seeded
-        initial noise (unit variance, latent shape); ``sigmas`` replaces ``grid``/``steps``."""
+        initial noise (unit variance, latent shape); ``sigmas`` replaces ``grid``/``steps``.
+
+        With ``image`` (one, or one per prompt; in [0, 1]; its size sets width/height):
+        image → image (SDEdit, Meng et al. 2022): the last ``int(steps·strength)`` steps of the
+        grid run from ``x0 + σ·noise``, where x0 encodes the image. With ``mask`` too (1 =
+        repaint, 0 = keep; the image's size): inpainting with the kept region held by
+        :class:`~destatic.sampling.KnownRegion` (any model, any sampler; strength 1 repaints
+        the masked region from pure noise)."""
         sampler_info(sampler)  # unknown names fail before any work
         prompts = [p for p in _as_list(prompt) for _ in range(num_images)]
         batch = len(prompts)
@@ -134,6 +217,11 @@ class Pipeline:
             negatives = [n for n in negatives for _ in range(num_images)]
         else:
             raise ValueError(f"got {len(negatives)} negative prompts for {batch // num_images}")
+        if image is None and (mask is not None or strength != 1.0):
+            raise ValueError("strength and mask need an input image (image=)")
+        if image is not None:
+            image = as_image_batch(image, "image", channels=3)
+            height, width = image.shape[-2:]
         width = width or self.default_size
         height = height or self.default_size
         self._check_size(width, height)
@@ -152,12 +240,29 @@ class Pipeline:
         shape = (batch, self.latent_channels, height // factor, width // factor)
         gens = generators(seeds)
         if noise is None:
-            x = initial_noise(shape, sigmas, gens, device=self.device, dtype=self.dtype)
-        else:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
-            start = float(sigmas[0])
-            x = noise.to(self.device, self.dtype) * (1.0 if start == float("inf") else start)
+            noise = randn(shape, gens, device=self.device, dtype=self.dtype)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+        noise = noise.to(self.device, self.dtype)
+        known = None
+        if image is not None:
+            sigmas = strength_sigmas(sigmas, strength)
+            known = self.encode(_per_prompt(image, batch, "image"))
+        start = float(sigmas[0])
+        x = noise if math.isinf(start) else noise * start
+        if known is not None and not math.isinf(start):
+            x = x + known
+        if mask is not None:
+            assert known is not None
+            m = as_image_batch(mask, "mask", channels=1)
+            if m.shape[-2:] != (height, width):
+                raise ValueError(
+                    f"the mask is {m.shape[-1]}×{m.shape[-2]} but the image is {width}×{height}"
+                )
+            m = _per_prompt(m, batch, "mask").to(self.device, self.dtype)
+            # a latent pixel is repainted if any of its pixels is (max-pool to latent size)
+            m = F.max_pool2d(m, factor) if factor > 1 else m
+            guided = KnownRegion(guided, known, m)
         latents = sample(
             sampler, guided, x, sigmas, generator=gens, callback=callback, **sampler_options
         )

@@ -4,6 +4,7 @@ from destatic.sampling import ancestral, dpmpp, ode, unipc  # noqa: F401  (fill 
 from destatic.sampling.base import SAMPLER_INFO, SAMPLERS, SamplerInfo, StepInfo, ancestral_step
 from destatic.sampling.grids import GRIDS, make_sigmas
 from destatic.sampling.guidance import ClassifierFreeGuidance
+from destatic.sampling.inpaint import KnownRegion
 from destatic.sampling.noise import generators, noise_sampler, randn
 from destatic.sampling.sample import (
     NonFiniteError,
@@ -18,6 +19,7 @@ __all__ = [
     "SAMPLERS",
     "SAMPLER_INFO",
     "ClassifierFreeGuidance",
+    "KnownRegion",
     "NonFiniteError",
     "SamplerInfo",
     "StepInfo",

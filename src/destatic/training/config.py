@@ -1,9 +1,9 @@
 """Training configs: a TOML file validated into dataclasses.
 
 ``destatic train configs/emoji.toml`` reads one file with the tables ``[data]``, ``[model]``,
-``[objective]``, ``[autoencoder]``, ``[optim]``, ``[train]``, ``[sample]`` and ``[output]``
-(all optional; every key has a default). Unknown tables or keys, values of the wrong type and
-out-of-range values are a :class:`ConfigError` naming the key and what is allowed.
+``[objective]``, ``[autoencoder]``, ``[evaluator]``, ``[optim]``, ``[train]``, ``[sample]`` and
+``[output]`` (all optional; every key has a default). Unknown tables or keys, values of the
+wrong type and out-of-range values are a :class:`ConfigError` naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EvaluatorTrainConfig",
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
@@ -106,10 +107,37 @@ class AutoencoderTrainConfig:
     config: dict[str, Any] = field(default_factory=dict)  # AutoencoderConfig fields
     reconstruction: str = "l1"  # l1 | mse
     kl_weight: float = 1e-6
+    adversarial_weight: float = 0.0  # weight of the PatchGAN generator term; 0 = off
+    adversarial_start: int = 0  # step from which the adversarial terms count (LDM: disc_start)
+    discriminator_channels: int = 64
+    discriminator_layers: int = 3  # stride-2 convolutions: patches of about 2^(layers+2) px
 
     def check(self) -> None:
         _choice("autoencoder.reconstruction", self.reconstruction, ("l1", "mse"))
         _require(self.kl_weight >= 0, f"autoencoder.kl_weight = {self.kl_weight}: use ≥ 0")
+        _require(
+            self.adversarial_weight >= 0,
+            f"autoencoder.adversarial_weight = {self.adversarial_weight}: use ≥ 0 (0 = off)",
+        )
+        _require(
+            self.adversarial_start >= 0,
+            f"autoencoder.adversarial_start = {self.adversarial_start}: use ≥ 0",
+        )
+        _require(
+            self.discriminator_channels >= 1 and 1 <= self.discriminator_layers <= 6,
+            "autoencoder.discriminator_channels must be ≥ 1 and discriminator_layers 1 … 6",
+        )
+
+
+@dataclass
+class EvaluatorTrainConfig:
+    """Used when ``[train] task = "evaluator"`` (:mod:`destatic.metrics.evaluator`)."""
+
+    config: dict[str, Any] = field(default_factory=dict)  # EvaluatorConfig fields
+    shift: int = 2  # augmentation: random translation by up to this many pixels
+
+    def check(self) -> None:
+        _require(0 <= self.shift <= 16, f"evaluator.shift = {self.shift}: use 0 … 16 pixels")
 
 
 @dataclass
@@ -139,7 +167,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "denoiser"  # denoiser | autoencoder
+    task: str = "denoiser"  # denoiser | autoencoder | evaluator
     steps: int = 10_000  # optimizer steps
     batch_size: int = 64  # global batch per optimizer step (over processes and accumulation)
     grad_accum: int = 1  # micro-batches per optimizer step and process
@@ -156,7 +184,7 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        _choice("train.task", self.task, ("denoiser", "autoencoder"))
+        _choice("train.task", self.task, ("denoiser", "autoencoder", "evaluator"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             value = getattr(self, name)
@@ -218,6 +246,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+    evaluator: EvaluatorTrainConfig = field(default_factory=EvaluatorTrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -38,24 +38,28 @@ class TrainingImages:
         return len(self.images)
 
 
-def load_training_images(cfg: DataConfig, progress: bool = True) -> TrainingImages:
-    """The train split of the configured dataset at ``cfg.size``."""
+def load_training_images(
+    cfg: DataConfig, progress: bool = True, split: str = "train"
+) -> TrainingImages:
+    """The ``split`` ("train" or "heldout") of the configured dataset at ``cfg.size``."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if cfg.dataset == "emoji":
         from destatic.data.emoji import load_emoji
 
-        ds = load_emoji(cfg.size, progress=progress).train()
+        ds = getattr(load_emoji(cfg.size, progress=progress), split)()
         alts = ds.alt_captions if cfg.alt_captions else [[] for _ in ds.captions]
         captions = [[c, *a] for c, a in zip(ds.captions, alts, strict=True)]
         return TrainingImages(ds.images, captions)
     if cfg.dataset == "clipart":
         from destatic.data.clipart import load_clipart
 
-        ds = load_clipart(cfg.size, progress=progress).train()
+        ds = getattr(load_clipart(cfg.size, progress=progress), split)()
         return TrainingImages(ds.images, [[c] for c in ds.captions])
     from destatic.data.folder import load_image_folder
 
-    ds = load_image_folder(cfg.path, cfg.size).train()
-    if len(ds) == 0:
+    ds = getattr(load_image_folder(cfg.path, cfg.size), split)()
+    if len(ds) == 0 and split == "train":
         raise ConfigError(f"data.path = {cfg.path!r} holds no captioned training images")
     return TrainingImages(ds.images, [[c] for c in ds.captions])
 

@@ -1,4 +1,5 @@
-"""What is being trained: a text-conditioned denoiser, or the autoencoder of a latent space.
+"""What is being trained: a text-conditioned denoiser, the autoencoder of a latent space, or the
+image–text evaluator that scores prompt adherence (:mod:`destatic.metrics.evaluator`).
 
 A task owns its model and data and answers three questions for the loop in
 :mod:`destatic.training.trainer`: what a step's global batch is (:meth:`Task.draw`, every random
@@ -26,13 +27,14 @@ from destatic.training.config import Config, ConfigError
 from destatic.training.data import CaptionBank, LatentCache, load_training_images, pixels
 from destatic.training.objectives import OBJECTIVES
 
-__all__ = ["AutoencoderTask", "DenoiserTask", "Task", "make_task"]
+__all__ = ["AutoencoderTask", "DenoiserTask", "EvaluatorTask", "Task", "make_task"]
 
 Batch = dict[str, torch.Tensor]
 
 
 class Task(ABC):
     model: nn.Module
+    step: int = 0  # the optimizer step being taken; the loop sets it before each draw()
 
     @abstractmethod
     def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
@@ -181,7 +183,15 @@ class DenoiserTask(Task):
 
 
 class AutoencoderTask(Task):
-    """KL autoencoder: reconstruction (L1 or MSE) + kl_weight · KL(q(z|x) ‖ N(0, I)).
+    """KL autoencoder: reconstruction (L1 or MSE) + kl_weight · KL(q(z|x) ‖ N(0, I)), and with
+    ``adversarial_weight`` > 0 from step ``adversarial_start`` on, a PatchGAN (LDM's recipe with
+    a fixed weight instead of its adaptive one):
+
+        L_AE = rec + kl_weight · KL − adversarial_weight · mean D(x̂),
+        L_D = ½ (mean relu(1 − D(x)) + mean relu(1 + D(x̂))),
+
+    both in one loss, one backward and one optimizer: D sees x̂ detached in L_D, and L_AE sees D
+    through detached parameters, so each term only trains its own network.
 
     The KL term is summed over latent elements and divided by the number of pixel values, so
     kl_weight is comparable across sizes (LDM's weights are of order 1e-6 with summed terms).
@@ -199,7 +209,13 @@ class AutoencoderTask(Task):
                 f"data.size = {cfg.data.size} is not a multiple of the autoencoder's factor "
                 f"{factor}"
             )
-        self.model = _Reconstruction(AutoencoderKL(config))
+        a = cfg.autoencoder
+        discriminator = None
+        if a.adversarial_weight > 0:
+            from destatic.models.discriminator import PatchDiscriminator
+
+            discriminator = PatchDiscriminator(3, a.discriminator_channels, a.discriminator_layers)
+        self.model = _Reconstruction(AutoencoderKL(config), discriminator)
 
     @property
     def num_items(self) -> int:
@@ -214,11 +230,20 @@ class AutoencoderTask(Task):
         return {"x": x, "eps": eps}
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+        a = self.cfg.autoencoder
         x = batch["x"].to(device)
-        recon, kl = model(x, batch["eps"].to(device))
+        recon, kl, critic = model(x, batch["eps"].to(device))
         diff = recon.float() - x
-        per = diff.abs() if self.cfg.autoencoder.reconstruction == "l1" else diff.pow(2)
-        return per.flatten(1).mean(1) + self.cfg.autoencoder.kl_weight * kl.float() / x[0].numel()
+        per = diff.abs() if a.reconstruction == "l1" else diff.pow(2)
+        loss = per.flatten(1).mean(1) + a.kl_weight * kl.float() / x[0].numel()
+        if critic is None:
+            return loss
+        from destatic.models.discriminator import hinge_discriminator_loss
+
+        on = float(self.step >= a.adversarial_start)  # 0: the terms (and D's updates) wait
+        fake_for_ae, real, fake = (c.float() for c in critic)
+        loss = loss - on * a.adversarial_weight * fake_for_ae.flatten(1).mean(1)
+        return loss + on * hinge_discriminator_loss(real, fake)
 
     @torch.no_grad()
     def export(self, weights: nn.Module, folder: Path) -> None:
@@ -255,19 +280,111 @@ class AutoencoderTask(Task):
 
 
 class _Reconstruction(nn.Module):
-    """The autoencoder as one forward pass (so DDP sees it): x, ε → (reconstruction, KL)."""
+    """The autoencoder (and its discriminator) as one forward pass, so DDP sees every
+    parameter: x, ε → (reconstruction, KL, None or the critic's logits (D(x̂) through detached
+    D parameters, D(x), D(x̂ detached)))."""
 
-    def __init__(self, autoencoder: AutoencoderKL):
+    def __init__(self, autoencoder: AutoencoderKL, discriminator: nn.Module | None = None):
         super().__init__()
         self.autoencoder = autoencoder
+        self.discriminator = discriminator
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, eps: torch.Tensor):
         post = self.autoencoder.encode(x)
         z = post.mean + post.std * eps.to(post.mean.dtype)
-        return self.autoencoder.decode(z), post.kl()
+        recon = self.autoencoder.decode(z)
+        if self.discriminator is None:
+            return recon, post.kl(), None
+        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+        fake_for_ae = torch.func.functional_call(self.discriminator, frozen, (recon,))
+        real = self.discriminator(x)
+        fake = self.discriminator(recon.detach())
+        return recon, post.kl(), (fake_for_ae, real, fake)
+
+
+class EvaluatorTask(Task):
+    """Contrastive image–text model: each image against every train caption (see
+    :func:`destatic.metrics.evaluator.caption_loss`), images shifted by up to
+    ``evaluator.shift`` pixels (padding with the corner colour, the background)."""
+
+    def __init__(self, cfg: Config, device: torch.device, progress: bool = True):
+        from destatic.metrics.evaluator import EvaluatorConfig, ImageTextModel
+
+        self.cfg = cfg
+        data = load_training_images(cfg.data, progress=progress)
+        self.images = torch.from_numpy(data.images)
+        fields = {"image_size": cfg.data.size, **cfg.evaluator.config}
+        config = _parse_config(EvaluatorConfig, fields, "evaluator.config")
+        self.text_encoder = MiniLMTextEncoder.from_package(max_length=config.text_max_length)
+        flat = [c for caps in data.captions for c in caps]
+        self.bank = CaptionBank(self.text_encoder, flat, progress=progress)
+        ids = [self.bank.ids(caps) for caps in data.captions]
+        # positives[i, k]: caption k (bank index k + 1; 0 is "") belongs to image i
+        self.positives = torch.zeros(len(ids), len(self.bank) - 1, dtype=torch.bool)
+        for i, row in enumerate(ids):
+            self.positives[i, row - 1] = True
+        self.heldout = load_training_images(cfg.data, progress=progress, split="heldout")
+        config_side = config.image_size
+        if config_side != cfg.data.size:
+            raise ConfigError(
+                f"evaluator.config.image_size = {config_side} differs from data.size = "
+                f"{cfg.data.size}; train the evaluator at the data's size"
+            )
+        self.model = ImageTextModel(config)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.images)
+
+    def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
+        s = self.cfg.evaluator.shift
+        shifts = torch.randint(-s, s + 1, (len(index), 2), generator=generator)
+        return {"x": _shifted(pixels(self.images[index]), shifts), "index": index}
+
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+        from destatic.metrics.evaluator import caption_loss
+
+        logits = model(batch["x"].to(device), self.bank.pooled[1:].to(device))
+        return caption_loss(logits, self.positives[batch["index"]].to(device))
+
+    def export(self, weights: nn.Module, folder: Path) -> None:
+        from destatic.metrics.evaluator import save_evaluator
+
+        save_evaluator(weights, folder)
+
+    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+        """Held-out images labelled with the best of the held-out captions ("ok" when right)."""
+        from destatic.metrics.evaluator import Evaluator
+
+        n = min(16, len(self.heldout))
+        if n == 0:
+            return torch.zeros(0, 3, cfg.data.size, cfg.data.size), []
+        images = torch.from_numpy(self.heldout.images[:n]).permute(0, 3, 1, 2).float() / 255
+        candidates = list(dict.fromkeys(caps[0] for caps in self.heldout.captions))
+        was_training = weights.training
+        evaluator = Evaluator(weights, self.text_encoder)
+        scores = evaluator.image_features(images) @ evaluator.text_features(candidates).T
+        weights.train(was_training)
+        best = [candidates[int(i)] for i in scores.argmax(dim=1)]
+        own = [caps[0] for caps in self.heldout.captions[:n]]
+        labels = [f"ok: {b}" if b == o else f"{b} (is {o})" for b, o in zip(best, own, strict=True)]
+        return images, labels
+
+
+def _shifted(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Translate each image [C, H, W] by (dy, dx) pixels, filling with its top-left colour."""
+    out = x[:, :, :1, :1].expand_as(x).clone()
+    h, w = x.shape[-2:]
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        src_y, dst_y = slice(max(0, -dy), h - max(0, dy)), slice(max(0, dy), h - max(0, -dy))
+        src_x, dst_x = slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w - max(0, -dx))
+        out[i, :, dst_y, dst_x] = x[i, :, src_y, src_x]
+    return out
 
 
 def make_task(cfg: Config, device: torch.device, progress: bool = True) -> Task:
     if cfg.train.task == "autoencoder":
         return AutoencoderTask(cfg, device, progress)
+    if cfg.train.task == "evaluator":
+        return EvaluatorTask(cfg, device, progress)
     return DenoiserTask(cfg, device, progress)

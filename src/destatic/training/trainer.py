@@ -188,8 +188,9 @@ class _Run:
     def restore(self, folder: Path) -> None:
         state = load_checkpoint(folder)
         saved = state.get("config", {})
-        for section in ("model", "objective", "autoencoder"):
-            if saved.get(section) != self.cfg.to_dict()[section]:
+        for section in ("model", "objective", "autoencoder", "evaluator"):
+            # a section newer than the checkpoint is absent there and holds its defaults
+            if section in saved and saved[section] != self.cfg.to_dict()[section]:
                 raise ConfigError(
                     f"[{section}] differs from the run in {self.out}: resuming needs the same "
                     f"{section} settings; use another output.dir for a new run"
@@ -226,6 +227,7 @@ class _Run:
     def train_step(self) -> dict[str, float] | None:
         cfg = self.cfg.train
         index = batch_indices(cfg.seed, self.step, cfg.batch_size, self.task.num_items)
+        self.task.step = self.step
         batch = self.task.draw(index, self.generator)
         parts = _share(batch, self.world, cfg.grad_accum)
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,275 @@
+"""Prompt adherence without CLIP weights: a small contrastive image–text model trained here.
+
+An image encoder (a residual CNN) and a text head (an MLP on the frozen MiniLM sentence
+embedding) map both sides into one unit sphere, CLIP-style (Radford et al. 2021). Training
+(:class:`destatic.training.tasks.EvaluatorTask`) scores every image against *every* caption of
+the train split rather than against the other images of its batch:
+
+    p(c | x) = softmax_c(s · ⟨f(x), g(c)⟩),   loss(x) = −log Σ_{c ∈ captions(x)} p(c | x),
+
+with a learned temperature s. An image may have several captions (the emoji's alternative
+names), so the loss is the log of the total probability of its own captions. With all captions
+as negatives the loss of a sample does not depend on which other samples share its batch, so
+processes and gradient accumulation compute the same update as one big batch.
+
+Its uses, on images in [0, 1]:
+
+* ``clip_score``: 100 · max(cos(f(x), g(prompt)), 0), the CLIPScore of Hessel et al. (2021)
+  with this model in place of CLIP;
+* ``retrieval``: is an image's own prompt the best match among a set of candidate prompts (top-1
+  and top-5 accuracy). On real held-out images this is the ceiling a generator can reach.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from destatic.models.config import JsonConfig
+from destatic.models.layers import Downsample, ResnetBlock
+
+__all__ = [
+    "Evaluator",
+    "EvaluatorConfig",
+    "ImageTextModel",
+    "Retrieval",
+    "is_evaluator_folder",
+    "load_evaluator",
+    "load_image_text_model",
+    "save_evaluator",
+]
+
+CLASS_NAME = "ImageTextModel"
+
+
+@dataclass
+class EvaluatorConfig(JsonConfig):
+    image_size: int = 32  # images are resized to this side before encoding
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    embed_dim: int = 256
+    text_dim: int = 384  # width of the text encoder's pooled vector
+    text_hidden: int = 512
+    text_max_length: int = 32  # MiniLM tokens (prompts are truncated to it)
+
+    def __post_init__(self) -> None:
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels needs at least one stage")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"every block_out_channels entry must be a multiple of norm_num_groups "
+                f"({self.norm_num_groups}), got {self.block_out_channels}"
+            )
+        if self.image_size < 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError(f"image_size {self.image_size} is too small for the stages")
+
+
+class ImageTextModel(nn.Module):
+    """f(x): residual CNN → global mean → linear; g(c): MLP on the pooled text vector.
+
+    Both are L2-normalised; ``logit_scale`` holds log s (initialised to log 1/0.07 as in CLIP).
+    """
+
+    def __init__(self, config: EvaluatorConfig) -> None:
+        super().__init__()
+        self.config = config
+        ch = config.block_out_channels
+        g = config.norm_num_groups
+        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        prev = ch[0]
+        for i, c in enumerate(ch):
+            for _ in range(config.layers_per_block):
+                blocks.append(ResnetBlock(prev, c, temb_channels=None, groups=g))
+                prev = c
+            if i < len(ch) - 1:
+                blocks.append(Downsample(c))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = nn.GroupNorm(g, prev)
+        self.image_proj = nn.Linear(prev, config.embed_dim)
+        self.text_proj = nn.Sequential(
+            nn.Linear(config.text_dim, config.text_hidden),
+            nn.SiLU(),
+            nn.Linear(config.text_hidden, config.embed_dim),
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] → unit vectors [B, E]."""
+        h = self.blocks(self.conv_in(x))
+        h = F.silu(self.norm_out(h)).mean(dim=(2, 3))
+        return F.normalize(self.image_proj(h), dim=-1)
+
+    def encode_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled text vectors [K, text_dim] → unit vectors [K, E]."""
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def forward(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K] = s · ⟨f(x_b), g(c_k)⟩ of every image against every caption."""
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        return scale * self.encode_images(x) @ self.encode_text(pooled).T
+
+
+def caption_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Per-sample −log Σ_{c positive} softmax(logits)_c; ``positives`` is a bool [B, K] mask."""
+    if not bool(positives.any(dim=1).all()):
+        raise ValueError("every image needs at least one positive caption")
+    log_p = logits.float().log_softmax(dim=1)
+    return -log_p.masked_fill(~positives, float("-inf")).logsumexp(dim=1)
+
+
+@dataclass
+class Retrieval:
+    """Prompt retrieval: how often an image's own prompt is the best (top-k) candidate."""
+
+    top1: float
+    top5: float
+    chance: float  # top-1 accuracy of a random guess: 1 / number of candidates
+    n: int
+
+
+def _as_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] → [-1, 1] at ``size``², quantised to 8 bits like a saved PNG."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+    x = (images.float().clamp(0, 1) * 255).round() / 255
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x * 2 - 1
+
+
+class Evaluator:
+    """An :class:`ImageTextModel` with its text encoder: the user-facing scorer."""
+
+    def __init__(self, model: ImageTextModel, text_encoder: nn.Module | None = None):
+        if text_encoder is None:
+            from destatic.models.text import MiniLMTextEncoder
+
+            text_encoder = MiniLMTextEncoder.from_package(max_length=model.config.text_max_length)
+        self.model = model.eval()
+        self.text_encoder = text_encoder.to(next(model.parameters()).device)
+        if text_encoder.pooled_dim != model.config.text_dim:
+            raise ValueError(
+                f"the text encoder's pooled width {text_encoder.pooled_dim} does not match the "
+                f"evaluator's text_dim {model.config.text_dim}"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Unit image vectors [B, E] for images [B, 3, H, W] in [0, 1] (any size)."""
+        size = self.model.config.image_size
+        out = [
+            self.model.encode_images(_as_pixels(images[i : i + batch_size], size).to(self.device))
+            for i in range(0, len(images), batch_size)
+        ]
+        if not out:
+            raise ValueError("no images to score")
+        return torch.cat(out).float().cpu()
+
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Unit text vectors [K, E] for prompts."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts to score")
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            pooled = self.text_encoder.encode(prompts[i : i + batch_size]).pooled
+            out.append(self.model.encode_text(pooled.to(self.device).float()))
+        return torch.cat(out).float().cpu()
+
+    def similarity(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity [B] of each image with its own prompt."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
+        return (self.image_features(images) * self.text_features(prompts)).sum(-1)
+
+    def clip_score(self, images: torch.Tensor, prompts: Sequence[str]) -> float:
+        """Mean of 100 · max(cos, 0) over image–prompt pairs (CLIPScore, Hessel et al. 2021)."""
+        return float(100 * self.similarity(images, prompts).clamp(min=0).mean())
+
+    def retrieval(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        candidates: Sequence[str] | None = None,
+    ) -> Retrieval:
+        """Top-1 / top-5 accuracy of finding each image's prompt among ``candidates`` (default:
+        the distinct prompts given)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
+        names = list(dict.fromkeys(candidates if candidates is not None else prompts))
+        index = {c: i for i, c in enumerate(names)}
+        missing = [p for p in prompts if p not in index]
+        if missing:
+            raise ValueError(f"prompt {missing[0]!r} is not among the candidates")
+        scores = self.image_features(images) @ self.text_features(names).T
+        own = scores[torch.arange(len(prompts)), torch.tensor([index[p] for p in prompts])]
+        rank = (scores > own[:, None]).sum(dim=1)  # 0 = the own prompt scores best
+        return Retrieval(
+            top1=float((rank < 1).float().mean()),
+            top5=float((rank < 5).float().mean()),
+            chance=1 / len(names),
+            n=len(prompts),
+        )
+
+
+def save_evaluator(
+    model: ImageTextModel, folder: str | Path, dtype: torch.dtype | None = None
+) -> None:
+    """``config.json`` + safetensors weights, in the component-folder layout."""
+    from destatic.checkpoints import save_component
+
+    save_component(model, folder, class_name=CLASS_NAME, config=model.config.to_dict(), dtype=dtype)
+
+
+def is_evaluator_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a saved :class:`ImageTextModel`."""
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("_class_name") == CLASS_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_evaluator(
+    folder: str | Path | None = None, device: str | torch.device = "cpu"
+) -> Evaluator:
+    """The evaluator in ``folder`` (default: the bundled emoji evaluator)."""
+    if folder is None:
+        from destatic import DEFAULT_EVALUATOR
+
+        folder = DEFAULT_EVALUATOR
+    return Evaluator(load_image_text_model(folder).to(device))
+
+
+def load_image_text_model(folder: str | Path) -> ImageTextModel:
+    """The bare :class:`ImageTextModel` of an evaluator folder, in float32."""
+    from destatic.checkpoints import CheckpointError, load_into, load_weights, read_json
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} is not an evaluator folder (no config.json)")
+    raw = read_json(config_path)
+    if raw.pop("_class_name", None) != CLASS_NAME:
+        raise CheckpointError(f"{config_path} is not an {CLASS_NAME} config")
+    try:
+        config = EvaluatorConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from e
+    model = ImageTextModel(config)
+    load_into(model, load_weights(folder), where=str(folder))
+    return model.eval()

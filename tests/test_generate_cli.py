@@ -1,0 +1,94 @@
+"""`destatic generate`: PNGs carry their parameters and `--from` regenerates them exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from destatic.cli import app
+from destatic.pipelines.metadata import GenerationParams, read_params
+
+
+def test_png_carries_parameters_and_from_regenerates_it(tmp_path):
+    runner = CliRunner()
+    args = ["generate", "red heart", "pizza", "--steps", "3", "--seed", "7", "--guidance", "2.5"]
+    result = runner.invoke(app, [*args, "--negative", "blurry", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    first, second = sorted((tmp_path / "a").glob("*.png"))
+    params = read_params(second)
+    assert (params.prompt, params.seed, params.steps) == ("pizza", 8, 3)
+    assert params.guidance == 2.5 and params.negative_prompt == "blurry"
+    assert (params.width, params.height) == (32, 32)
+    text = Image.open(first).text["parameters"]
+    assert text.startswith("red heart\nNegative prompt: blurry\nSteps: 3, Sampler: dpmpp_2m")
+    assert "Seed: 7" in text and "Size: 32x32" in text
+
+    again = tmp_path / "again.png"
+    result = runner.invoke(app, ["generate", "--from", str(second), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(second)))
+    assert read_params(again) == params
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate"], "at least one prompt"),
+        (["generate", "x", "--from", "a.png"], "not both"),
+        (["generate", "--from", "missing.png"], "does not exist"),
+    ],
+)
+def test_generate_input_errors(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_from_rejects_images_without_parameters(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    runner = CliRunner()
+    plain = runner.invoke(app, ["generate", "--from", str(tmp_path / "plain.png")])
+    assert plain.exit_code == 2 and "no destatic generation parameters" in plain.output
+    junk = runner.invoke(app, ["generate", "--from", str(tmp_path / "junk.png")])
+    assert junk.exit_code == 2 and "not a readable image" in junk.output
+
+
+def test_a1111_text_without_negative_or_size():
+    text = GenerationParams("cat face", seed=3).a1111()
+    assert text == (
+        "cat face\nSteps: 20, Sampler: dpmpp_2m, Schedule type: default, CFG scale: 3, "
+        "Seed: 3, Model: destatic default"
+    )
+
+
+def test_image_to_image_and_inpainting_from_the_command_line(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    runner = CliRunner()
+    base = ["generate", "pizza", "--steps", "4", "--image", str(tmp_path / "in.png")]
+    out = tmp_path / "inpainted.png"
+    result = runner.invoke(app, [*base, "--mask", str(tmp_path / "mask.png"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    got, original = np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "in.png"))
+    keep = mask == 0
+    assert np.abs(got[keep].astype(int) - original[keep]).max() <= 1  # kept pixels survive
+    params = read_params(out)
+    assert params.mask.endswith("mask.png") and params.image.endswith("in.png")
+    again = tmp_path / "again.png"
+    assert runner.invoke(app, ["generate", "--from", str(out), "-o", str(again)]).exit_code == 0
+    assert np.array_equal(np.asarray(Image.open(again)), got)
+
+    light = tmp_path / "light.png"
+    result = runner.invoke(app, [*base, "--strength", "0.5", "-o", str(light)])
+    assert result.exit_code == 0, result.output
+    assert "Denoising strength: 0.5" in Image.open(light).text["parameters"]
+    bad = runner.invoke(app, ["generate", "x", "--mask", str(tmp_path / "mask.png")])
+    assert bad.exit_code == 2 and "--mask needs --image" in bad.output
+    bad = runner.invoke(app, ["generate", "x", "--image", str(tmp_path / "nope.png")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
