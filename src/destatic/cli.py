@@ -379,5 +379,32 @@ def eval_(
         typer.echo(f"wrote {path}")
 
 
+@app.command()
+def serve(
+    model: Path = typer.Option(None, help="Pipeline folder (default: the bundled emoji model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (localhost by default)."),
+    port: int = typer.Option(7860, min=1, max=65535, help="Port."),
+    max_side: int = typer.Option(512, min=8, help="Largest image side a request may ask for."),
+    max_images: int = typer.Option(8, min=1, help="Most images per request."),
+    max_steps: int = typer.Option(100, min=1, help="Most sampler steps per request."),
+    queue: int = typer.Option(16, min=0, help="Requests that may wait behind the running one."),
+) -> None:
+    """Web UI (text → image, image → image, inpainting) and HTTP API on one local server."""
+    from destatic.checkpoints import CheckpointError
+    from destatic.serve import Limits, create_app
+    from destatic.serve import serve as run_server
+
+    limits = Limits(
+        max_side=max_side, max_images=max_images, max_steps=max_steps, max_waiting=queue
+    )
+    try:
+        app_ = create_app(model, limits)
+    except (CheckpointError, ValueError, ImportError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"destatic: UI at http://{host}:{port}/  API at http://{host}:{port}/api/health")
+    run_server(app_, host=host, port=port)
+
+
 if __name__ == "__main__":
     app()
