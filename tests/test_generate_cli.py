@@ -92,3 +92,23 @@ def test_image_to_image_and_inpainting_from_the_command_line(tmp_path):
     assert bad.exit_code == 2 and "--mask needs --image" in bad.output
     bad = runner.invoke(app, ["generate", "x", "--image", str(tmp_path / "nope.png")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_previews_of_every_step(tmp_path):
+    args = [
+        "generate",
+        "sun",
+        "--steps",
+        "3",
+        "--preview",
+        str(tmp_path / "p"),
+        "-o",
+        str(tmp_path),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "step-000.png",
+        "step-001.png",
+        "step-002.png",
+    ]

@@ -131,6 +131,21 @@ def data_clipart(
     _build_data(clipart.build_clipart, clipart.cache_paths, size, out, summary)
 
 
+def _preview_writer(folder: Path | None, todo: list):
+    """A ``preview(i, images)`` callback writing labelled sheets to ``folder`` (or None)."""
+    if folder is None:
+        return None
+    from destatic.training.monitor import save_grid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = [p.prompt for p in todo]
+
+    def write(i: int, images) -> None:
+        save_grid(images.float().cpu(), labels, folder / f"step-{i:03d}.png")
+
+    return write
+
+
 @app.command()
 def generate(
     prompt: list[str] = typer.Argument(None, help="One or more prompts."),
@@ -154,6 +169,10 @@ def generate(
         1.0, min=0.0, max=1.0, help="Image → image: share of the steps run on the input."
     ),
     mask: Path = typer.Option(None, help="Inpainting: white = repaint, black = keep."),
+    progress: bool = typer.Option(True, help="Show a progress bar over the steps."),
+    preview: Path = typer.Option(
+        None, help="Write a sheet of the decoded estimate x̂0 after every step to this folder."
+    ),
 ) -> None:
     """Text → image (or image → image, inpainting) with any sampler; writes one PNG per image,
     with its generation parameters in the PNG's text chunks (A1111's "parameters" and a
@@ -198,8 +217,9 @@ def generate(
             if mask is not None and image is None:
                 raise ValueError("--mask needs --image")
         pipe = destatic.load(model)
+        live = {"progress": progress, "preview": _preview_writer(preview, todo)}
         if from_ is not None:
-            images = pipe(stored.prompt, **stored.generate_kwargs())
+            images = pipe(stored.prompt, **stored.generate_kwargs(), **live)
         else:
             images = pipe(
                 prompt,
@@ -213,6 +233,7 @@ def generate(
                 width=size,
                 height=size,
                 **inputs,
+                **live,
             )
     except (CheckpointError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

@@ -195,6 +195,8 @@ class Pipeline:
         image: ImageInput | None = None,
         strength: float = 1.0,
         mask: ImageInput | None = None,
+        progress: bool = False,
+        preview: Callable[[int, torch.Tensor], None] | None = None,
         **sampler_options,
     ) -> torch.Tensor:
         """Images as a float tensor [B, C, H, W] in [0, 1]. ``seed`` is the first of
@@ -206,7 +208,10 @@ class Pipeline:
         grid run from ``x0 + σ·noise``, where x0 encodes the image. With ``mask`` too (1 =
         repaint, 0 = keep; the image's size): inpainting with the kept region held by
         :class:`~destatic.sampling.KnownRegion` (any model, any sampler; strength 1 repaints
-        the masked region from pure noise)."""
+        the masked region from pure noise).
+
+        ``progress`` shows a tqdm bar over the steps; ``preview(i, images)`` receives the
+        decoded estimate x̂0 after step i (images in [0, 1]), as ComfyUI's previews do."""
         sampler_info(sampler)  # unknown names fail before any work
         prompts = [p for p in _as_list(prompt) for _ in range(num_images)]
         batch = len(prompts)
@@ -263,9 +268,23 @@ class Pipeline:
             # a latent pixel is repainted if any of its pixels is (max-pool to latent size)
             m = F.max_pool2d(m, factor) if factor > 1 else m
             guided = KnownRegion(guided, known, m)
-        latents = sample(
-            sampler, guided, x, sigmas, generator=gens, callback=callback, **sampler_options
-        )
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sigmas) - 1, desc="sampling", unit="step", disable=not progress)
+
+        def report(info: StepInfo) -> None:
+            bar.update()
+            if preview is not None:
+                preview(info.i, self.decode(info.denoised))
+            if callback is not None:
+                callback(info)
+
+        try:
+            latents = sample(
+                sampler, guided, x, sigmas, generator=gens, callback=report, **sampler_options
+            )
+        finally:
+            bar.close()
         return self.decode(latents)
 
     def __call__(self, prompt: str | Sequence[str], **kwargs):
