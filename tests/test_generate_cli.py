@@ -112,3 +112,37 @@ def test_previews_of_every_step(tmp_path):
         "step-001.png",
         "step-002.png",
     ]
+
+
+def test_controlnet_from_the_command_line(tmp_path):
+    import torch
+
+    import destatic
+    from destatic.checkpoints import save_component
+    from destatic.models.controlnet import ControlNet
+
+    pipe = destatic.load()
+    net = ControlNet.from_unet(pipe.network, conditioning_embedding_out_channels=(16,))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # leave zero init: the control must matter
+    save_component(net, tmp_path / "cn", class_name="ControlNetModel", config=net.config.to_dict())
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+    runner = CliRunner()
+    base = ["generate", "sun", "--steps", "3"]
+    control = ["--controlnet", str(tmp_path / "cn"), "--control", str(tmp_path / "ref.png")]
+    out = tmp_path / "c.png"
+    result = runner.invoke(
+        app, [*base, *control, "--canny", "--control-end", "0.7", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "ControlNet: cn (weight 1, steps 0-0.7, canny)" in Image.open(out).text["parameters"]
+    plain = tmp_path / "p.png"
+    assert runner.invoke(app, [*base, "-o", str(plain)]).exit_code == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))
+    again = tmp_path / "again.png"
+    assert runner.invoke(app, ["generate", "--from", str(out), "-o", str(again)]).exit_code == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    bad = runner.invoke(app, [*base, "--controlnet", str(tmp_path / "cn")])
+    assert bad.exit_code == 2 and "go together" in bad.output

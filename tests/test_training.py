@@ -17,7 +17,7 @@ from PIL import Image
 
 import destatic
 from destatic.checkpoints import load_weights
-from destatic.training import TrainingError, latest_checkpoint, load_config, train
+from destatic.training import ConfigError, TrainingError, latest_checkpoint, load_config, train
 from destatic.training.state import load_checkpoint
 
 TINY_UNET = """
@@ -342,3 +342,33 @@ def test_adversarial_autoencoder_trains_both_networks_apart(folder, tmp_path):
     from destatic.checkpoints import load_component
 
     assert not any("discriminator" in k for k in load_component(out).state_dict())
+
+
+def test_control_task_trains_a_controlnet_for_a_pipeline(folder, tmp_path):
+    """A ControlNet on Canny edges of the data for a (tiny, just trained) base pipeline: only the
+    ControlNet learns; it exports as a ControlNetModel folder the pipeline takes."""
+    base = train(load_config(write_config(tmp_path / "b.toml", folder, tmp_path / "base")))
+    before = {k: v.clone() for k, v in destatic.load(base).network.state_dict().items()}
+    extra = 'task = "control"\n\n[control]\n'
+    extra += f'base = "{base}"\nconditioning_embedding_out_channels = [8]\n'
+    cfg = load_config(write_config(tmp_path / "c.toml", folder, tmp_path / "ctl", extra))
+    out = train(cfg)
+    from destatic.checkpoints import load_component
+
+    net = load_component(out)
+    assert type(net).__name__ == "ControlNet"
+    trained = load_weights(out)
+    assert any(
+        float(v.abs().max()) > 0 for k, v in trained.items() if "controlnet_down_blocks" in k
+    )  # the zero convolutions moved off zero
+    pipe = destatic.load(base)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.network.state_dict().items())
+    edges = torch.zeros(1, 3, 16, 16)
+    edges[..., 4:12, 4] = 1
+    got = pipe.generate("a red square", steps=2, controlnet=net, control_image=edges)
+    assert got.shape == (1, 3, 16, 16)
+    bad = load_config(
+        write_config(tmp_path / "d.toml", folder, tmp_path / "bad", extra.replace("[8]", "[8, 8]"))
+    )
+    with pytest.raises(ConfigError, match="2× down"):
+        train(bad)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from destatic.models.controlnet import ControlNet, ControlNetConfig
 from destatic.models.mmdit import MMDiT, MMDiTConfig
 from destatic.models.unet import UNet2DCondition, UNetConfig
 from destatic.process import EDM, EDMTarget, RectifiedFlow, Target, VPDiscrete, get_target
@@ -279,6 +280,8 @@ COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "SD3Transformer2DModel": (MMDiT, MMDiTConfig),
     "MMDiT": (MMDiT, MMDiTConfig),
     "AutoencoderKL": (AutoencoderKL, AutoencoderConfig),
+    "ControlNetModel": (ControlNet, ControlNetConfig),
+    "ControlNet": (ControlNet, ControlNetConfig),
 }
 
 

@@ -131,6 +131,18 @@ def data_clipart(
     _build_data(clipart.build_clipart, clipart.cache_paths, size, out, summary)
 
 
+INPUT_KEYS = (
+    "image",
+    "strength",
+    "mask",
+    "controlnet",
+    "control_image",
+    "control_scale",
+    "control_start",
+    "control_end",
+)
+
+
 def _preview_writer(folder: Path | None, todo: list):
     """A ``preview(i, images)`` callback writing labelled sheets to ``folder`` (or None)."""
     if folder is None:
@@ -169,6 +181,12 @@ def generate(
         1.0, min=0.0, max=1.0, help="Image → image: share of the steps run on the input."
     ),
     mask: Path = typer.Option(None, help="Inpainting: white = repaint, black = keep."),
+    controlnet: Path = typer.Option(None, help="Structural control: a ControlNet folder."),
+    control: Path = typer.Option(None, help="Its control image (an edge map, …)."),
+    canny: bool = typer.Option(False, help="Trace Canny edges of --control first."),
+    control_scale: float = typer.Option(1.0, min=0.0, help="Weight of the ControlNet."),
+    control_start: float = typer.Option(0.0, min=0.0, max=1.0, help="First share of steps."),
+    control_end: float = typer.Option(1.0, min=0.0, max=1.0, help="Last share of steps."),
     progress: bool = typer.Option(True, help="Show a progress bar over the steps."),
     preview: Path = typer.Option(
         None, help="Write a sheet of the decoded estimate x̂0 after every step to this folder."
@@ -209,13 +227,21 @@ def generate(
                     image=str(image) if image else "",
                     strength=strength,
                     mask=str(mask) if mask else "",
+                    controlnet=str(controlnet) if controlnet else "",
+                    control_image=str(control) if control else "",
+                    control_canny=canny,
+                    control_scale=control_scale,
+                    control_start=control_start,
+                    control_end=control_end,
                 )
                 for i, text in enumerate(p for p in prompt for _ in range(num_images))
             ]
-            inputs = todo[0].generate_kwargs()
-            inputs = {k: inputs[k] for k in ("image", "strength", "mask") if k in inputs}
             if mask is not None and image is None:
                 raise ValueError("--mask needs --image")
+            if (controlnet is None) != (control is None):
+                raise ValueError("--controlnet and --control go together")
+            inputs = todo[0].generate_kwargs()
+            inputs = {k: v for k, v in inputs.items() if k in INPUT_KEYS}
         pipe = destatic.load(model)
         live = {"progress": progress, "preview": _preview_writer(preview, todo)}
         if from_ is not None:
@@ -235,7 +261,7 @@ def generate(
                 **inputs,
                 **live,
             )
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, ValueError, ImportError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     single = out.suffix.lower() == ".png" and len(images) == 1

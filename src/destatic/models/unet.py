@@ -360,10 +360,16 @@ class UNet2DCondition(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(
-        self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        context: torch.Tensor,
+        control: Any = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents; timestep: scalar or (B,), fractional allowed;
-        context: (B, tokens, cross_attention_dim). Returns (B, out_channels, H, W)."""
+        context: (B, tokens, cross_attention_dim). Returns (B, out_channels, H, W).
+        ``control`` (a :class:`~destatic.models.controlnet.ControlResiduals`) adds a ControlNet's
+        residuals to the skip connections and the mid block's output."""
         cfg = self.config
         t = torch.as_tensor(timestep, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t  # (B,)
@@ -378,6 +384,9 @@ class UNet2DCondition(nn.Module):
             h, s = block(h, temb, context)  # (B, C_i, H/2^i, W/2^i)
             skips.extend(s)
         h = self.mid_block(h, temb, context)  # (B, C_last, H/2^(n-1), W/2^(n-1))
+        if control is not None:
+            skips = [s + r for s, r in zip(skips, control.down, strict=True)]
+            h = h + control.mid
         for block in self.up_blocks:
             k = len(block.resnets)
             s, skips = skips[-k:], skips[:-k]

@@ -38,6 +38,12 @@ class GenerationParams:
     image: str = ""  # image → image / inpainting: the input image's path
     strength: float = 1.0
     mask: str = ""  # inpainting: the mask's path (white = repaint)
+    controlnet: str = ""  # structural control: the ControlNet folder
+    control_image: str = ""  # its control image (or, with control_canny, the image to trace)
+    control_canny: bool = False  # trace Canny edges of control_image first
+    control_scale: float = 1.0
+    control_start: float = 0.0
+    control_end: float = 1.0
 
     def a1111(self) -> str:
         """The A1111 ``parameters`` text."""
@@ -55,6 +61,12 @@ class GenerationParams:
             fields.append(f"Size: {self.width}x{self.height}")
         if self.image:
             fields.append(f"Denoising strength: {self.strength:g}")
+        if self.controlnet:
+            fields.append(
+                f"ControlNet: {Path(self.controlnet).name} (weight {self.control_scale:g}, "
+                f"steps {self.control_start:g}-{self.control_end:g}"
+                + (", canny)" if self.control_canny else ")")
+            )
         fields.append(f"Model: {Path(self.model).name if self.model else 'destatic default'}")
         return "\n".join([*lines, ", ".join(fields)])
 
@@ -66,6 +78,24 @@ class GenerationParams:
             extra = {"image": _open(self.image, "RGB"), "strength": self.strength}
             if self.mask:
                 extra["mask"] = _open(self.mask, "L")
+        if self.controlnet:
+            from destatic.checkpoints import load_component
+
+            image = _open(self.control_image, "RGB")
+            if self.control_canny:
+                import numpy as np
+                from PIL import Image
+
+                from destatic.data.edges import canny_edges
+
+                image = Image.fromarray(canny_edges(np.asarray(image)))
+            extra.update(
+                controlnet=load_component(self.controlnet),
+                control_image=image,
+                control_scale=self.control_scale,
+                control_start=self.control_start,
+                control_end=self.control_end,
+            )
         return {
             **extra,
             "negative_prompt": self.negative_prompt or None,

@@ -163,6 +163,47 @@ class Pipeline:
             x = self.autoencoder.latents_from_images(x.to(ae_dtype), sample=False)
         return x.to(self.dtype)
 
+    def _controlled(self, controlnet, image, scale, start, end, sigmas, size, batch):
+        """The network steered by ``controlnet`` on the steps from ``start`` to ``end``."""
+        from destatic.models.controlnet import ControlledUNet
+
+        if controlnet is None or image is None:
+            raise ValueError("structural control needs both controlnet= and control_image=")
+        if not 0 <= start < end <= 1:
+            raise ValueError(f"need 0 ≤ control_start < control_end ≤ 1, got {start}, {end}")
+        cfg = controlnet.config
+        if cfg.downsample_factor != self.latent_factor:
+            raise ValueError(
+                f"this ControlNet embeds control images {cfg.downsample_factor}× down but the "
+                f"model's latents are {self.latent_factor}× smaller than the image"
+            )
+        control = as_image_batch(image, "control_image", channels=cfg.conditioning_channels)
+        if tuple(control.shape[-2:]) != tuple(size):
+            raise ValueError(
+                f"the control image is {control.shape[-1]}×{control.shape[-2]} but the image "
+                f"is {size[1]}×{size[0]}"
+            )
+        control = _per_prompt(control, batch, "control image")
+        # step i (σ_i → σ_i+1) is on when start ≤ i/N and (i+1)/N ≤ end (diffusers' rule); in
+        # the network's time label (increasing with σ) the window is (t(σ_last+1), t(σ_first)]
+        n = len(sigmas) - 1
+        on = [i for i in range(n) if start <= i / n and (i + 1) / n <= end]
+        if not on:
+            raise ValueError(f"control_start={start}, control_end={end} leave no step of {n}")
+        grid = torch.as_tensor(sigmas, dtype=torch.float64)
+        label = self.process.noise_label
+        hi = float(label(grid[on[0]].view(1)))
+        lo = float(label(grid[on[-1] + 1].view(1))) if on[-1] + 1 < n else -math.inf
+
+        tol = 1e-3 * max(1.0, abs(hi))  # the label reaches the network in its dtype (fp16)
+
+        def active(timestep) -> bool:
+            t = float(torch.as_tensor(timestep).reshape(-1)[0])
+            return lo + tol < t <= hi + tol
+
+        window = None if (on[0] == 0 and on[-1] == n - 1) else active
+        return ControlledUNet(self.network, [(controlnet.to(self.device), control, scale, window)])
+
     def _conditioning(self, embedding: TextEmbedding) -> dict[str, torch.Tensor]:
         tokens = embedding.tokens.to(self.device, self.dtype)
         if isinstance(self.network, MMDiT):
@@ -197,6 +238,11 @@ class Pipeline:
         mask: ImageInput | None = None,
         progress: bool = False,
         preview: Callable[[int, torch.Tensor], None] | None = None,
+        controlnet: nn.Module | None = None,
+        control_image: ImageInput | None = None,
+        control_scale: float = 1.0,
+        control_start: float = 0.0,
+        control_end: float = 1.0,
         **sampler_options,
     ) -> torch.Tensor:
         """Images as a float tensor [B, C, H, W] in [0, 1]. ``seed`` is the first of
@@ -209,6 +255,11 @@ class Pipeline:
         repaint, 0 = keep; the image's size): inpainting with the kept region held by
         :class:`~destatic.sampling.KnownRegion` (any model, any sampler; strength 1 repaints
         the masked region from pure noise).
+
+        With ``controlnet`` and ``control_image`` (one, or one per image; the image's size):
+        structural control. Its residuals are scaled by ``control_scale`` and act on the steps
+        from ``control_start`` to ``control_end`` (fractions of the grid, as diffusers'
+        ``control_guidance_start/end``).
 
         ``progress`` shows a tqdm bar over the steps; ``preview(i, images)`` receives the
         decoded estimate x̂0 after step i (images in [0, 1]), as ComfyUI's previews do."""
@@ -236,11 +287,23 @@ class Pipeline:
 
         cond = self._conditioning(self.text_encoder.encode(prompts))
         uncond = self._conditioning(self.text_encoder.encode(negatives)) if guidance != 1 else None
-        denoiser = Denoiser(self.network, self.process, self.target)
-        guided = ClassifierFreeGuidance(denoiser, cond, uncond, guidance)
-
         if sigmas is None:
             sigmas = make_sigmas(grid or self.default_grid, steps, process=self.process)
+        network = self.network
+        if controlnet is not None or control_image is not None:
+            network = self._controlled(
+                controlnet,
+                control_image,
+                control_scale,
+                control_start,
+                control_end,
+                sigmas,
+                (height, width),
+                batch,
+            )
+        denoiser = Denoiser(network, self.process, self.target)
+        guided = ClassifierFreeGuidance(denoiser, cond, uncond, guidance)
+
         factor = self.latent_factor
         shape = (batch, self.latent_channels, height // factor, width // factor)
         gens = generators(seeds)

@@ -1,9 +1,10 @@
 """Training configs: a TOML file validated into dataclasses.
 
 ``destatic train configs/emoji.toml`` reads one file with the tables ``[data]``, ``[model]``,
-``[objective]``, ``[autoencoder]``, ``[evaluator]``, ``[optim]``, ``[train]``, ``[sample]`` and
-``[output]`` (all optional; every key has a default). Unknown tables or keys, values of the
-wrong type and out-of-range values are a :class:`ConfigError` naming the key and what is allowed.
+``[objective]``, ``[autoencoder]``, ``[evaluator]``, ``[control]``, ``[optim]``, ``[train]``,
+``[sample]`` and ``[output]`` (all optional; every key has a default). Unknown tables or keys,
+values of the wrong type and out-of-range values are a :class:`ConfigError` naming the key and
+what is allowed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "AutoencoderTrainConfig",
     "Config",
     "ConfigError",
+    "ControlTrainConfig",
     "DataConfig",
     "EvaluatorTrainConfig",
     "ModelConfig",
@@ -141,6 +143,24 @@ class EvaluatorTrainConfig:
 
 
 @dataclass
+class ControlTrainConfig:
+    """Used when ``[train] task = "control"``: a ControlNet for a trained pipeline, on edge
+    maps of the training images (:mod:`destatic.models.controlnet`)."""
+
+    base: str = ""  # the pipeline folder it steers ("" = the bundled default model)
+    conditioning_embedding_out_channels: list[int] = field(default_factory=lambda: [16])
+    edges_sigma: float = 1.0  # Canny's Gaussian blur, in pixels
+
+    def check(self) -> None:
+        _require(
+            len(self.conditioning_embedding_out_channels) >= 1
+            and all(c >= 1 for c in self.conditioning_embedding_out_channels),
+            "control.conditioning_embedding_out_channels needs positive widths",
+        )
+        _require(self.edges_sigma > 0, f"control.edges_sigma = {self.edges_sigma}: use > 0")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -167,7 +187,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "denoiser"  # denoiser | autoencoder | evaluator
+    task: str = "denoiser"  # denoiser | autoencoder | evaluator | control
     steps: int = 10_000  # optimizer steps
     batch_size: int = 64  # global batch per optimizer step (over processes and accumulation)
     grad_accum: int = 1  # micro-batches per optimizer step and process
@@ -184,7 +204,7 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        _choice("train.task", self.task, ("denoiser", "autoencoder", "evaluator"))
+        _choice("train.task", self.task, ("denoiser", "autoencoder", "evaluator", "control"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             value = getattr(self, name)
@@ -247,6 +267,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
     evaluator: EvaluatorTrainConfig = field(default_factory=EvaluatorTrainConfig)
+    control: ControlTrainConfig = field(default_factory=ControlTrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -27,7 +27,14 @@ from destatic.training.config import Config, ConfigError
 from destatic.training.data import CaptionBank, LatentCache, load_training_images, pixels
 from destatic.training.objectives import OBJECTIVES
 
-__all__ = ["AutoencoderTask", "DenoiserTask", "EvaluatorTask", "Task", "make_task"]
+__all__ = [
+    "AutoencoderTask",
+    "ControlTask",
+    "DenoiserTask",
+    "EvaluatorTask",
+    "Task",
+    "make_task",
+]
 
 Batch = dict[str, torch.Tensor]
 
@@ -69,16 +76,13 @@ class DenoiserTask(Task):
 
     def __init__(self, cfg: Config, device: torch.device, progress: bool = True):
         self.cfg = cfg
-        data = load_training_images(cfg.data, progress=progress)
-        self.text_encoder = MiniLMTextEncoder.from_package(max_length=cfg.model.text_max_length)
+        data = self.data = load_training_images(cfg.data, progress=progress)
+        self.text_encoder = self._text_encoder()
         flat = [c for caps in data.captions for c in caps]
         self.bank = CaptionBank(self.text_encoder, flat, progress=progress)
         self.caption_ids = [self.bank.ids(caps) for caps in data.captions]
-        self.autoencoder: AutoencoderKL | None = None
-        if cfg.model.autoencoder:
-            from destatic.checkpoints import load_component
-
-            self.autoencoder = load_component(cfg.model.autoencoder).to(device).eval()
+        self.autoencoder = self._autoencoder(device)
+        if self.autoencoder is not None:
             self.autoencoder.requires_grad_(False)
             self.latents: LatentCache | None = LatentCache(
                 self.autoencoder, data.images, progress=progress
@@ -94,7 +98,7 @@ class DenoiserTask(Task):
             self.objective = objective_cls(**cfg.objective.options)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"[objective]: {e}") from e
-        self.model = self._network(channels, side)
+        self.model = self._network(channels, side, device)
         self.pipeline = Pipeline(
             self.model,
             self.autoencoder,
@@ -103,7 +107,17 @@ class DenoiserTask(Task):
             self.objective.target,
         )
 
-    def _network(self, channels: int, side: int) -> nn.Module:
+    def _text_encoder(self) -> MiniLMTextEncoder:
+        return MiniLMTextEncoder.from_package(max_length=self.cfg.model.text_max_length)
+
+    def _autoencoder(self, device: torch.device) -> AutoencoderKL | None:
+        if not self.cfg.model.autoencoder:
+            return None
+        from destatic.checkpoints import load_component
+
+        return load_component(self.cfg.model.autoencoder).to(device).eval()
+
+    def _network(self, channels: int, side: int, device: torch.device) -> nn.Module:
         m = self.cfg.model
         dims = {"in_channels": channels, "sample_size": side}
         if m.kind == "unet":
@@ -146,9 +160,13 @@ class DenoiserTask(Task):
             cond["pooled"] = self.bank.pooled[caption].to(device)
         return cond
 
+    def _denoiser_net(self, model: nn.Module, batch: Batch, device: torch.device):
+        """The network the objective regresses: here the trained model itself."""
+        return model
+
     def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
         return self.objective.loss(
-            model,
+            self._denoiser_net(model, batch, device),
             batch["x0"].to(device),
             self.conditioning(batch["caption"], device),
             sigma=batch["sigma"],
@@ -180,6 +198,96 @@ class DenoiserTask(Task):
         finally:
             weights.train(was_training)
         return images, list(s.prompts)
+
+
+class ControlTask(DenoiserTask):
+    """A ControlNet for a trained pipeline (``control.base``), on Canny edge maps of the
+    training images: the base network is frozen and only the ControlNet (initialised as a copy
+    of its encoder, zero convolutions out) learns, with the base's own objective."""
+
+    def __init__(self, cfg: Config, device: torch.device, progress: bool = True):
+        import destatic
+
+        self.base = destatic.load(cfg.control.base or None)
+        if not isinstance(self.base.network, UNet2DCondition):
+            raise ConfigError("control.base must be a U-Net pipeline (ControlNets steer U-Nets)")
+        self.base.network.to(device).requires_grad_(False).eval()
+        super().__init__(cfg, device, progress)
+        from destatic.data.edges import canny_edges
+
+        if self.autoencoder is None and cfg.data.size != self.base.default_size:
+            raise ConfigError(
+                f"data.size = {cfg.data.size} but the base model draws {self.base.default_size}²"
+            )
+        edges = canny_edges(self.data.images, sigma=cfg.control.edges_sigma)
+        self.edges = torch.from_numpy(edges)  # uint8 NHWC
+        self.pipeline = self.base
+
+    def _text_encoder(self):
+        return self.base.text_encoder
+
+    def _autoencoder(self, device: torch.device):
+        return self.base.autoencoder
+
+    def _network(self, channels: int, side: int, device: torch.device) -> nn.Module:
+        from destatic.models.controlnet import ControlNet
+
+        widths = tuple(self.cfg.control.conditioning_embedding_out_channels)
+        factor = 2 ** (len(widths) - 1)
+        if factor != self.base.latent_factor:
+            raise ConfigError(
+                f"control.conditioning_embedding_out_channels has {len(widths)} entries "
+                f"({factor}× down) but the base's latents are {self.base.latent_factor}× smaller "
+                f"than its images: use {int(math.log2(self.base.latent_factor)) + 1} entries"
+            )
+        return ControlNet.from_unet(self.base.network, conditioning_embedding_out_channels=widths)
+
+    def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
+        batch = super().draw(index, generator)
+        batch["control"] = self.edges[index].permute(0, 3, 1, 2).float() / 255
+        return batch
+
+    def _denoiser_net(self, model: nn.Module, batch: Batch, device: torch.device):
+        unet, control = self.base.network, batch["control"].to(device)
+
+        def steered(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return unet(x, t, context, control=model(x, t, context, control))
+
+        return steered
+
+    def export(self, weights: nn.Module, folder: Path) -> None:
+        from destatic.checkpoints import save_component
+
+        save_component(
+            weights, folder, class_name="ControlNetModel", config=weights.config.to_dict()
+        )
+
+    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+        """Held-out edge maps (top row) above what the base draws from them and their captions."""
+        from destatic.data.edges import canny_edges
+
+        held = load_training_images(cfg.data, progress=False, split="heldout")
+        n = min(8, len(held))
+        edges = torch.from_numpy(canny_edges(held.images[:n], sigma=cfg.control.edges_sigma))
+        edges = edges.permute(0, 3, 1, 2).float() / 255
+        prompts = [caps[0] for caps in held.captions[:n]]
+        s = cfg.sample
+        was_training = weights.training
+        weights.eval()
+        try:
+            images = self.base.generate(
+                prompts,
+                steps=s.steps,
+                sampler=s.sampler,
+                grid=s.grid,
+                guidance=s.guidance,
+                seed=s.seed,
+                controlnet=weights,
+                control_image=edges,
+            )
+        finally:
+            weights.train(was_training)
+        return torch.cat([edges, images.cpu()]), ["edges"] * n + prompts
 
 
 class AutoencoderTask(Task):
@@ -387,4 +495,6 @@ def make_task(cfg: Config, device: torch.device, progress: bool = True) -> Task:
         return AutoencoderTask(cfg, device, progress)
     if cfg.train.task == "evaluator":
         return EvaluatorTask(cfg, device, progress)
+    if cfg.train.task == "control":
+        return ControlTask(cfg, device, progress)
     return DenoiserTask(cfg, device, progress)
