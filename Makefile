@@ -23,7 +23,7 @@ SHEET_PROMPTS := "grinning face" "red heart" "cat face" "flag: japan" "pizza" "r
 	"thumbs up" "woman technologist: medium skin tone" "sun" "ghost" "green apple" "fire" \
 	"dog face" "star" "birthday cake" "flag: germany"
 
-.PHONY: demo test lint bench bundle bundle-evaluator
+.PHONY: demo test lint bench bundle bundle-evaluator bundle-control
 demo: $(VENV)/.installed
 	$(BIN)/destatic generate $(DEMO_PROMPTS) --upscale 4 -o out
 
@@ -37,6 +37,11 @@ bundle: $(VENV)/.installed
 bundle-evaluator: $(VENV)/.installed
 	rm -rf src/destatic/assets/emoji_evaluator
 	$(BIN)/destatic export runs/emoji_evaluator/model src/destatic/assets/emoji_evaluator --half
+
+# Refresh the bundled ControlNet from a finished `destatic train configs/emoji_control.toml`.
+bundle-control: $(VENV)/.installed
+	rm -rf src/destatic/assets/emoji_control
+	$(BIN)/destatic export runs/emoji_control/model src/destatic/assets/emoji_control --half
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -144,5 +144,11 @@ def test_controlnet_from_the_command_line(tmp_path):
     again = tmp_path / "again.png"
     assert runner.invoke(app, ["generate", "--from", str(out), "-o", str(again)]).exit_code == 0
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    exported = runner.invoke(app, ["export", str(tmp_path / "cn"), str(tmp_path / "cn16")])
+    assert exported.exit_code == 0, exported.output
+    from destatic.checkpoints import load_component, load_weights
+
+    assert {v.dtype for v in load_weights(tmp_path / "cn16").values()} == {torch.float16}
+    assert type(load_component(tmp_path / "cn16")).__name__ == "ControlNet"
     bad = runner.invoke(app, [*base, "--controlnet", str(tmp_path / "cn")])
     assert bad.exit_code == 2 and "go together" in bad.output

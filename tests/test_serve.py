@@ -32,11 +32,30 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def server(pipe):
+def controlnet_folder(pipe, tmp_path_factory):
+    """A ControlNet for the bundled model, nudged off its zero init so control matters."""
+    import torch
+
+    from destatic.checkpoints import save_component
+    from destatic.models.controlnet import ControlNet
+
+    net = ControlNet.from_unet(pipe.network, conditioning_embedding_out_channels=(16,))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    folder = tmp_path_factory.mktemp("cn") / "cn"
+    save_component(net, folder, class_name="ControlNetModel", config=net.config.to_dict())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(pipe, controlnet_folder):
     """The app on a free localhost port, in a background thread."""
     import uvicorn
 
-    app = create_app(pipeline=pipe, limits=Limits(max_side=64, max_images=4, max_waiting=4))
+    limits = Limits(max_side=64, max_images=4, max_waiting=4)
+    app = create_app(pipeline=pipe, limits=limits, controlnet=controlnet_folder)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -141,6 +160,24 @@ def test_http_api_generates_pngs_with_parameters(server):
         timeout=60,
     )
     assert r.status_code == 200, r.text
+
+
+def test_http_api_with_control(server):
+    rng = np.random.default_rng(1)
+    ref = png_b64(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    body = {"prompt": "sun", "steps": 3, "seed": 1}
+    plain = httpx.post(f"{server}/api/generate", json=body, timeout=60).json()
+    r = httpx.post(
+        f"{server}/api/generate",
+        json={**body, "control_image": ref, "control_canny": True, "control_end": 0.7},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["images"][0] != plain["images"][0]
+    assert r.json()["parameters"][0]["control_canny"] is True
+    small = png_b64(np.zeros((16, 16, 3), np.uint8))
+    bad = httpx.post(f"{server}/api/generate", json={**body, "control_image": small})
+    assert bad.status_code == 400 and "control image is 16×16" in bad.json()["error"]
 
 
 def test_server_survives_a_burst_of_bad_and_concurrent_requests(server):

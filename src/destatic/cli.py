@@ -293,12 +293,12 @@ def export(
     dest: Path = typer.Argument(..., help="Where to write it."),
     half: bool = typer.Option(True, help="Store weights as fp16 (they load back as fp32)."),
 ) -> None:
-    """Copy a pipeline (or evaluator) folder in the diffusers layout, optionally as fp16
-    safetensors."""
+    """Copy a pipeline or component folder (ControlNet, VAE, evaluator, …) in the diffusers
+    layout, optionally as fp16 safetensors."""
     import torch
 
     import destatic
-    from destatic.checkpoints import CheckpointError
+    from destatic.checkpoints import CheckpointError, load_component, read_json, save_component
     from destatic.metrics.evaluator import (
         is_evaluator_folder,
         load_image_text_model,
@@ -307,9 +307,15 @@ def export(
     from destatic.pipelines import save
 
     try:
+        dtype = torch.float16 if half else None
         if is_evaluator_folder(source):
-            dtype = torch.float16 if half else None
             save_evaluator(load_image_text_model(source), dest, dtype=dtype)
+        elif (source / "config.json").is_file() and not (source / "model_index.json").is_file():
+            component = load_component(source)  # a ControlNet, a VAE, a U-Net, …
+            name = read_json(source / "config.json")["_class_name"]
+            save_component(
+                component, dest, class_name=name, config=component.config.to_dict(), dtype=dtype
+            )
         else:
             save(destatic.load(source), dest, half=half)
     except (CheckpointError, ValueError) as err:
@@ -435,6 +441,9 @@ def serve(
     max_images: int = typer.Option(8, min=1, help="Most images per request."),
     max_steps: int = typer.Option(100, min=1, help="Most sampler steps per request."),
     queue: int = typer.Option(16, min=0, help="Requests that may wait behind the running one."),
+    controlnet: Path = typer.Option(
+        None, help="A ControlNet folder for the Control tab (default: the bundled one)."
+    ),
 ) -> None:
     """Web UI (text → image, image → image, inpainting) and HTTP API on one local server."""
     from destatic.checkpoints import CheckpointError
@@ -445,7 +454,7 @@ def serve(
         max_side=max_side, max_images=max_images, max_steps=max_steps, max_waiting=queue
     )
     try:
-        app_ = create_app(model, limits)
+        app_ = create_app(model, limits, controlnet=controlnet)
     except (CheckpointError, ValueError, ImportError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -23,8 +23,10 @@ def create_app(
     *,
     pipeline=None,
     concurrency: int = 1,
+    controlnet: str | os.PathLike | None = None,
 ):
-    """A FastAPI app with the UI at ``/`` and the API at ``/api``."""
+    """A FastAPI app with the UI at ``/`` and the API at ``/api``; ``controlnet`` (a folder;
+    default: the bundled emoji ControlNet when the model is the bundled one) adds control."""
     try:
         import gradio as gr
         from fastapi import FastAPI
@@ -40,7 +42,24 @@ def create_app(
     if pipeline is None:
         pipeline = destatic.load(model)
     limits = limits or Limits()
-    service = GenerationService(pipeline, limits, model_name=str(model) if model else "")
+    net = None
+    if (
+        controlnet is None
+        and model is None
+        and (destatic.DEFAULT_CONTROLNET / "config.json").is_file()
+    ):
+        controlnet = destatic.DEFAULT_CONTROLNET
+    if controlnet is not None:
+        from destatic.checkpoints import load_component
+
+        net = load_component(controlnet)
+    service = GenerationService(
+        pipeline,
+        limits,
+        model_name=str(model) if model else "",
+        controlnet=net,
+        controlnet_name=str(controlnet or ""),
+    )
     app = FastAPI(title="destatic")
     add_api_routes(app, service)
     ui = build_ui(service)

@@ -55,7 +55,7 @@ def parse_request(body: Any) -> Request:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     body = dict(body)
-    for name in ("image", "mask"):
+    for name in ("image", "mask", "control_image"):
         if body.get(name) is not None:
             body[name] = _decode_image(name, body[name])
     try:

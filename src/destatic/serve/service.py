@@ -53,6 +53,11 @@ class Request:
     strength: float = 1.0
     image: Any = None  # PIL image (image → image, inpainting)
     mask: Any = None  # PIL image, white = repaint
+    control_image: Any = None  # PIL image: the server's ControlNet steers with it
+    control_canny: bool = False  # trace Canny edges of control_image first
+    control_scale: float = 1.0
+    control_start: float = 0.0
+    control_end: float = 1.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Request:
@@ -85,10 +90,19 @@ def _number(name: str, value: Any, kind: type, low: float, high: float) -> None:
 class GenerationService:
     """``service.run(request)`` → :class:`Generated`; thread-safe (one generation at a time)."""
 
-    def __init__(self, pipeline, limits: Limits | None = None, model_name: str = ""):
+    def __init__(
+        self,
+        pipeline,
+        limits: Limits | None = None,
+        model_name: str = "",
+        controlnet=None,
+        controlnet_name: str = "",
+    ):
         self.pipeline = pipeline
         self.limits = limits or Limits()
         self.model_name = model_name
+        self.controlnet = controlnet
+        self.controlnet_name = controlnet_name
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.limits.max_waiting + 1)
 
@@ -135,6 +149,38 @@ class GenerationService:
                 )
         if r.image is None and r.strength != 1:
             raise RequestError("strength needs an image (image → image)")
+        if r.control_image is not None:
+            if self.controlnet is None:
+                raise RequestError("this server has no ControlNet (destatic serve --controlnet)")
+            _number("control_scale", r.control_scale, float, 0, 5)
+            _number("control_start", r.control_start, float, 0, 1)
+            _number("control_end", r.control_end, float, 0, 1)
+            if r.control_start >= r.control_end:
+                raise RequestError("control_start must be below control_end")
+            w, h = r.control_image.size
+            want = (r.width or self.pipeline.default_size, r.height or self.pipeline.default_size)
+            if r.image is not None:
+                want = r.image.size
+            if (w, h) != want:
+                raise RequestError(
+                    f"the control image is {w}×{h} but the image is {want[0]}×{want[1]}"
+                )
+
+    @staticmethod
+    def control_map(image, canny: bool):
+        """The control image as the ControlNet sees it: RGB, traced to Canny edges if asked."""
+        image = image.convert("RGB")
+        if not canny:
+            return image
+        import numpy as np
+        from PIL import Image
+
+        from destatic.data.edges import canny_edges
+
+        return Image.fromarray(canny_edges(np.asarray(image)))
+
+    def _control_map(self, r: Request):
+        return self.control_map(r.control_image, r.control_canny)
 
     # -- running -------------------------------------------------------------------------------
     def run(self, r: Request) -> Generated:
@@ -149,6 +195,14 @@ class GenerationService:
                     extra = {"image": r.image.convert("RGB"), "strength": r.strength}
                     if r.mask is not None:
                         extra["mask"] = r.mask.convert("L")
+                if r.control_image is not None:
+                    extra.update(
+                        controlnet=self.controlnet,
+                        control_image=self._control_map(r),
+                        control_scale=r.control_scale,
+                        control_start=r.control_start,
+                        control_end=r.control_end,
+                    )
                 try:
                     images = self.pipeline(
                         r.prompt,
@@ -168,6 +222,15 @@ class GenerationService:
             notes = list(dict.fromkeys(str(w.message) for w in caught))
         finally:
             self._slots.release()
+        control = {}
+        if r.control_image is not None:
+            control = dict(
+                controlnet=self.controlnet_name or "controlnet",
+                control_canny=r.control_canny,
+                control_scale=r.control_scale,
+                control_start=r.control_start,
+                control_end=r.control_end,
+            )
         params = [
             GenerationParams(
                 prompt=r.prompt,
@@ -181,6 +244,7 @@ class GenerationService:
                 height=im.height,
                 model=self.model_name,
                 strength=r.strength,
+                **control,
             )
             for i, im in enumerate(images)
         ]

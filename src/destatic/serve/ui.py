@@ -172,4 +172,40 @@ def build_ui(service: GenerationService):
                 [gallery3, text3],
                 api_name="inpaint",
             )
+        if service.controlnet is not None:
+            with gr.Tab("Control"):
+                prompt4, negative4 = prompts("control")
+                with gr.Row():
+                    reference = gr.Image(type="pil", label="Control image", elem_id="control-input")
+                    traced = gr.Image(
+                        type="pil", label="What the ControlNet sees", interactive=False
+                    )
+                canny = gr.Checkbox(True, label="Trace Canny edges of the control image")
+                with gr.Row():
+                    weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Control weight")
+                    start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (share of steps)")
+                    end = gr.Slider(0, 1, value=1.0, step=0.05, label="End (share of steps)")
+                button4 = gr.Button("Generate", variant="primary", elem_id="control-generate")
+                knobs4 = settings()
+                gallery4, text4 = outputs("control")
+
+                def controlled(prompt, negative, image, canny, weight, start, end, *knobs):
+                    size = int(knobs[-1])
+                    extra = {
+                        "control_image": fit(image, size),
+                        "control_canny": bool(canny),
+                        "control_scale": float(weight),
+                        "control_start": float(start),
+                        "control_end": float(end),
+                    }
+                    images, text = run(request(prompt, negative, *knobs, **extra))
+                    seen = service.control_map(extra["control_image"], extra["control_canny"])
+                    return images, text, _enlarged(seen)
+
+                button4.click(
+                    controlled,
+                    [prompt4, negative4, reference, canny, weight, start, end, *knobs4],
+                    [gallery4, text4, traced],
+                    api_name="control",
+                )
     return ui
