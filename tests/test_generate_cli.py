@@ -152,3 +152,46 @@ def test_controlnet_from_the_command_line(tmp_path):
     assert type(load_component(tmp_path / "cn16")).__name__ == "ControlNet"
     bad = runner.invoke(app, [*base, "--controlnet", str(tmp_path / "cn")])
     assert bad.exit_code == 2 and "go together" in bad.output
+
+
+def test_variations_of_a_generated_image(tmp_path):
+    runner = CliRunner()
+    ref = tmp_path / "ref.png"
+    assert (
+        runner.invoke(app, ["generate", "cat face", "--steps", "4", "-o", str(ref)]).exit_code == 0
+    )
+    args = ["generate", "--from", str(ref), "--variation-strength", "0.2", "-n", "3"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "v")])
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "v").glob("*.png"))
+    assert len(files) == 3
+    base = np.asarray(Image.open(ref)).astype(float)
+    diffs = [np.abs(np.asarray(Image.open(f)).astype(float) - base).mean() for f in files]
+    assert all(0 < d < 40 for d in diffs)  # close to the reference, yet not equal
+    params = read_params(files[1])
+    assert (params.seed, params.variation_seed, params.variation_strength) == (0, 2, 0.2)
+    again = tmp_path / "again.png"
+    assert (
+        runner.invoke(app, ["generate", "--from", str(files[1]), "-o", str(again)]).exit_code == 0
+    )
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(files[1])))
+    far = tmp_path / "far.png"
+    far_args = ["generate", "--from", str(ref), "--variation-strength", "1", "-o", str(far)]
+    assert runner.invoke(app, far_args).exit_code == 0
+    far_diff = np.abs(np.asarray(Image.open(far)).astype(float) - base).mean()
+    assert far_diff > max(diffs)
+
+
+def test_slerp_keeps_the_norm_and_its_ends():
+    import torch
+
+    from destatic.sampling import slerp
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
+    torch.testing.assert_close(slerp(a, b, 0.0), a)
+    torch.testing.assert_close(slerp(a, b, 1.0), b)
+    mid = slerp(a, b, 0.5)
+    ratio = mid.flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
+    assert (ratio - 1).abs().max() < 0.05  # a straight line would give ≈ 0.71
+    torch.testing.assert_close(slerp(a, a, 0.3), a)  # parallel: no division by zero

@@ -132,6 +132,8 @@ def data_clipart(
 
 
 INPUT_KEYS = (
+    "variation_seed",
+    "variation_strength",
     "image",
     "strength",
     "mask",
@@ -181,6 +183,12 @@ def generate(
         1.0, min=0.0, max=1.0, help="Image → image: share of the steps run on the input."
     ),
     mask: Path = typer.Option(None, help="Inpainting: white = repaint, black = keep."),
+    variation_seed: int = typer.Option(
+        None, help="Variations: blend in this seed's noise (the next images count up)."
+    ),
+    variation_strength: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="Variations: how much of the variation seed's noise."
+    ),
     controlnet: Path = typer.Option(None, help="Structural control: a ControlNet folder."),
     control: Path = typer.Option(None, help="Its control image (an edge map, …)."),
     canny: bool = typer.Option(False, help="Trace Canny edges of --control first."),
@@ -195,6 +203,7 @@ def generate(
     """Text → image (or image → image, inpainting) with any sampler; writes one PNG per image,
     with its generation parameters in the PNG's text chunks (A1111's "parameters" and a
     "destatic" JSON)."""
+    import dataclasses
     import re
 
     import destatic
@@ -208,6 +217,14 @@ def generate(
             stored = read_params(from_)
             model = Path(stored.model) if stored.model else None
             todo = [stored]
+            if variation_strength:  # variations of the stored image: one per variation seed
+                first = stored.seed + 1 if variation_seed is None else variation_seed
+                todo = [
+                    dataclasses.replace(
+                        stored, variation_seed=first + k, variation_strength=variation_strength
+                    )
+                    for k in range(num_images)
+                ]
         elif not prompt:
             raise ValueError("give at least one prompt (or --from image.png)")
         else:
@@ -227,6 +244,8 @@ def generate(
                     image=str(image) if image else "",
                     strength=strength,
                     mask=str(mask) if mask else "",
+                    variation_seed=None if variation_seed is None else variation_seed + i,
+                    variation_strength=variation_strength,
                     controlnet=str(controlnet) if controlnet else "",
                     control_image=str(control) if control else "",
                     control_canny=canny,
@@ -245,7 +264,11 @@ def generate(
         pipe = destatic.load(model)
         live = {"progress": progress, "preview": _preview_writer(preview, todo)}
         if from_ is not None:
-            images = pipe(stored.prompt, **stored.generate_kwargs(), **live)
+            kwargs = {**todo[0].generate_kwargs(), **live}
+            if len(todo) > 1:
+                kwargs["seed"] = [p.seed for p in todo]
+                kwargs["variation_seed"] = [p.variation_seed for p in todo]
+            images = pipe([stored.prompt] * len(todo), **kwargs)
         else:
             images = pipe(
                 prompt,

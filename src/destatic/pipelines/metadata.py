@@ -38,6 +38,8 @@ class GenerationParams:
     image: str = ""  # image → image / inpainting: the input image's path
     strength: float = 1.0
     mask: str = ""  # inpainting: the mask's path (white = repaint)
+    variation_seed: int | None = None  # A1111's "variation seed"
+    variation_strength: float = 0.0
     controlnet: str = ""  # structural control: the ControlNet folder
     control_image: str = ""  # its control image (or, with control_canny, the image to trace)
     control_canny: bool = False  # trace Canny edges of control_image first
@@ -59,6 +61,9 @@ class GenerationParams:
         ]
         if self.width and self.height:
             fields.append(f"Size: {self.width}x{self.height}")
+        if self.variation_strength:
+            fields.append(f"Variation seed: {self.variation_seed}")
+            fields.append(f"Variation seed strength: {self.variation_strength:g}")
         if self.image:
             fields.append(f"Denoising strength: {self.strength:g}")
         if self.controlnet:
@@ -96,6 +101,9 @@ class GenerationParams:
                 control_start=self.control_start,
                 control_end=self.control_end,
             )
+        if self.variation_strength:
+            extra["variation_seed"] = self.variation_seed
+            extra["variation_strength"] = self.variation_strength
         return {
             **extra,
             "negative_prompt": self.negative_prompt or None,

@@ -31,6 +31,7 @@ from destatic.sampling import (
     randn,
     sample,
     sampler_info,
+    slerp,
 )
 
 if TYPE_CHECKING:
@@ -238,6 +239,8 @@ class Pipeline:
         mask: ImageInput | None = None,
         progress: bool = False,
         preview: Callable[[int, torch.Tensor], None] | None = None,
+        variation_seed: int | Sequence[int] | None = None,
+        variation_strength: float = 0.0,
         controlnet: nn.Module | None = None,
         control_image: ImageInput | None = None,
         control_scale: float = 1.0,
@@ -255,6 +258,10 @@ class Pipeline:
         repaint, 0 = keep; the image's size): inpainting with the kept region held by
         :class:`~destatic.sampling.KnownRegion` (any model, any sampler; strength 1 repaints
         the masked region from pure noise).
+
+        Variations (A1111's "variation seed"): the initial noise is
+        ``slerp(noise(seed), noise(variation_seed), variation_strength)``, so small strengths
+        give close variations of the image ``seed`` draws.
 
         With ``controlnet`` and ``control_image`` (one, or one per image; the image's size):
         structural control. Its residuals are scaled by ``control_scale`` and act on the steps
@@ -311,6 +318,18 @@ class Pipeline:
             noise = randn(shape, gens, device=self.device, dtype=self.dtype)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+        if variation_strength:
+            if variation_seed is None:
+                raise ValueError("variation_strength needs a variation_seed")
+            vseeds = (
+                list(range(variation_seed, variation_seed + batch))
+                if isinstance(variation_seed, int)
+                else list(variation_seed)
+            )
+            if len(vseeds) != batch:
+                raise ValueError(f"got {len(vseeds)} variation seeds for {batch} images")
+            other = randn(shape, generators(vseeds), device=self.device, dtype=self.dtype)
+            noise = slerp(noise.to(self.device, self.dtype), other, variation_strength)
         noise = noise.to(self.device, self.dtype)
         known = None
         if image is not None:

@@ -5,7 +5,7 @@ from destatic.sampling.base import SAMPLER_INFO, SAMPLERS, SamplerInfo, StepInfo
 from destatic.sampling.grids import GRIDS, make_sigmas
 from destatic.sampling.guidance import ClassifierFreeGuidance
 from destatic.sampling.inpaint import KnownRegion
-from destatic.sampling.noise import generators, noise_sampler, randn
+from destatic.sampling.noise import generators, noise_sampler, randn, slerp
 from destatic.sampling.sample import (
     NonFiniteError,
     check_sigmas,
@@ -32,4 +32,5 @@ __all__ = [
     "randn",
     "sample",
     "sampler_info",
+    "slerp",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["Generators", "NoiseFn", "generators", "noise_sampler", "randn"]
+__all__ = ["Generators", "NoiseFn", "generators", "noise_sampler", "randn", "slerp"]
 
 #: one generator for the whole batch, one per sample, or None for torch's global RNG
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -66,3 +66,23 @@ def noise_sampler(x: torch.Tensor, generator: Generators = None) -> NoiseFn:
         return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
     return draw
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation per sample between noises ``a`` and ``b`` (Shoemake 1985):
+
+        slerp = sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b,   cos θ = ⟨a, b⟩ / (|a| |b|),
+
+    which keeps a Gaussian's norm where a straight line would shrink it (A1111's "variation
+    seed"). Nearly parallel pairs fall back to the straight line."""
+    if not 0 <= t <= 1:
+        raise ValueError(f"the interpolation weight must be in [0, 1], got {t}")
+    fa, fb = a.flatten(1).double(), b.flatten(1).double()
+    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1)).clamp(min=1e-12)
+    theta = cos.clamp(-1, 1).acos()
+    sin = theta.sin()
+    safe = sin.abs() > 1e-6
+    wa = torch.where(safe, ((1 - t) * theta).sin() / sin.where(safe, 1.0), 1 - t + 0 * theta)
+    wb = torch.where(safe, (t * theta).sin() / sin.where(safe, 1.0), t + 0 * theta)
+    out = wa[:, None] * fa + wb[:, None] * fb
+    return out.view_as(a).to(a.dtype)
