@@ -23,7 +23,7 @@ SHEET_PROMPTS := "grinning face" "red heart" "cat face" "flag: japan" "pizza" "r
 	"thumbs up" "woman technologist: medium skin tone" "sun" "ghost" "green apple" "fire" \
 	"dog face" "star" "birthday cake" "flag: germany"
 
-.PHONY: demo test lint bench bundle bundle-evaluator bundle-control
+.PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint
 demo: $(VENV)/.installed
 	$(BIN)/destatic generate $(DEMO_PROMPTS) --upscale 4 -o out
 
@@ -42,6 +42,11 @@ bundle-evaluator: $(VENV)/.installed
 bundle-control: $(VENV)/.installed
 	rm -rf src/destatic/assets/emoji_control
 	$(BIN)/destatic export runs/emoji_control/model src/destatic/assets/emoji_control --half
+
+# Refresh the bundled inpainting model from a finished `destatic train configs/emoji_inpaint.toml`.
+bundle-inpaint: $(VENV)/.installed
+	rm -rf src/destatic/assets/emoji_inpaint
+	$(BIN)/destatic export runs/emoji_inpaint/model src/destatic/assets/emoji_inpaint --half
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

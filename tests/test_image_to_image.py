@@ -140,3 +140,57 @@ def test_image_to_image_matches_diffusers(sd_folder):  # noqa: F811
         )
         np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), expected, atol=1e-5, rtol=0)
     assert math.isfinite(float(got.sum()))
+
+
+def test_inpainting_model_matches_diffusers(tmp_path):
+    """A 9-channel (SD-inpainting-style) tiny U-Net: StableDiffusionInpaintPipeline, DDIM,
+    guidance 3, the same noise and masked-image latents."""
+    from tests import tiny_sd
+
+    _, vae, text, tokenizer = tiny_sd.components(tmp_path)
+    torch.manual_seed(1)
+    unet9 = diffusers.UNet2DConditionModel(**dict(tiny_sd.UNET, sample_size=8, in_channels=9))
+    tiny_sd.perturb(unet9)
+    name, config, _ = SCHEDULERS["ddim"]
+    scheduler = getattr(diffusers, name)(**SD, **config)
+    reference = diffusers.StableDiffusionInpaintPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet9.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    reference.save_pretrained(tmp_path / "inpaint", safe_serialization=True)
+    ours = destatic.load(tmp_path / "inpaint")
+    assert ours.inpainting_model and ours.latent_channels == 4
+    image = picture(3, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 6:14] = 1
+    masked_latents = ours.encode(image * (1 - mask) + 0.5 * mask)
+    steps = 8
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler_sigmas(scheduler)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    start = float(sigmas[0])
+    expected = reference(
+        "a red apple",
+        image=image,
+        mask_image=mask,
+        masked_image_latents=masked_latents,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        latents=z * start / math.sqrt(1 + start**2),
+        height=16,
+        width=16,
+        output_type="np",
+    ).images
+    got = ours.generate(
+        "a red apple", image=image, mask=mask, sampler="ddim", sigmas=sigmas, guidance=3.0, noise=z
+    )
+    np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), expected, atol=1e-5, rtol=0)
+    text_only = ours.generate("x", steps=2, width=16, height=16)  # everything repainted
+    assert text_only.shape == (1, 3, 16, 16)

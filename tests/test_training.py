@@ -372,3 +372,32 @@ def test_control_task_trains_a_controlnet_for_a_pipeline(folder, tmp_path):
     )
     with pytest.raises(ConfigError, match="2× down"):
         train(bad)
+
+
+def test_inpainting_variant_starts_as_its_base_and_trains(folder, tmp_path):
+    from destatic.training.tasks import DenoiserTask, random_masks
+
+    base = train(load_config(write_config(tmp_path / "b.toml", folder, tmp_path / "base")))
+    extra = f'\n[model]\ninpainting = true\ninit = "{base}"\ntext_max_length = 8\n{TINY_UNET}'
+    text = write_config(tmp_path / "i.toml", folder, tmp_path / "inp").read_text()
+    text = text.replace(f"[model]\ntext_max_length = 8\n{TINY_UNET}", "") + extra
+    (tmp_path / "i.toml").write_text(text)
+    cfg = load_config(tmp_path / "i.toml")
+    task = DenoiserTask(cfg, torch.device("cpu"), progress=False)
+    assert task.model.config.in_channels == 7 and task.model.config.out_channels == 3
+    source = destatic.load(base).network
+    x, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 8, 384)
+    extra_inputs = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            task.model(torch.cat([x, extra_inputs], 1), 5.0, ctx), source(x, 5.0, ctx)
+        )
+    masks = random_masks(64, 16, torch.Generator().manual_seed(0))
+    full = masks.flatten(1).mean(1) == 1
+    assert 0.1 < float(full.float().mean()) < 0.45 and float(masks[~full].mean()) < 0.6
+    pipe = destatic.load(train(cfg))
+    assert pipe.inpainting_model
+    image = torch.rand(1, 3, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :] = 1
+    assert pipe.generate("a red square", steps=2, image=image, mask=mask).shape == (1, 3, 16, 16)

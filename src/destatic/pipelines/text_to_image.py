@@ -74,6 +74,22 @@ def as_image_batch(image: ImageInput, name: str, channels: int) -> torch.Tensor:
     return x
 
 
+class InpaintingInputs(nn.Module):
+    """An inpainting network with its extra inputs bound: ``(x, t, context)`` → the network on
+    ``[x, mask, masked-image latents]`` along channels (repeated over a guidance batch)."""
+
+    def __init__(self, network: nn.Module, extra: torch.Tensor):
+        super().__init__()
+        self.network = network
+        self.config = network.config
+        self.extra = extra
+
+    def forward(self, x: torch.Tensor, timestep, *args, **kwargs) -> torch.Tensor:
+        reps = x.shape[0] // self.extra.shape[0]
+        extra = self.extra.to(x.dtype).repeat(reps, 1, 1, 1)
+        return self.network(torch.cat([x, extra], dim=1), timestep, *args, **kwargs)
+
+
 def _per_prompt(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     """One entry per generated image: a single entry is repeated, else counts must match."""
     if len(x) == batch:
@@ -123,8 +139,35 @@ class Pipeline:
     @property
     def latent_channels(self) -> int:
         if self.autoencoder is None:
-            return int(self.network.config.in_channels)
+            return int(self.network.config.out_channels)
         return self.autoencoder.config.latent_channels
+
+    @property
+    def inpainting_model(self) -> bool:
+        """Whether the network also reads a mask and the masked image's latents (in_channels =
+        2·latent + 1, as SD's inpainting models)."""
+        return int(self.network.config.in_channels) == 2 * self.latent_channels + 1
+
+    def _inpainting_inputs(
+        self,
+        image: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        batch: int,
+        size: tuple[int, int],
+    ) -> torch.Tensor:
+        """[mask, masked-image latents] at latent size, as SD's inpainting pipeline builds them:
+        the mask (1 = repaint) resized to the latents (nearest), and the encoded image with the
+        masked pixels set to grey. Without a mask everything is repainted (text → image)."""
+        side = self.latent_factor
+        if image is None:
+            image = torch.full((batch, 3, *size), 0.5)
+        if mask is None:
+            mask = torch.ones(batch, 1, *image.shape[-2:])
+        mask = (mask >= 0.5).float()
+        masked = image * (1 - mask) + 0.5 * mask  # grey where masked ([-1, 1]: 0)
+        latent_mask = F.interpolate(mask, size=(image.shape[-2] // side, image.shape[-1] // side))
+        extra = torch.cat([latent_mask.to(self.device, self.dtype), self.encode(masked)], dim=1)
+        return extra
 
     @property
     def latent_factor(self) -> int:
@@ -283,11 +326,18 @@ class Pipeline:
         if image is None and (mask is not None or strength != 1.0):
             raise ValueError("strength and mask need an input image (image=)")
         if image is not None:
-            image = as_image_batch(image, "image", channels=3)
+            image = _per_prompt(as_image_batch(image, "image", channels=3), batch, "image")
             height, width = image.shape[-2:]
         width = width or self.default_size
         height = height or self.default_size
         self._check_size(width, height)
+        if mask is not None:
+            mask = _per_prompt(as_image_batch(mask, "mask", channels=1), batch, "mask")
+            if mask.shape[-2:] != (height, width):
+                raise ValueError(
+                    f"the mask is {mask.shape[-1]}×{mask.shape[-2]} but the image is "
+                    f"{width}×{height}"
+                )
         seeds = list(range(seed, seed + batch)) if isinstance(seed, int) else list(seed)
         if len(seeds) != batch:
             raise ValueError(f"got {len(seeds)} seeds for {batch} images")
@@ -297,6 +347,11 @@ class Pipeline:
         if sigmas is None:
             sigmas = make_sigmas(grid or self.default_grid, steps, process=self.process)
         network = self.network
+        if self.inpainting_model:
+            if controlnet is not None:
+                raise ValueError("ControlNets steer plain models, not inpainting models")
+            extra = self._inpainting_inputs(image, mask, batch, (height, width))
+            network = InpaintingInputs(network, extra)
         if controlnet is not None or control_image is not None:
             network = self._controlled(
                 controlnet,
@@ -334,19 +389,16 @@ class Pipeline:
         known = None
         if image is not None:
             sigmas = strength_sigmas(sigmas, strength)
-            known = self.encode(_per_prompt(image, batch, "image"))
+            known = self.encode(image)
         start = float(sigmas[0])
         x = noise if math.isinf(start) else noise * start
-        if known is not None and not math.isinf(start):
+        # image → image adds the image to the noise; inpainting at full strength starts from
+        # pure noise (as diffusers' img2img and inpaint pipelines do)
+        if known is not None and not math.isinf(start) and not (mask is not None and strength == 1):
             x = x + known
-        if mask is not None:
+        if mask is not None and not self.inpainting_model:
             assert known is not None
-            m = as_image_batch(mask, "mask", channels=1)
-            if m.shape[-2:] != (height, width):
-                raise ValueError(
-                    f"the mask is {m.shape[-1]}×{m.shape[-2]} but the image is {width}×{height}"
-                )
-            m = _per_prompt(m, batch, "mask").to(self.device, self.dtype)
+            m = mask.to(self.device, self.dtype)
             # a latent pixel is repainted if any of its pixels is (max-pool to latent size)
             m = F.max_pool2d(m, factor) if factor > 1 else m
             guided = KnownRegion(guided, known, m)

@@ -73,6 +73,8 @@ class ModelConfig:
     text_max_length: int = 32  # tokens the text encoder pads/truncates prompts to
     unet: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields
     mmdit: dict[str, Any] = field(default_factory=dict)  # MMDiTConfig fields
+    inpainting: bool = False  # also read a mask and the masked image (2·C + 1 input channels)
+    init: str = ""  # start from this pipeline folder's network (extra input channels at zero)
 
     def check(self) -> None:
         _choice("model.kind", self.kind, ("unet", "mmdit"))

@@ -119,15 +119,20 @@ class DenoiserTask(Task):
 
     def _network(self, channels: int, side: int, device: torch.device) -> nn.Module:
         m = self.cfg.model
-        dims = {"in_channels": channels, "sample_size": side}
+        inputs = 2 * channels + 1 if m.inpainting else channels
+        dims = {"in_channels": inputs, "sample_size": side}
         if m.kind == "unet":
             fields = {**m.unet, **dims, "out_channels": channels}
             fields.setdefault("cross_attention_dim", self.text_encoder.dim)
-            return UNet2DCondition(_parse_config(UNetConfig, fields, "model.unet"))
-        fields = {**m.mmdit, **dims, "out_channels": channels}
-        fields.setdefault("joint_attention_dim", self.text_encoder.dim)
-        fields.setdefault("pooled_projection_dim", self.text_encoder.pooled_dim)
-        return MMDiT(_parse_config(MMDiTConfig, fields, "model.mmdit"))
+            net: nn.Module = UNet2DCondition(_parse_config(UNetConfig, fields, "model.unet"))
+        else:
+            fields = {**m.mmdit, **dims, "out_channels": channels}
+            fields.setdefault("joint_attention_dim", self.text_encoder.dim)
+            fields.setdefault("pooled_projection_dim", self.text_encoder.pooled_dim)
+            net = MMDiT(_parse_config(MMDiTConfig, fields, "model.mmdit"))
+        if m.init:
+            _initialise_from(net, m.init)
+        return net
 
     @property
     def num_items(self) -> int:
@@ -149,7 +154,13 @@ class DenoiserTask(Task):
             assert self.images is not None
             x0 = pixels(self.images[index])
         noise = torch.randn(x0.shape, generator=generator)
-        return {"x0": x0, "caption": captions, "sigma": sigma, "noise": noise}
+        batch = {"x0": x0, "caption": captions, "sigma": sigma, "noise": noise}
+        if self.cfg.model.inpainting:
+            size = self.cfg.data.size
+            batch["mask"] = random_masks(n, size, generator)
+            pixel_images = self.data.images[index.numpy()]
+            batch["pixels"] = pixels(torch.from_numpy(pixel_images))
+        return batch
 
     def _ids(self, index: torch.Tensor) -> list[torch.Tensor]:
         return [self.caption_ids[int(i)] for i in index]
@@ -161,8 +172,16 @@ class DenoiserTask(Task):
         return cond
 
     def _denoiser_net(self, model: nn.Module, batch: Batch, device: torch.device):
-        """The network the objective regresses: here the trained model itself."""
-        return model
+        """The network the objective regresses: the trained model, with an inpainting model's
+        mask and masked-image inputs bound."""
+        if not self.cfg.model.inpainting:
+            return model
+        from destatic.pipelines.text_to_image import InpaintingInputs
+
+        image = batch["pixels"].to(device) / 2 + 0.5  # [0, 1]
+        mask = batch["mask"].to(device)
+        extra = self.pipeline._inpainting_inputs(image, mask, len(image), image.shape[-2:])
+        return InpaintingInputs(model, extra.float())
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
         return self.objective.loss(
@@ -198,6 +217,48 @@ class DenoiserTask(Task):
         finally:
             weights.train(was_training)
         return images, list(s.prompts)
+
+
+def random_masks(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Inpainting training masks [n, 1, size, size] (1 = repaint): a quarter of them everything
+    (so the model still draws from text alone, as SD's inpainting model was trained), the rest
+    one rectangle with sides of 25–75% of the image at a random place."""
+    masks = torch.zeros(n, 1, size, size)
+    full = torch.rand(n, generator=generator) < 0.25
+    sides = (torch.rand(n, 2, generator=generator) * 0.5 + 0.25) * size
+    corner = torch.rand(n, 2, generator=generator)
+    for i in range(n):
+        if full[i]:
+            masks[i] = 1
+            continue
+        h, w = (int(v) for v in sides[i].round().clamp(min=1))
+        top, left = int(corner[i, 0] * (size - h)), int(corner[i, 1] * (size - w))
+        masks[i, :, top : top + h, left : left + w] = 1
+    return masks
+
+
+def _initialise_from(net: nn.Module, folder: str) -> None:
+    """Copy a pipeline's network weights into ``net``; input channels ``net`` has beyond the
+    source's (an inpainting model's mask and masked image) start at zero, so the copy begins
+    as the source model."""
+    import destatic
+
+    source = destatic.load(folder).network.state_dict()
+    own = net.state_dict()
+    for key, value in source.items():
+        if key not in own:
+            raise ConfigError(f"model.init = {folder!r}: its network has no {key!r} here")
+        target = own[key]
+        if target.shape == value.shape:
+            target.copy_(value)
+        elif key.endswith("weight") and target.ndim == 4 and target.shape[1] > value.shape[1]:
+            target.zero_()
+            target[:, : value.shape[1]].copy_(value)  # the new input channels stay at zero
+        else:
+            raise ConfigError(
+                f"model.init = {folder!r}: {key} is {tuple(value.shape)} there but "
+                f"{tuple(target.shape)} here; use the same [model] sizes"
+            )
 
 
 class ControlTask(DenoiserTask):
