@@ -256,3 +256,12 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (folder / "state.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError):
         load_checkpoint(folder)
+
+
+def test_loss_plot_before_any_metrics_line(tmp_path):
+    # a checkpoint can come before the first log line (log_every > checkpoint_every)
+    from destatic.training.monitor import plot_loss, read_metrics
+
+    assert read_metrics(tmp_path / "metrics.jsonl") == []
+    plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert not (tmp_path / "loss.png").exists()

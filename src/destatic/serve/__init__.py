@@ -53,12 +53,18 @@ def create_app(
         from destatic.checkpoints import load_component
 
         net = load_component(controlnet)
+    inpainter, inpainter_name = None, ""
+    if model is None and (destatic.DEFAULT_INPAINT_MODEL / "model_index.json").is_file():
+        inpainter = destatic.load(destatic.DEFAULT_INPAINT_MODEL)
+        inpainter_name = str(destatic.DEFAULT_INPAINT_MODEL)
     service = GenerationService(
         pipeline,
         limits,
         model_name=str(model) if model else "",
         controlnet=net,
         controlnet_name=str(controlnet or ""),
+        inpainter=inpainter,
+        inpainter_name=inpainter_name,
     )
     app = FastAPI(title="destatic")
     add_api_routes(app, service)

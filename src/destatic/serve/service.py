@@ -97,8 +97,12 @@ class GenerationService:
         model_name: str = "",
         controlnet=None,
         controlnet_name: str = "",
+        inpainter=None,
+        inpainter_name: str = "",
     ):
         self.pipeline = pipeline
+        self.inpainter = inpainter  # an inpainting model for masked requests (optional)
+        self.inpainter_name = inpainter_name
         self.limits = limits or Limits()
         self.model_name = model_name
         self.controlnet = controlnet
@@ -203,8 +207,10 @@ class GenerationService:
                         control_start=r.control_start,
                         control_end=r.control_end,
                     )
+                masked = r.mask is not None and self.inpainter is not None
+                pipe = self.inpainter if masked else self.pipeline
                 try:
-                    images = self.pipeline(
+                    images = pipe(
                         r.prompt,
                         negative_prompt=r.negative_prompt or None,
                         steps=r.steps,
@@ -242,7 +248,7 @@ class GenerationService:
                 seed=r.seed + i,
                 width=im.width,
                 height=im.height,
-                model=self.model_name,
+                model=self.inpainter_name if masked else self.model_name,
                 strength=r.strength,
                 **control,
             )

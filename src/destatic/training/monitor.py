@@ -58,6 +58,9 @@ class Monitor:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file; none when it has not been written yet."""
+    if not path.is_file():
+        return []
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
