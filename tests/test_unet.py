@@ -74,7 +74,6 @@ def test_odd_latent_size() -> None:
     [
         ("class_embed_type", "timestep"),
         ("addition_embed_type", "text_time"),
-        ("time_cond_proj_dim", 256),
         ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
         ("some_future_option", 1),
     ],

@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "emoji"
 #: The bundled prompt-adherence scorer for emoji (configs/emoji_evaluator.toml).
 DEFAULT_EVALUATOR = Path(__file__).parent / "assets" / "emoji_evaluator"
+#: The bundled inpainting variant of the default model (configs/emoji_inpaint.toml).
+DEFAULT_INPAINT_MODEL = Path(__file__).parent / "assets" / "emoji_inpaint"
 #: The bundled ControlNet for the default model, on Canny edges (configs/emoji_control.toml).
 DEFAULT_CONTROLNET = Path(__file__).parent / "assets" / "emoji_control"
 

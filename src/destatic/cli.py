@@ -160,16 +160,31 @@ def _preview_writer(folder: Path | None, todo: list):
     return write
 
 
+def _lora_option(text: str) -> tuple[str, float]:
+    """``path`` or ``path:scale`` (the scale is what follows the last colon, if a number)."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 @app.command()
 def generate(
     prompt: list[str] = typer.Argument(None, help="One or more prompts."),
     model: Path = typer.Option(None, help="Pipeline folder (default: the bundled emoji model)."),
     out: Path = typer.Option(Path("out"), "-o", "--out", help="A .png file, or a folder."),
     negative: str = typer.Option("", help="Negative prompt."),
-    steps: int = typer.Option(20, min=1, help="Sampler steps."),
-    sampler: str = typer.Option("dpmpp_2m", help="Sampler (destatic samplers lists them)."),
+    steps: int = typer.Option(None, min=1, help="Sampler steps (default: the model's, or 20)."),
+    sampler: str = typer.Option(
+        None, help="Sampler (destatic samplers lists them; default: the model's, or dpmpp_2m)."
+    ),
     grid: str = typer.Option(None, help="σ grid (default: karras, or normal for flow models)."),
-    guidance: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(
+        None, min=0.0, help="Classifier-free guidance scale (default: the model's, or 3)."
+    ),
     seed: int = typer.Option(0, help="Seed of the first image; the next ones count up."),
     num_images: int = typer.Option(1, "-n", "--num-images", min=1, help="Images per prompt."),
     size: int = typer.Option(None, help="Image side in pixels (default: the model's)."),
@@ -198,6 +213,11 @@ def generate(
     progress: bool = typer.Option(True, help="Show a progress bar over the steps."),
     preview: Path = typer.Option(
         None, help="Write a sheet of the decoded estimate x̂0 after every step to this folder."
+    ),
+    lora: list[str] = typer.Option(
+        None,
+        help="A LoRA file or folder with an optional :scale (default 1), e.g. "
+        "style.safetensors:0.8 (repeatable: the adapters add up).",
     ),
 ) -> None:
     """Text → image (or image → image, inpainting) with any sampler; writes one PNG per image,
@@ -252,16 +272,30 @@ def generate(
                     control_scale=control_scale,
                     control_start=control_start,
                     control_end=control_end,
+                    loras=[list(_lora_option(text)) for text in lora or []],
                 )
                 for i, text in enumerate(p for p in prompt for _ in range(num_images))
             ]
             if mask is not None and image is None:
                 raise ValueError("--mask needs --image")
+            if mask is not None and model is None and destatic.DEFAULT_INPAINT_MODEL.is_dir():
+                model = destatic.DEFAULT_INPAINT_MODEL  # the bundled inpainting variant
+                for p in todo:
+                    p.model = str(model)
             if (controlnet is None) != (control is None):
                 raise ValueError("--controlnet and --control go together")
             inputs = todo[0].generate_kwargs()
             inputs = {k: v for k, v in inputs.items() if k in INPUT_KEYS}
         pipe = destatic.load(model)
+        for path, scale in todo[0].loras:  # the same adapters for every image of a call
+            pipe.load_lora(path, scale=float(scale))
+        if from_ is None:  # unset options: the model's defaults (a distilled model's sampler)
+            if guidance is None:
+                guidance = pipe.defaults.get("guidance", 3.0)
+            chosen = pipe.settings(steps, sampler, None, guidance)
+            steps, sampler, guidance = chosen["steps"], chosen["sampler"], chosen["guidance"]
+            for p in todo:
+                p.steps, p.sampler, p.guidance = steps, sampler, guidance
         live = {"progress": progress, "preview": _preview_writer(preview, todo)}
         if from_ is not None:
             kwargs = {**todo[0].generate_kwargs(), **live}

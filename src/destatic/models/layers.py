@@ -45,15 +45,22 @@ def timestep_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal embedding: Linear → SiLU → Linear."""
+    """MLP on the sinusoidal embedding: Linear → SiLU → Linear.
 
-    def __init__(self, in_dim: int, dim: int) -> None:
+    With ``cond_proj_dim`` a second embedding (LCM's guidance-scale embedding, diffusers'
+    ``time_cond_proj_dim``) is projected by a bias-free Linear and added to the input first."""
+
+    def __init__(self, in_dim: int, dim: int, cond_proj_dim: int | None = None) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
+        if cond_proj_dim is not None:
+            self.cond_proj = nn.Linear(cond_proj_dim, in_dim, bias=False)
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition.to(x.dtype))  # (B, in_dim)
         return self.linear_2(self.act(self.linear_1(x)))  # (B, dim)
 
 

@@ -72,6 +72,9 @@ class UNetConfig(JsonConfig):
     attention_head_dim: int | tuple[int, ...] = 8  # number of heads per block (see above)
     use_linear_projection: bool = False  # SD 2.x: Linear proj_in/out; SD 1.x: 1×1 conv
     upcast_attention: bool = False  # attention in float32 (SD 2.1 768-v)
+    # width of the guidance-scale embedding added to the timestep embedding (LCM's
+    # w-conditioning; None = the network takes no guidance input)
+    time_cond_proj_dim: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # not used by the model
 
     def __post_init__(self) -> None:
@@ -142,7 +145,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "projection_class_embeddings_input_dim": (None,),
@@ -288,6 +290,14 @@ def _transformer(ch: int, heads: int, depth: int, cfg: UNetConfig) -> SpatialTra
 # ----------------------------------------------------------------------------------------------
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's guidance-scale embedding (Luo et al. 2023, §4.2): the sinusoidal embedding of
+    ``1000·ω`` with ``ω = w - 1`` (LCM writes the guided model as ``(1+ω)·cond - ω·uncond``, so
+    ω = 0 is no guidance), sines first, frequencies ``10000^(-i/(dim/2 - 1))``. This is the input
+    of diffusers' ``time_cond_proj_dim`` U-Nets (LCM-distilled SD checkpoints) too."""
+    return timestep_embedding(1000 * (w.float() - 1), dim, flip_sin_to_cos=False, freq_shift=1)
+
+
 class UNet2DCondition(nn.Module):
     """Text-conditioned latent U-Net: ``forward(x, timestep, context) -> ε̂ (or v̂)``."""
 
@@ -302,7 +312,7 @@ class UNet2DCondition(nn.Module):
         temb_ch = 4 * ch[0]
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_ch, cfg.time_cond_proj_dim)
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
@@ -358,6 +368,9 @@ class UNet2DCondition(nn.Module):
                 nn.init.zeros_(m.proj_out.bias)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        if self.config.time_cond_proj_dim is not None:
+            # a new guidance input starts silent: a student copied from its teacher is the teacher
+            nn.init.zeros_(self.time_embedding.cond_proj.weight)
 
     def forward(
         self,
@@ -365,16 +378,30 @@ class UNet2DCondition(nn.Module):
         timestep: torch.Tensor | float,
         context: torch.Tensor,
         control: Any = None,
+        guidance: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents; timestep: scalar or (B,), fractional allowed;
         context: (B, tokens, cross_attention_dim). Returns (B, out_channels, H, W).
         ``control`` (a :class:`~destatic.models.controlnet.ControlResiduals`) adds a ControlNet's
-        residuals to the skip connections and the mid block's output."""
+        residuals to the skip connections and the mid block's output. ``guidance`` (scalar or
+        (B,)): the classifier-free guidance scale w a guidance-distilled network
+        (``time_cond_proj_dim``) was taught to reproduce, see :func:`guidance_embedding`."""
         cfg = self.config
         t = torch.as_tensor(timestep, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t  # (B,)
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = self.time_embedding(temb.to(x.dtype))  # (B, 4·C0)
+        if (guidance is None) != (cfg.time_cond_proj_dim is None):
+            raise ValueError(
+                "this U-Net embeds the guidance scale: pass guidance="
+                if guidance is None
+                else "this U-Net takes no guidance input (time_cond_proj_dim is None)"
+            )
+        wemb = None
+        if guidance is not None:
+            w = torch.as_tensor(guidance, device=x.device, dtype=torch.float32).reshape(-1)
+            w = w.expand(x.shape[0]) if w.numel() == 1 else w  # (B,)
+            wemb = guidance_embedding(w, cfg.time_cond_proj_dim)  # (B, time_cond_proj_dim)
+        temb = self.time_embedding(temb.to(x.dtype), wemb)  # (B, 4·C0)
 
         if cfg.center_input_sample:
             x = 2 * x - 1

@@ -6,6 +6,11 @@ CLIPTextModel + CLIPTokenizer and the scheduler config, mapped onto our process 
 or a Stable Diffusion 3 folder (SD3Transformer2DModel, CLIP-L + CLIP-G + optional T5, the
 FlowMatchEulerDiscreteScheduler config → :class:`~destatic.process.RectifiedFlow` + "flow").
 Weights are safetensors only; nothing is downloaded.
+
+A distilled model keeps two more keys in ``model_index.json``: ``destatic_defaults`` (its
+generation defaults, e.g. ``{"sampler": "lcm", "steps": 4, "guidance": 3.0, "guidance_range":
+[1, 6]}``) and ``destatic_consistency`` (``{"sigma_data": …, "scale": …}``: the network is a
+consistency function, :class:`~destatic.process.ConsistencyTarget` over the scheduler's target).
 """
 
 from __future__ import annotations
@@ -102,11 +107,24 @@ def load(path: str | os.PathLike) -> Pipeline:
     pixel_space = (index["vae"] or [None, None])[1] is None  # destatic pixel-space model
     autoencoder = None if pixel_space else load_component(folder / "vae")
     process, target = process_from_scheduler_config(_scheduler_config(folder))
+    consistency = index.get("destatic_consistency")
+    if consistency is not None:
+        from destatic.process import ConsistencyTarget
+
+        try:
+            target = ConsistencyTarget(target, **consistency)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{folder / 'model_index.json'}: destatic_consistency is invalid ({e})"
+            ) from e
+    defaults = index.get("destatic_defaults", {})
+    if not isinstance(defaults, dict):
+        raise CheckpointError(f"{folder / 'model_index.json'}: destatic_defaults must be an object")
     if several:
         text_encoder = _sd3_text_encoder(folder, index, network)
     else:
         text_encoder = _text_encoder(folder, index.get("text_encoder"), index)
-    return Pipeline(network, autoencoder, text_encoder, process, target)
+    return Pipeline(network, autoencoder, text_encoder, process, target, dict(defaults))
 
 
 def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> None:
@@ -161,7 +179,15 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
     else:
         text_entry = ["destatic", type(encoder).__name__]
         extra["destatic_text_max_length"] = encoder.max_length
-    scheduler = scheduler_config_from_process(pipeline.process, pipeline.target)
+    from destatic.process import ConsistencyTarget
+
+    target = pipeline.target
+    if isinstance(target, ConsistencyTarget):
+        extra["destatic_consistency"] = {"sigma_data": target.sigma_data, "scale": target.scale}
+        target = target.base
+    if pipeline.defaults:
+        extra["destatic_defaults"] = dict(pipeline.defaults)
+    scheduler = scheduler_config_from_process(pipeline.process, target)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index = {

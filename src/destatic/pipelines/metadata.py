@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class GenerationParams:
     control_scale: float = 1.0
     control_start: float = 0.0
     control_end: float = 1.0
+    loras: list = field(default_factory=list)  # [[file or folder, scale], …] LoRA adapters
 
     def a1111(self) -> str:
         """The A1111 ``parameters`` text."""
@@ -72,6 +73,9 @@ class GenerationParams:
                 f"steps {self.control_start:g}-{self.control_end:g}"
                 + (", canny)" if self.control_canny else ")")
             )
+        if self.loras:
+            named = ", ".join(f"{Path(p).stem}:{float(s):g}" for p, s in self.loras)
+            fields.append(f"LoRA: {named}")
         fields.append(f"Model: {Path(self.model).name if self.model else 'destatic default'}")
         return "\n".join([*lines, ", ".join(fields)])
 

@@ -9,8 +9,9 @@ sampler and grid from per-sample seeded noise, and decodes them.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -127,6 +128,9 @@ class Pipeline:
     text_encoder: TextEncoder
     process: Process
     target: str | Target  # "epsilon", "v_prediction", "flow", or a Target (EDM's σ_data)
+    # generation defaults stored with the model (a distilled model's "sampler", "steps",
+    # "guidance", "grid"; "guidance_range": the folded-in scales it was trained on)
+    defaults: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -168,6 +172,30 @@ class Pipeline:
         latent_mask = F.interpolate(mask, size=(image.shape[-2] // side, image.shape[-1] // side))
         extra = torch.cat([latent_mask.to(self.device, self.dtype), self.encode(masked)], dim=1)
         return extra
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether classifier-free guidance is folded into the network (a distilled student
+        that takes the scale w as an input): ``guidance`` is then passed to the network, one
+        call per step, and never applied again on top."""
+        return getattr(self.network.config, "time_cond_proj_dim", None) is not None
+
+    def settings(
+        self,
+        steps: int | None = None,
+        sampler: str | None = None,
+        grid: str | None = None,
+        guidance: float | None = None,
+    ) -> dict:
+        """The generation settings a call uses: the given ones, else the model's stored
+        :attr:`defaults`, else 20 ``dpmpp_2m`` steps on the model's default grid, guidance 5."""
+        d = self.defaults
+        return {
+            "steps": int(steps if steps is not None else d.get("steps", 20)),
+            "sampler": sampler or d.get("sampler", "dpmpp_2m"),
+            "grid": grid or d.get("grid") or self.default_grid,
+            "guidance": float(guidance if guidance is not None else d.get("guidance", 5.0)),
+        }
 
     @property
     def latent_factor(self) -> int:
@@ -266,10 +294,10 @@ class Pipeline:
         prompt: str | Sequence[str],
         *,
         negative_prompt: str | Sequence[str] | None = None,
-        steps: int = 20,
-        sampler: str = "dpmpp_2m",
+        steps: int | None = None,
+        sampler: str | None = None,
         grid: str | None = None,
-        guidance: float = 5.0,
+        guidance: float | None = None,
         seed: int | Sequence[int] = 0,
         width: int | None = None,
         height: int | None = None,
@@ -312,7 +340,14 @@ class Pipeline:
         ``control_guidance_start/end``).
 
         ``progress`` shows a tqdm bar over the steps; ``preview(i, images)`` receives the
-        decoded estimate x̂0 after step i (images in [0, 1]), as ComfyUI's previews do."""
+        decoded estimate x̂0 after step i (images in [0, 1]), as ComfyUI's previews do.
+
+        ``steps``, ``sampler``, ``grid`` and ``guidance`` left unset take the model's defaults
+        (:meth:`settings`). For a guidance-distilled model (:attr:`guidance_embedded`) the
+        network takes ``guidance`` as its input w and no classifier-free guidance is added."""
+        chosen = self.settings(steps, sampler, grid, guidance)
+        steps, sampler, guidance = chosen["steps"], chosen["sampler"], chosen["guidance"]
+        grid = grid or self.defaults.get("grid")
         sampler_info(sampler)  # unknown names fail before any work
         prompts = [p for p in _as_list(prompt) for _ in range(num_images)]
         batch = len(prompts)
@@ -343,6 +378,23 @@ class Pipeline:
             raise ValueError(f"got {len(seeds)} seeds for {batch} images")
 
         cond = self._conditioning(self.text_encoder.encode(prompts))
+        if self.guidance_embedded:
+            if negative_prompt is not None:
+                raise ValueError(
+                    "this model has classifier-free guidance folded in (a distilled student): "
+                    "it takes no negative prompt"
+                )
+            low, high = self.defaults.get("guidance_range", (guidance, guidance))
+            if not low - 1e-6 <= guidance <= high + 1e-6:
+                import warnings
+
+                warnings.warn(
+                    f"guidance={guidance:g}: this distilled model learned guidance scales "
+                    f"{low:g} … {high:g} only; outside them it extrapolates",
+                    stacklevel=2,
+                )
+            cond["guidance"] = torch.full((batch,), guidance, device=self.device)
+            guidance = 1.0  # folded in: the student's one call is already the guided model
         uncond = self._conditioning(self.text_encoder.encode(negatives)) if guidance != 1 else None
         if sigmas is None:
             sigmas = make_sigmas(grid or self.default_grid, steps, process=self.process)
@@ -420,6 +472,36 @@ class Pipeline:
         finally:
             bar.close()
         return self.decode(latents)
+
+    # -- LoRA adapters on the network (destatic.models.lora) ---------------------------------
+
+    def load_lora(
+        self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None
+    ) -> str:
+        """Load a LoRA file or folder (ours, diffusers' or kohya's layout) onto the network at
+        ``scale``; several adapters add up, each with its own scale. Returns its name."""
+        from destatic.models.lora import load_lora
+
+        return load_lora(self.network, path, name=name, scale=scale)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Scale a loaded adapter (0 = off: exactly the model without it)."""
+        from destatic.models.lora import set_lora_scale
+
+        set_lora_scale(self.network, name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one adapter, or all (None): the network is then exactly the base model."""
+        from destatic.models.lora import unload_lora
+
+        unload_lora(self.network, name)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """Loaded adapters and their scales, in load order."""
+        from destatic.models.lora import lora_scales
+
+        return lora_scales(self.network)
 
     def __call__(self, prompt: str | Sequence[str], **kwargs):
         """``generate`` as a list of ``PIL.Image`` (the DESIGN.md contract)."""

@@ -1,6 +1,7 @@
 """Noise processes and prediction targets: the σ-space core (DESIGN.md, "One mathematical core")."""
 
 from destatic.process.base import Process
+from destatic.process.consistency import ConsistencyTarget, consistency_coefficients
 from destatic.process.edm import EDM
 from destatic.process.flow import RectifiedFlow, resolution_shift
 from destatic.process.targets import (
@@ -21,6 +22,7 @@ __all__ = [
     "BETA_SCHEDULES",
     "EDM",
     "TARGETS",
+    "ConsistencyTarget",
     "Denoiser",
     "EDMTarget",
     "EpsilonTarget",
@@ -32,6 +34,7 @@ __all__ = [
     "VPDiscrete",
     "VTarget",
     "beta_schedule",
+    "consistency_coefficients",
     "get_target",
     "preconditioning",
     "rescale_zero_terminal_snr",

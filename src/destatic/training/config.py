@@ -1,10 +1,11 @@
 """Training configs: a TOML file validated into dataclasses.
 
 ``destatic train configs/emoji.toml`` reads one file with the tables ``[data]``, ``[model]``,
-``[objective]``, ``[autoencoder]``, ``[evaluator]``, ``[control]``, ``[optim]``, ``[train]``,
-``[sample]`` and ``[output]`` (all optional; every key has a default). Unknown tables or keys,
-values of the wrong type and out-of-range values are a :class:`ConfigError` naming the key and
-what is allowed.
+``[objective]``, ``[autoencoder]``, ``[evaluator]``, ``[control]``, ``[lcm]``, ``[reflow]``,
+``[lora]``, ``[optim]``, ``[train]``, ``[sample]`` and ``[output]`` (all optional; every key has a
+default).
+Unknown tables or keys, values of the wrong type and out-of-range values are a
+:class:`ConfigError` naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ __all__ = [
     "ControlTrainConfig",
     "DataConfig",
     "EvaluatorTrainConfig",
+    "LCMTrainConfig",
+    "LoraTrainConfig",
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
     "OutputConfig",
+    "ReflowTrainConfig",
     "SampleConfig",
     "TrainConfig",
     "load_config",
@@ -162,6 +166,139 @@ class ControlTrainConfig:
         _require(self.edges_sigma > 0, f"control.edges_sigma = {self.edges_sigma}: use > 0")
 
 
+def _check_distill(where: str, guidance_min: float, guidance_max: float, dim: int) -> None:
+    _require(
+        1 <= guidance_min <= guidance_max,
+        f"{where}.guidance_min = {guidance_min:g}, guidance_max = {guidance_max:g}: need "
+        "1 ≤ guidance_min ≤ guidance_max (equal values fold in one fixed scale)",
+    )
+    _require(
+        2 <= dim <= 4096 and dim % 2 == 0,
+        f"{where}.embedding_dim = {dim}: use an even width in 2 … 4096",
+    )
+
+
+@dataclass
+class LCMTrainConfig:
+    """Used when ``[train] task = "lcm"``: latent consistency distillation of a trained pipeline
+    (:mod:`destatic.training.distill`)."""
+
+    teacher: str = ""  # the pipeline folder to distil ("" = the bundled default model)
+    teacher_steps: int = 32  # N: pairs (σ_{n+1}, σ_n) are neighbours on the teacher's N-step grid
+    grid: str = "normal"  # that grid (uniform in the teacher's own time)
+    guidance_min: float = 1.0  # the folded-in CFG scale w is drawn uniformly from this range
+    guidance_max: float = 5.0
+    embedding_dim: int = 64  # width of the student's w-embedding (time_cond_proj_dim)
+    target_decay: float = 0.95  # EMA μ of the target network θ⁻
+    loss: str = "pseudo_huber"  # pseudo_huber | l2
+    huber_c: float = 0.00054  # pseudo-Huber c per √(values per sample) (Song & Dhariwal 2023)
+    sigma_data: float = 0.5  # consistency parameterisation c_skip/c_out (LCM)
+    timestep_scaling: float = 10.0  # LCM's timestep scaling (× the process's timesteps × σ)
+    steps: int = 4  # the exported pipeline's default number of steps
+
+    def check(self) -> None:
+        from destatic.sampling import GRIDS
+
+        _require(
+            2 <= self.teacher_steps <= 1000,
+            f"lcm.teacher_steps = {self.teacher_steps}: use 2 … 1000",
+        )
+        _choice("lcm.grid", self.grid, tuple(GRIDS))
+        _check_distill("lcm", self.guidance_min, self.guidance_max, self.embedding_dim)
+        _require(0 <= self.target_decay < 1, f"lcm.target_decay = {self.target_decay}: use [0, 1)")
+        _choice("lcm.loss", self.loss, ("pseudo_huber", "l2"))
+        _require(self.huber_c > 0, f"lcm.huber_c = {self.huber_c}: use > 0")
+        _require(self.sigma_data > 0, f"lcm.sigma_data = {self.sigma_data}: use > 0")
+        _require(
+            self.timestep_scaling > 0,
+            f"lcm.timestep_scaling = {self.timestep_scaling}: use > 0",
+        )
+        _require(1 <= self.steps <= 1000, f"lcm.steps = {self.steps}: use 1 … 1000")
+
+
+@dataclass
+class ReflowTrainConfig:
+    """Used when ``[train] task = "reflow"``: rectified-flow reflow of a trained flow pipeline on
+    cached (noise, teacher sample) pairs (:mod:`destatic.training.distill`)."""
+
+    teacher: str = ""  # the pipeline folder to straighten ("" = the bundled default model)
+    pairs: int = 2048  # (noise, sample) pairs drawn once with the teacher's ODE solve
+    chunk: int = 64  # pairs per cache file (the unit of resumption) and per teacher batch
+    sampler: str = "dpmpp_2m"  # the teacher's deterministic ODE solver
+    sampler_steps: int = 16
+    grid: str = ""  # "" = the teacher's default grid
+    guidance_min: float = 3.0  # each pair's CFG scale, uniform in this range (folded in)
+    guidance_max: float = 3.0
+    embedding_dim: int = 64  # width of the student's w-embedding (time_cond_proj_dim)
+    steps: int = 2  # the exported pipeline's default number of (euler) steps
+
+    def check(self) -> None:
+        from destatic.sampling import GRIDS, SAMPLER_INFO
+
+        _require(self.pairs >= 1, f"reflow.pairs = {self.pairs}: use a positive integer")
+        _require(self.chunk >= 1, f"reflow.chunk = {self.chunk}: use a positive integer")
+        _choice("reflow.sampler", self.sampler, tuple(SAMPLER_INFO))
+        _require(
+            not SAMPLER_INFO[self.sampler].stochastic,
+            f"reflow.sampler = {self.sampler!r} draws fresh noise: reflow pairs need a "
+            "deterministic ODE solver (euler, heun, dpmpp_2m, …)",
+        )
+        _require(
+            1 <= self.sampler_steps <= 1000,
+            f"reflow.sampler_steps = {self.sampler_steps}: use 1 … 1000",
+        )
+        if self.grid:
+            _choice("reflow.grid", self.grid, tuple(GRIDS))
+        _check_distill("reflow", self.guidance_min, self.guidance_max, self.embedding_dim)
+        _require(1 <= self.steps <= 1000, f"reflow.steps = {self.steps}: use 1 … 1000")
+
+
+@dataclass
+class LoraTrainConfig:
+    """Used when ``[train] task = "lora"``: a LoRA adapter on a frozen pipeline's network
+    (:mod:`destatic.models.lora`), optionally DreamBooth with prior preservation (Ruiz et al.
+    2022): instance images under one prompt, plus λ × the loss on class images the frozen base
+    drew for ``class_prompt`` (generated once, cached in ``class_dir``)."""
+
+    base: str = ""  # the pipeline folder to adapt ("" = the bundled default model)
+    rank: int = 8
+    alpha: float = 0.0  # 0 = rank (α/r = 1)
+    targets: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    )
+    dropout: float = 0.0
+    instance_prompt: str = ""  # DreamBooth: every image of data.path under this prompt
+    class_prompt: str = ""  # prior preservation with class images for this prompt ("" = off)
+    num_class_images: int = 100
+    prior_weight: float = 1.0  # λ of the prior-preservation loss
+    class_steps: int = 20  # how the base draws the class images
+    class_sampler: str = "dpmpp_2m"
+    class_guidance: float = 3.0
+    class_dir: str = ""  # where they are cached ("" = <output.dir>/class_images)
+
+    def check(self) -> None:
+        from destatic.sampling import SAMPLERS
+
+        _require(1 <= self.rank <= 1024, f"lora.rank = {self.rank}: use 1 … 1024")
+        _require(self.alpha >= 0, f"lora.alpha = {self.alpha}: use > 0 (0 = the rank)")
+        _require(len(self.targets) >= 1, "lora.targets needs at least one module name")
+        _require(0 <= self.dropout < 1, f"lora.dropout = {self.dropout}: use [0, 1)")
+        _require(
+            not self.class_prompt or bool(self.instance_prompt),
+            "lora.class_prompt (prior preservation) needs lora.instance_prompt",
+        )
+        _require(
+            self.num_class_images >= 1,
+            f"lora.num_class_images = {self.num_class_images}: use a positive integer",
+        )
+        _require(self.prior_weight >= 0, f"lora.prior_weight = {self.prior_weight}: use ≥ 0")
+        _require(
+            1 <= self.class_steps <= 1000, f"lora.class_steps = {self.class_steps}: use 1 … 1000"
+        )
+        _choice("lora.class_sampler", self.class_sampler, tuple(SAMPLERS))
+        _require(self.class_guidance >= 0, f"lora.class_guidance = {self.class_guidance}: use ≥ 0")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
@@ -189,7 +326,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "denoiser"  # denoiser | autoencoder | evaluator | control
+    task: str = "denoiser"  # denoiser | autoencoder | evaluator | control | lcm | reflow | lora
     steps: int = 10_000  # optimizer steps
     batch_size: int = 64  # global batch per optimizer step (over processes and accumulation)
     grad_accum: int = 1  # micro-batches per optimizer step and process
@@ -206,7 +343,11 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        _choice("train.task", self.task, ("denoiser", "autoencoder", "evaluator", "control"))
+        _choice(
+            "train.task",
+            self.task,
+            ("denoiser", "autoencoder", "evaluator", "control", "lcm", "reflow", "lora"),
+        )
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             value = getattr(self, name)
@@ -270,6 +411,9 @@ class Config:
     autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
     evaluator: EvaluatorTrainConfig = field(default_factory=EvaluatorTrainConfig)
     control: ControlTrainConfig = field(default_factory=ControlTrainConfig)
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    lcm: LCMTrainConfig = field(default_factory=LCMTrainConfig)
+    reflow: ReflowTrainConfig = field(default_factory=ReflowTrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

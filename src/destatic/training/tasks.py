@@ -558,4 +558,12 @@ def make_task(cfg: Config, device: torch.device, progress: bool = True) -> Task:
         return EvaluatorTask(cfg, device, progress)
     if cfg.train.task == "control":
         return ControlTask(cfg, device, progress)
+    if cfg.train.task in ("lcm", "reflow"):
+        from destatic.training.distill import LCMTask, ReflowTask
+
+        return (LCMTask if cfg.train.task == "lcm" else ReflowTask)(cfg, device, progress)
+    if cfg.train.task == "lora":
+        from destatic.training.lora import LoraTask
+
+        return LoraTask(cfg, device, progress)
     return DenoiserTask(cfg, device, progress)

@@ -188,7 +188,16 @@ class _Run:
     def restore(self, folder: Path) -> None:
         state = load_checkpoint(folder)
         saved = state.get("config", {})
-        for section in ("model", "objective", "autoencoder", "evaluator", "control"):
+        for section in (
+            "model",
+            "objective",
+            "autoencoder",
+            "evaluator",
+            "control",
+            "lcm",
+            "reflow",
+            "lora",
+        ):
             # a section newer than the checkpoint is absent there and holds its defaults
             if section in saved and saved[section] != self.cfg.to_dict()[section]:
                 raise ConfigError(
