@@ -45,3 +45,29 @@ def test_default_model_generates_distinct_images_per_prompt():
     # a red heart is redder than it is green
     heart = images[0]
     assert float(heart[0].mean()) > float(heart[1].mean())
+
+
+INPAINT_CONFIG = Path(__file__).parents[1] / "configs" / "emoji_inpaint.toml"
+
+
+def test_bundled_inpainting_model_reads_mask_and_image():
+    files = [f for f in destatic.DEFAULT_INPAINT_MODEL.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 25e6
+    assert {f.suffix for f in files} <= {".json", ".safetensors"}
+    cfg = load_config(INPAINT_CONFIG)
+    unet = json.loads((destatic.DEFAULT_INPAINT_MODEL / "unet" / "config.json").read_text())
+    for key, value in cfg.model.unet.items():
+        assert unet[key] == value, key
+    pipe = destatic.load(destatic.DEFAULT_INPAINT_MODEL)
+    assert pipe.inpainting_model and unet["in_channels"] == 7  # noisy image, mask, masked image
+    heart = destatic.load().generate("red heart", steps=8, seed=0)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1  # repaint the centre of the heart
+    kwargs = {"steps": 8, "sampler": "dpmpp_2m", "seed": 1, "guidance": 3.0}
+    free = pipe.generate("red heart", image=heart, mask=mask, **kwargs)
+    keep = (mask == 0).expand_as(heart)
+    assert float(((free - heart)[keep] ** 2).mean()) < 0.02  # it learned to keep what it sees
+    held = pipe.generate("red heart", image=heart, mask=mask, keep_unmasked=True, **kwargs)
+    torch.testing.assert_close(held[keep], heart[keep], atol=2e-3, rtol=0)  # fp16 network
+    hole = held[0, :, 8:24, 8:24]
+    assert float(hole[0].mean()) > float(hole[1].mean()) + 0.2  # the hole is filled with red

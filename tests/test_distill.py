@@ -7,10 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import destatic
 from destatic.lab import GaussianMixture
@@ -30,19 +28,7 @@ from destatic.training.distill import (
     teacher_solutions,
 )
 from destatic.training.state import load_checkpoint
-
-TINY = dict(
-    sample_size=16,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(16, 32),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    attention_head_dim=2,
-    norm_num_groups=8,
-    cross_attention_dim=384,
-)
+from tests.training_fixtures import PIXEL_UNET, assert_same, final_weights, write_squares
 
 
 @pytest.fixture(autouse=True)
@@ -53,17 +39,7 @@ def cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """12 coloured squares with captions (``name.txt`` beside ``name.png``)."""
-    root = tmp_path_factory.mktemp("shapes")
-    rng = np.random.default_rng(0)
-    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
-    for i in range(12):
-        name, rgb = list(colours.items())[i % 3]
-        a = np.full((16, 16, 3), 255, np.uint8)
-        r0, c0 = rng.integers(0, 8, size=2)
-        a[r0 : r0 + 8, c0 : c0 + 8] = rgb
-        Image.fromarray(a).save(root / f"img{i:02d}.png")
-        (root / f"img{i:02d}.txt").write_text(f"a {name} square")
-    return root
+    return write_squares(tmp_path_factory.mktemp("shapes"), 12)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +50,7 @@ def teacher(tmp_path_factory) -> Path:
     from destatic.pipelines.text_to_image import Pipeline
 
     torch.manual_seed(0)
-    net = UNet2DCondition(UNetConfig(**TINY))
+    net = UNet2DCondition(UNetConfig(**PIXEL_UNET))
     with torch.no_grad():
         for p in net.parameters():  # no zero branches: every input matters
             p.add_(0.05 * torch.randn_like(p))
@@ -130,22 +106,12 @@ dir = "{out}"
     return path
 
 
-def states(out: Path) -> dict[str, torch.Tensor]:
-    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
-    return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) == 0
-
-
 # ---------------------------------------------------------------------------------------------
 # The math
 
 
 def test_consistency_function_meets_the_boundary_condition_exactly():
-    net = UNet2DCondition(UNetConfig(**{**TINY, "cross_attention_dim": 8}))
+    net = UNet2DCondition(UNetConfig(**{**PIXEL_UNET, "cross_attention_dim": 8}))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -270,7 +236,9 @@ def test_student_starts_as_its_teacher_and_embeds_guidance_like_diffusers():
     import diffusers
 
     torch.manual_seed(0)
-    ref = diffusers.UNet2DConditionModel(**{**TINY, "cross_attention_dim": 8}, time_cond_proj_dim=8)
+    ref = diffusers.UNet2DConditionModel(
+        **{**PIXEL_UNET, "cross_attention_dim": 8}, time_cond_proj_dim=8
+    )
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -284,7 +252,7 @@ def test_student_starts_as_its_teacher_and_embeds_guidance_like_diffusers():
         torch.testing.assert_close(ours(x, t, ctx, guidance=w), want, atol=1e-5, rtol=1e-5)
     assert guidance_embedding(w, 8).shape == (2, 8)
 
-    teacher = UNet2DCondition(UNetConfig(**{**TINY, "cross_attention_dim": 8}))
+    teacher = UNet2DCondition(UNetConfig(**{**PIXEL_UNET, "cross_attention_dim": 8}))
     student = student_from_teacher(teacher, 8)
     with torch.no_grad():
         base = teacher(x, t, ctx)
@@ -297,7 +265,7 @@ def test_student_starts_as_its_teacher_and_embeds_guidance_like_diffusers():
 
 
 def test_target_network_follows_the_student_once_per_step():
-    pair = ConsistencyPair(UNet2DCondition(UNetConfig(**{**TINY, "cross_attention_dim": 8})))
+    pair = ConsistencyPair(UNet2DCondition(UNetConfig(**{**PIXEL_UNET, "cross_attention_dim": 8})))
     with torch.no_grad():
         for p in pair.student.parameters():
             p.add_(1.0)
@@ -321,7 +289,7 @@ def test_lcm_trains_resumes_exactly_and_exports_a_few_step_model(folder, teacher
     stopped = write_config(tmp_path / "b.toml", folder, teacher, tmp_path / "stopped", "lcm")
     train(load_config(stopped, {"train.steps": 2}))  # a run that stops after step 2 …
     train(load_config(stopped))  # … and resumes to step 4
-    assert_same(states(tmp_path / "straight"), states(tmp_path / "stopped"))
+    assert_same(final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped"))
     state = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "checkpoints"))["model"]
     assert float(state["synced"]) == 3  # θ⁻ absorbed updates 1–3 (the 4th comes next step)
     assert any(not torch.equal(state[f"target.{k}"], v) for k, v in _student(state).items())
@@ -413,7 +381,7 @@ def test_reflow_trains_resumes_exactly_and_exports(folder, teacher, tmp_path):
     stopped = write_config(tmp_path / "b.toml", folder, teacher, tmp_path / "stopped", "reflow")
     train(load_config(stopped, {"train.steps": 2}))
     train(load_config(stopped))
-    assert_same(states(tmp_path / "straight"), states(tmp_path / "stopped"))
+    assert_same(final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped"))
     pipe = destatic.load(model)
     assert pipe.guidance_embedded and pipe.defaults["sampler"] == "euler"
     for steps in (1, 2, 4):

@@ -25,6 +25,7 @@ from destatic.metrics.evaluator import (
 )
 from destatic.training import load_config, train
 from destatic.training.tasks import _shifted
+from tests.training_fixtures import COLOURS, write_squares
 
 TINY = EvaluatorConfig(
     image_size=16, block_out_channels=[8, 16], norm_num_groups=4, embed_dim=16, text_hidden=32
@@ -130,15 +131,7 @@ def test_shift_augmentation_translates_and_fills_with_background():
 def test_evaluator_task_trains_and_exports(tmp_path, monkeypatch):
     """Red / green / blue squares: a few steps of the real loop learn the colour words."""
     monkeypatch.setenv("DESTATIC_CACHE", str(tmp_path / "cache"))
-    root = tmp_path / "shapes"
-    root.mkdir()
-    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
-    for i in range(30):
-        name, rgb = list(colours.items())[i % 3]
-        a = np.full((16, 16, 3), 255, np.uint8)
-        a[4:12, 4:12] = rgb
-        Image.fromarray(a).save(root / f"img{i:02d}.png")
-        (root / f"img{i:02d}.txt").write_text(f"a {name} square")
+    root = write_squares(tmp_path / "shapes", 30, placed=False)
     cfg_path = tmp_path / "ev.toml"
     cfg_path.write_text(
         f"""
@@ -181,7 +174,7 @@ dir = "{tmp_path / "run"}"
         np.stack([np.asarray(Image.open(p)) for p in sorted(root.glob("*.png"))])
     )
     images = images.permute(0, 3, 1, 2).float() / 255
-    prompts = [f"a {list(colours)[i % 3]} square" for i in range(30)]
+    prompts = [f"a {list(COLOURS)[i % 3]} square" for i in range(30)]
     assert ev.retrieval(images, prompts).top1 == 1.0  # three colours, 25 steps
     bad = tmp_path / "bad.toml"
     bad.write_text(cfg_path.read_text().replace("embed_dim = 16", "embed_dim = 16\nimage_size = 8"))

@@ -80,6 +80,7 @@ def test_image_to_image_and_inpainting_from_the_command_line(tmp_path):
     assert np.abs(got[keep].astype(int) - original[keep]).max() <= 1  # kept pixels survive
     params = read_params(out)
     assert params.mask.endswith("mask.png") and params.image.endswith("in.png")
+    assert params.model.endswith("emoji_inpaint")  # the bundled inpainting variant
     again = tmp_path / "again.png"
     assert runner.invoke(app, ["generate", "--from", str(out), "-o", str(again)]).exit_code == 0
     assert np.array_equal(np.asarray(Image.open(again)), got)

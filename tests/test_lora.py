@@ -22,6 +22,7 @@ from torch import nn
 from destatic.models import lora
 from destatic.models.unet import UNet2DCondition, UNetConfig
 from tests import tiny_sd
+from tests.training_fixtures import PIXEL_UNET
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -370,20 +371,7 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     text = MiniLMTextEncoder.from_package(max_length=8)
-    config = UNetConfig.from_diffusers(
-        dict(
-            sample_size=16,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=1,
-            attention_head_dim=2,
-            norm_num_groups=8,
-            cross_attention_dim=text.dim,
-        )
-    )
+    config = UNetConfig.from_diffusers(dict(PIXEL_UNET, cross_attention_dim=text.dim))
     net = tiny_sd.perturb(UNet2DCondition(config), 0.02)
     folder = tmp_path_factory.mktemp("tiny") / "pipe"
     save(Pipeline(net, None, text, RectifiedFlow(), "flow"), folder)

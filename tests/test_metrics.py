@@ -274,3 +274,18 @@ def test_cached_features_reads_the_cache_and_recomputes_a_corrupt_one(
     cached_features(images[2:], extractor, cache_dir=tmp_path, progress=False)
     assert calls == [2, 2, 2]
     assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_edge_f1_matches_within_one_pixel_and_checks_shapes():
+    from destatic.data.edges import canny_edges
+    from destatic.metrics import edge_f1
+
+    image = torch.zeros(1, 3, 32, 32)
+    image[..., 8:24, 8:24] = 1.0  # a white square: its outline is the edge map
+    edges = canny_edges((image.permute(0, 2, 3, 1) * 255).byte().numpy())
+    assert edge_f1(image, edges) == pytest.approx(1.0)
+    assert edge_f1(torch.roll(image, 1, dims=-1), edges) == pytest.approx(1.0)  # 1 px off: kept
+    assert edge_f1(torch.roll(image, 4, dims=-1), edges) < 0.6
+    assert edge_f1(torch.zeros_like(image), edges) == 0.0
+    with pytest.raises(ValueError, match="edge maps"):
+        edge_f1(image, edges[0])

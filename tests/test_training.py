@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,6 +18,7 @@ import destatic
 from destatic.checkpoints import load_weights
 from destatic.training import ConfigError, TrainingError, latest_checkpoint, load_config, train
 from destatic.training.state import load_checkpoint
+from tests.training_fixtures import assert_same, final_weights, write_squares
 
 TINY_UNET = """
 [model.unet]
@@ -34,17 +34,7 @@ norm_num_groups = 8
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """24 coloured shapes with captions (``name.txt`` beside ``name.png``)."""
-    root = tmp_path_factory.mktemp("shapes")
-    rng = np.random.default_rng(0)
-    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
-    for i in range(24):
-        name, rgb = list(colours.items())[i % 3]
-        a = np.full((16, 16, 3), 255, np.uint8)
-        r0, c0 = rng.integers(0, 8, size=2)
-        a[r0 : r0 + 8, c0 : c0 + 8] = rgb
-        Image.fromarray(a).save(root / f"img{i:02d}.png")
-        (root / f"img{i:02d}.txt").write_text(f"a {name} square")
-    return root
+    return write_squares(tmp_path_factory.mktemp("shapes"), 24)
 
 
 @pytest.fixture(autouse=True)
@@ -89,17 +79,6 @@ dir = "{out}"
 """
     )
     return path
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
-    return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0):
-    assert a.keys() == b.keys()
-    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    assert worst <= atol, worst
 
 
 def test_train_exports_a_pipeline_that_generates(folder, tmp_path):
@@ -271,7 +250,6 @@ def test_edm_objective_trains_and_round_trips(folder, tmp_path):
 
 
 def test_cli_trains_exports_half_and_generates(folder, tmp_path):
-    from PIL import Image
     from typer.testing import CliRunner
 
     from destatic.cli import app

@@ -137,6 +137,7 @@ INPUT_KEYS = (
     "image",
     "strength",
     "mask",
+    "keep_unmasked",
     "controlnet",
     "control_image",
     "control_scale",
@@ -282,6 +283,11 @@ def generate(
                 model = destatic.DEFAULT_INPAINT_MODEL  # the bundled inpainting variant
                 for p in todo:
                     p.model = str(model)
+            if control is not None and controlnet is None and model is None:
+                if (destatic.DEFAULT_CONTROLNET / "config.json").is_file():
+                    controlnet = destatic.DEFAULT_CONTROLNET  # the bundled model's ControlNet
+                    for p in todo:
+                        p.controlnet = str(controlnet)
             if (controlnet is None) != (control is None):
                 raise ValueError("--controlnet and --control go together")
             inputs = todo[0].generate_kwargs()

@@ -8,6 +8,7 @@
 * :mod:`~destatic.metrics.reference`: the features of a dataset's real images, cached on disk;
 * :mod:`~destatic.metrics.evaluator`: prompt adherence without CLIP weights — a small
   contrastive image–text model trained here (CLIP-style score, prompt retrieval);
+* :mod:`~destatic.metrics.edges`: how closely images follow a control's edges (edge F1);
 * :mod:`~destatic.metrics.sweep`: quality against sampler, steps and guidance on held-out
   prompts, with a table and plots (``destatic eval``).
 
@@ -26,6 +27,7 @@ from destatic.metrics.distances import (
     kernel_distance,
     precision_recall,
 )
+from destatic.metrics.edges import edge_f1
 from destatic.metrics.evaluator import Evaluator, Retrieval, load_evaluator
 from destatic.metrics.inception import (
     InceptionFeatures,
@@ -42,6 +44,7 @@ __all__ = [
     "PrecisionRecall",
     "Retrieval",
     "cached_features",
+    "edge_f1",
     "frechet_distance",
     "gaussian_stats",
     "inception_available",

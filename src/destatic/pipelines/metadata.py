@@ -87,6 +87,7 @@ class GenerationParams:
             extra = {"image": _open(self.image, "RGB"), "strength": self.strength}
             if self.mask:
                 extra["mask"] = _open(self.mask, "L")
+                extra["keep_unmasked"] = True  # the kept pixels come back as they were
         if self.controlnet:
             from destatic.checkpoints import load_component
 

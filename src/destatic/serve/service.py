@@ -199,6 +199,7 @@ class GenerationService:
                     extra = {"image": r.image.convert("RGB"), "strength": r.strength}
                     if r.mask is not None:
                         extra["mask"] = r.mask.convert("L")
+                        extra["keep_unmasked"] = True  # also for an inpainting model
                 if r.control_image is not None:
                     extra.update(
                         controlnet=self.controlnet,

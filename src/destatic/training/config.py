@@ -386,6 +386,10 @@ class SampleConfig:
     guidance: float = 4.0
     seed: int = 0
 
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments of ``Pipeline.generate`` for these grids (prompts aside)."""
+        return dict(steps=self.steps, sampler=self.sampler, grid=self.grid, guidance=self.guidance)
+
     def check(self) -> None:
         from destatic.sampling import SAMPLERS
 

@@ -277,12 +277,5 @@ class LoraTask(DenoiserTask):
         else:
             prompts, seeds = list(s.prompts), [s.seed + i for i in range(len(s.prompts))]
         with applied(weights):
-            images = self.base.generate(
-                prompts,
-                steps=s.steps,
-                sampler=s.sampler,
-                grid=s.grid,
-                guidance=s.guidance,
-                seed=seeds,
-            )
+            images = self.base.generate(prompts, **s.settings(), seed=seeds)
         return images.cpu(), prompts

@@ -206,14 +206,7 @@ class DenoiserTask(Task):
         was_training = weights.training
         weights.eval()
         try:
-            images = self._pipeline(weights).generate(
-                s.prompts,
-                steps=s.steps,
-                sampler=s.sampler,
-                grid=s.grid,
-                guidance=s.guidance,
-                seed=s.seed,
-            )
+            images = self._pipeline(weights).generate(s.prompts, **s.settings(), seed=s.seed)
         finally:
             weights.train(was_training)
         return images, list(s.prompts)
@@ -337,14 +330,7 @@ class ControlTask(DenoiserTask):
         weights.eval()
         try:
             images = self.base.generate(
-                prompts,
-                steps=s.steps,
-                sampler=s.sampler,
-                grid=s.grid,
-                guidance=s.guidance,
-                seed=s.seed,
-                controlnet=weights,
-                control_image=edges,
+                prompts, **s.settings(), seed=s.seed, controlnet=weights, control_image=edges
             )
         finally:
             weights.train(was_training)

@@ -1,0 +1,56 @@
+"""Shared by the training tests: captioned coloured squares, the tiny pixel-space U-Net trained on
+them, and comparisons of the weights that runs end with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from destatic.training import latest_checkpoint
+from destatic.training.state import load_checkpoint
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
+
+#: A 16² pixel-space U-Net small enough to train for a few steps in a test (diffusers' names).
+PIXEL_UNET = dict(
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16, 32),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=2,
+    norm_num_groups=8,
+    cross_attention_dim=384,
+)
+
+
+def write_squares(root: Path, count: int, *, placed: bool = True) -> Path:
+    """``count`` white 16² images with an 8² red, green or blue square (colours in turn; at
+    random places when ``placed``, else centred) and ``name.txt`` captions "a red square"."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        name, rgb = list(COLOURS.items())[i % 3]
+        a = np.full((16, 16, 3), 255, np.uint8)
+        r0, c0 = rng.integers(0, 8, size=2) if placed else (4, 4)
+        a[r0 : r0 + 8, c0 : c0 + 8] = rgb
+        Image.fromarray(a).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a {name} square")
+    return root
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The model and EMA weights of a run's latest checkpoint (EMA keys prefixed ``ema.``)."""
+    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0):
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst <= atol, worst
