@@ -71,3 +71,31 @@ def test_bundled_inpainting_model_reads_mask_and_image():
     torch.testing.assert_close(held[keep], heart[keep], atol=2e-3, rtol=0)  # fp16 network
     hole = held[0, :, 8:24, 8:24]
     assert float(hole[0].mean()) > float(hole[1].mean()) + 0.2  # the hole is filled with red
+
+
+def test_bundled_controlnet_makes_images_follow_real_edges():
+    import pytest
+
+    from destatic.checkpoints import load_component, load_weights
+    from destatic.data.edges import canny_edges
+    from destatic.metrics import edge_f1
+
+    files = [f for f in destatic.DEFAULT_CONTROLNET.rglob("*") if f.is_file()]
+    assert {f.suffix for f in files} <= {".json", ".safetensors"}
+    weights = load_weights(destatic.DEFAULT_CONTROLNET)
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    try:
+        from destatic.data.emoji import load_emoji
+
+        held = load_emoji(32, progress=False).heldout()
+    except (FileNotFoundError, RuntimeError) as err:
+        pytest.skip(f"emoji data unavailable: {err}")
+    images, prompts = held.images[:16], [caps[0] for caps in held.captions[:16]]
+    edges = canny_edges(images)
+    maps = torch.from_numpy(edges).permute(0, 3, 1, 2).float() / 255
+    pipe, net = destatic.load(), load_component(destatic.DEFAULT_CONTROLNET)
+    kwargs = {"steps": 8, "sampler": "dpmpp_2m", "guidance": 3.0, "seed": 0}
+    free = pipe.generate(prompts, **kwargs)
+    steered = pipe.generate(prompts, controlnet=net, control_image=maps, **kwargs)
+    # measured on 64 held-out images: BENCHMARKS.md, "Inpainting and control quality"
+    assert edge_f1(steered, edges) > edge_f1(free, edges) + 0.1
