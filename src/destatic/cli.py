@@ -279,7 +279,8 @@ def generate(
             ]
             if mask is not None and image is None:
                 raise ValueError("--mask needs --image")
-            if mask is not None and model is None and destatic.DEFAULT_INPAINT_MODEL.is_dir():
+            bundled_inpainter = destatic.DEFAULT_INPAINT_MODEL / "model_index.json"
+            if mask is not None and model is None and bundled_inpainter.is_file():
                 model = destatic.DEFAULT_INPAINT_MODEL  # the bundled inpainting variant
                 for p in todo:
                     p.model = str(model)
