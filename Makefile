@@ -23,7 +23,7 @@ SHEET_PROMPTS := "grinning face" "red heart" "cat face" "flag: japan" "pizza" "r
 	"thumbs up" "woman technologist: medium skin tone" "sun" "ghost" "green apple" "fire" \
 	"dog face" "star" "birthday cake" "flag: germany"
 
-.PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint
+.PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint bundle-lcm
 demo: $(VENV)/.installed
 	$(BIN)/destatic generate $(DEMO_PROMPTS) --upscale 4 -o out
 
@@ -47,6 +47,11 @@ bundle-control: $(VENV)/.installed
 bundle-inpaint: $(VENV)/.installed
 	rm -rf src/destatic/assets/emoji_inpaint
 	$(BIN)/destatic export runs/emoji_inpaint/model src/destatic/assets/emoji_inpaint --half
+
+# Refresh the bundled LCM student from a finished `destatic train configs/emoji_lcm.toml`.
+bundle-lcm: $(VENV)/.installed
+	rm -rf src/destatic/assets/emoji_lcm
+	$(BIN)/destatic export runs/emoji_lcm/model src/destatic/assets/emoji_lcm --half
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

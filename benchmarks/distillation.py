@@ -1,7 +1,7 @@
 """Distilled few-step students against their teacher: Fréchet distance (FID Inception) and
 prompt retrieval on the emoji held-out prompts, students at 1/2/4 steps, the teacher at 8/16/32.
 
-    destatic train configs/emoji_lcm.toml && destatic train configs/emoji_reflow.toml
+    destatic train configs/emoji_reflow.toml    # the LCM student is bundled (emoji_lcm)
     python benchmarks/distillation.py                      # every held-out prompt
     python benchmarks/distillation.py --n 16 --quick       # a smoke run (numbers meaningless)
 
@@ -38,11 +38,18 @@ def _steps(text: str) -> list[int]:
 
 
 def rows_for(
-    name: str, pipe, steps: list[int], sampler: str | None, guidance: float, reference, common
+    name: str,
+    pipe,
+    steps: list[int],
+    sampler: str | None,
+    guidance: float,
+    reference,
+    common,
+    grid: str | None = None,
 ) -> tuple[Result, list[tuple[str, Result, int]]]:
     """(the real-data row, (model name, result, network passes per image) per step count)."""
     chosen = sampler or pipe.defaults.get("sampler", "dpmpp_2m")
-    settings = [Setting(chosen, k, guidance) for k in steps]
+    settings = [Setting(chosen, k, guidance, grid) for k in steps]
     real, results = evaluate(pipe, settings, reference, **common)
     branches = 1 if pipe.guidance_embedded or guidance == 1 else 2
     return real, [(name, r, r.nfe * branches) for r in results]
@@ -76,11 +83,12 @@ def table(real: Result, rows: list[tuple[str, Result, int]], best: float | None)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default=None, help="teacher folder (default: bundled model)")
-    p.add_argument("--lcm", default="runs/emoji_lcm/model", help="LCM student ('' = skip)")
+    p.add_argument("--lcm", default="emoji_lcm", help="LCM student ('' = skip; default: bundled)")
     p.add_argument("--reflow", default="runs/emoji_reflow/model", help="reflow student ('' = skip)")
     p.add_argument("--student-steps", default="1,2,4")
     p.add_argument("--teacher-steps", default="8,16,32")
     p.add_argument("--teacher-sampler", default="dpmpp_2m")
+    p.add_argument("--teacher-grid", default=None, help="teacher's σ grid (default: its own)")
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale (folded in: w)")
     p.add_argument("--metrics", default="fid,kid,retrieval")
     p.add_argument("--n", type=int, default=0, help="held-out prompts (0 = all)")
@@ -115,11 +123,12 @@ def main() -> None:
         args.guidance,
         reference,
         common,
+        args.teacher_grid,
     )
     for name, folder in (("LCM student", args.lcm), ("reflow student", args.reflow)):
         if not folder:
             continue
-        if not Path(folder).is_dir():
+        if not destatic.bundled(folder).is_dir():
             print(f"skipping {name}: {folder} does not exist (train it first)", file=sys.stderr)
             continue
         student = destatic.load(folder)

@@ -86,6 +86,29 @@ def test_inactive_window_and_batch_checks(pair):
             ControlledUNet(u, [(c, torch.rand(3, 3, 16, 16), 1.0, None)])(x, 3.0, ctx)
 
 
+def test_controlnet_steers_a_guidance_distilled_student(pair):
+    """An LCM student (w-embedding, ``time_cond_proj_dim``) under a ControlNet still receives
+    its guidance input; the ControlNet keeps its own time embedding."""
+    import dataclasses
+
+    unet, control = pair
+    u, c = ours(unet, control)
+    student = UNet2DCondition(dataclasses.replace(u.config, time_cond_proj_dim=8)).eval()
+    student.load_state_dict(u.state_dict(), strict=False)
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.5)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    image = torch.rand(1, 3, 16, 16)
+    steered = ControlledUNet(student, [(c, image, 1.0, None)])
+    with torch.no_grad():
+        residuals = c(x, 3.0, ctx, image.repeat(2, 1, 1, 1), 1.0)
+        for w in (1.0, 6.0):
+            want = student(x, 3.0, ctx, control=residuals, guidance=w)
+            torch.testing.assert_close(steered(x, 3.0, ctx, guidance=w), want)
+        assert (
+            steered(x, 3.0, ctx, guidance=1.0) - steered(x, 3.0, ctx, guidance=6.0)
+        ).abs().max() > 1e-3
+
+
 def test_config_from_diffusers_rejects_unsupported_options(pair):
     _, control = pair
     cfg = dict(control.config)

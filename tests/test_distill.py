@@ -66,7 +66,8 @@ def write_config(path: Path, folder: Path, teacher: Path, out: Path, task: str, 
         "guidance_max = 4.0\nembedding_dim = 8\ntarget_decay = 0.9\n"
         if task == "lcm"
         else f'[reflow]\nteacher = "{teacher}"\npairs = 10\nchunk = 4\nsampler = "euler"\n'
-        "sampler_steps = 3\nguidance_min = 2.0\nguidance_max = 3.0\nembedding_dim = 8\n"
+        'sampler_steps = 3\ngrid = "normal"\n'
+        "guidance_min = 2.0\nguidance_max = 3.0\nembedding_dim = 8\n"
     )
     path.write_text(
         f"""
@@ -344,6 +345,7 @@ def test_reflow_pairs_are_the_teachers_ode_solutions_and_survive_a_kill(folder, 
             noise=pairs["noise"][i : i + 1],
             sampler="euler",
             steps=3,
+            grid="normal",  # the pairs' grid ([reflow] grid)
             guidance=float(pairs["guidance"][i]),
         )
         torch.testing.assert_close(
@@ -384,6 +386,8 @@ def test_reflow_trains_resumes_exactly_and_exports(folder, teacher, tmp_path):
     assert_same(final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped"))
     pipe = destatic.load(model)
     assert pipe.guidance_embedded and pipe.defaults["sampler"] == "euler"
+    # the student steps on its own grid (uniform in t down to 0), not the teacher's pair grid
+    assert pipe.settings()["grid"] == "sgm_uniform"
     for steps in (1, 2, 4):
         images = pipe.generate("a green square", steps=steps)
         assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

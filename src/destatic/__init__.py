@@ -15,11 +15,24 @@ DEFAULT_EVALUATOR = Path(__file__).parent / "assets" / "emoji_evaluator"
 DEFAULT_INPAINT_MODEL = Path(__file__).parent / "assets" / "emoji_inpaint"
 #: The bundled ControlNet for the default model, on Canny edges (configs/emoji_control.toml).
 DEFAULT_CONTROLNET = Path(__file__).parent / "assets" / "emoji_control"
+#: The bundled LCM student of the default model: 1-4 steps, guidance folded in
+#: (configs/emoji_lcm.toml); ``load("emoji_lcm")``.
+LCM_MODEL = Path(__file__).parent / "assets" / "emoji_lcm"
 
 
 def load(path: str | os.PathLike | None = None):
-    """A :class:`destatic.pipelines.Pipeline` from a destatic or diffusers-layout folder;
-    without a path, the bundled default model."""
+    """A :class:`destatic.pipelines.Pipeline` from a destatic or diffusers-layout folder, or a
+    bundled pipeline by name (``emoji``, ``emoji_inpaint``, ``emoji_lcm``); without a path,
+    the bundled default model."""
     from destatic.pipelines import load as load_pipeline
 
-    return load_pipeline(DEFAULT_MODEL if path is None else path)
+    return load_pipeline(DEFAULT_MODEL if path is None else bundled(path))
+
+
+def bundled(path: str | os.PathLike) -> Path:
+    """``path``, or the bundled pipeline folder of that name when no such path exists."""
+    path = Path(path)
+    folder = Path(__file__).parent / "assets" / path.name
+    if not path.exists() and len(path.parts) == 1 and (folder / "model_index.json").is_file():
+        return folder
+    return path

@@ -175,14 +175,19 @@ def _lora_option(text: str) -> tuple[str, float]:
 @app.command()
 def generate(
     prompt: list[str] = typer.Argument(None, help="One or more prompts."),
-    model: Path = typer.Option(None, help="Pipeline folder (default: the bundled emoji model)."),
+    model: Path = typer.Option(
+        None,
+        help="Pipeline folder, or a bundled one by name (emoji, emoji_inpaint, emoji_lcm).",
+    ),
     out: Path = typer.Option(Path("out"), "-o", "--out", help="A .png file, or a folder."),
     negative: str = typer.Option("", help="Negative prompt."),
     steps: int = typer.Option(None, min=1, help="Sampler steps (default: the model's, or 20)."),
     sampler: str = typer.Option(
         None, help="Sampler (destatic samplers lists them; default: the model's, or dpmpp_2m)."
     ),
-    grid: str = typer.Option(None, help="σ grid (default: karras, or normal for flow models)."),
+    grid: str = typer.Option(
+        None, help="σ grid (default: the model's; karras, or sgm_uniform for flow models)."
+    ),
     guidance: float = typer.Option(
         None, min=0.0, help="Classifier-free guidance scale (default: the model's, or 3)."
     ),
@@ -498,7 +503,10 @@ def eval_(
 
 @app.command()
 def serve(
-    model: Path = typer.Option(None, help="Pipeline folder (default: the bundled emoji model)."),
+    model: Path = typer.Option(
+        None,
+        help="Pipeline folder, or a bundled one by name (emoji, emoji_inpaint, emoji_lcm).",
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (localhost by default)."),
     port: int = typer.Option(7860, min=1, max=65535, help="Port."),
     max_side: int = typer.Option(512, min=8, help="Largest image side a request may ask for."),

@@ -215,8 +215,14 @@ class ControlledUNet(nn.Module):
         self.controls = [(image, scale, active) for _, image, scale, active in controls]
 
     def forward(
-        self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        context: torch.Tensor,
+        guidance: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
+        """``guidance`` goes to a guidance-distilled U-Net (an LCM student) only: the
+        ControlNets keep the time embedding they were trained with."""
         total: ControlResiduals | None = None
         for net, (image, scale, active) in zip(self.controlnets, self.controls, strict=True):
             if active is not None and not active(timestep):
@@ -234,4 +240,4 @@ class ControlledUNet(nn.Module):
                 total = ControlResiduals(
                     [a + b for a, b in zip(total.down, r.down, strict=True)], total.mid + r.mid
                 )
-        return self.unet(x, timestep, context, control=total)
+        return self.unet(x, timestep, context, control=total, guidance=guidance)

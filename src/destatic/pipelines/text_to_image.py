@@ -216,9 +216,14 @@ class Pipeline:
 
     @property
     def default_grid(self) -> str:
-        """``karras`` for processes with a finite σ_max; ``normal`` (uniform in the process's
-        own time, as SD3 and Flux sample) for those that start at σ = ∞."""
-        return "karras" if math.isfinite(self.process.sigma_max) else "normal"
+        """``karras`` for processes with a finite σ_max; ``sgm_uniform`` (uniform in the
+        process's own time from t = 1 down to 0) for those that start at σ = ∞.
+
+        Not ``normal``, diffusers' FlowMatch spacing, whose last nonzero point is the smallest
+        trained σ: its final step (σ_min → 0) barely moves, and the step before it spans most of
+        log σ, where multistep solvers over-extrapolate (DPM++ 2M at 4 steps collapses on the
+        bundled model; BENCHMARKS.md, "Sampling grids for flow models")."""
+        return "karras" if math.isfinite(self.process.sigma_max) else "sgm_uniform"
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space samples → images in [0, 1] (float32)."""

@@ -408,6 +408,7 @@ class ReflowTask(_DistillTask):
             "sampler": r.sampler,
             "sampler_steps": r.sampler_steps,
             "grid": r.grid or self.teacher.default_grid,
+            "shift": self.teacher.process.shift,
             "guidance": [r.guidance_min, r.guidance_max],
             "chunk": r.chunk,
             "seed": self.cfg.train.seed,
@@ -479,8 +480,7 @@ class ReflowTask(_DistillTask):
 
     def _pipeline(self, weights: nn.Module) -> Pipeline:
         t, r = self.teacher, self.cfg.reflow
+        # the student's grid is its own default (uniform in t down to 0), not the teacher's
         defaults = {"sampler": "euler", "steps": r.steps}
-        if r.grid:
-            defaults["grid"] = r.grid
         defaults |= _folded(r.guidance_min, r.guidance_max, self.cfg.sample.guidance)
         return Pipeline(weights, t.autoencoder, t.text_encoder, t.process, t.target, defaults)
