@@ -133,7 +133,12 @@ def test_bundled_lcm_student_follows_prompts_in_four_steps():
     assert {f.suffix for f in files} <= {".json", ".safetensors"}
     student = destatic.load("emoji_lcm")
     assert student.guidance_embedded
-    assert student.settings() == {"steps": 4, "sampler": "lcm", "grid": "normal", "guidance": 3.0}
+    assert student.settings() == {
+        "steps": 4,
+        "sampler": "lcm",
+        "grid": "sgm_uniform",
+        "guidance": 3.0,
+    }
     try:
         from destatic.data.emoji import load_emoji
 

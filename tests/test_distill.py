@@ -62,7 +62,7 @@ def teacher(tmp_path_factory) -> Path:
 
 def write_config(path: Path, folder: Path, teacher: Path, out: Path, task: str, extra: str = ""):
     table = (
-        f'[lcm]\nteacher = "{teacher}"\nteacher_steps = 4\nguidance_min = 1.0\n'
+        f'[lcm]\nteacher = "{teacher}"\nteacher_steps = 4\ngrid = "normal"\nguidance_min = 1.0\n'
         "guidance_max = 4.0\nembedding_dim = 8\ntarget_decay = 0.9\n"
         if task == "lcm"
         else f'[reflow]\nteacher = "{teacher}"\npairs = 10\nchunk = 4\nsampler = "euler"\n'
@@ -298,6 +298,7 @@ def test_lcm_trains_resumes_exactly_and_exports_a_few_step_model(folder, teacher
     pipe = destatic.load(model)
     assert isinstance(pipe.target, ConsistencyTarget) and pipe.guidance_embedded
     assert pipe.defaults["sampler"] == "lcm" and pipe.defaults["guidance_range"] == [1.0, 4.0]
+    assert pipe.settings()["grid"] == "sgm_uniform"  # not the teacher's pair grid ([lcm] grid)
     calls = []
     pipe.network.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     for steps in (1, 2, 4):

@@ -382,7 +382,7 @@ class SampleConfig:
     )
     steps: int = 20
     sampler: str = "dpmpp_2m"
-    grid: str = "normal"
+    grid: str = ""  # "" = the model's default grid (karras; sgm_uniform for flow models)
     guidance: float = 4.0
     seed: int = 0
 
@@ -396,6 +396,10 @@ class SampleConfig:
         _require(len(self.prompts) >= 1, "sample.prompts needs at least one prompt")
         _require(1 <= self.steps <= 1000, f"sample.steps = {self.steps}: use 1 … 1000")
         _choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        if self.grid:
+            from destatic.sampling import GRIDS
+
+            _choice("sample.grid", self.grid, tuple(GRIDS))
         _require(self.guidance >= 0, f"sample.guidance = {self.guidance}: use ≥ 0")
 
 

@@ -269,7 +269,9 @@ class LCMTask(_DistillTask):
 
     def _pipeline(self, weights: nn.Module) -> Pipeline:
         t, c = self.teacher, self.cfg.lcm
-        defaults = {"sampler": "lcm", "steps": c.steps, "grid": c.grid}
+        defaults = {"sampler": "lcm", "steps": c.steps}
+        if self.cfg.sample.grid:  # the student's grid: [sample]'s, else the model's default
+            defaults["grid"] = self.cfg.sample.grid
         defaults |= _folded(c.guidance_min, c.guidance_max, self.cfg.sample.guidance)
         return Pipeline(
             weights.student, t.autoencoder, t.text_encoder, t.process, self.consistency, defaults
@@ -480,7 +482,8 @@ class ReflowTask(_DistillTask):
 
     def _pipeline(self, weights: nn.Module) -> Pipeline:
         t, r = self.teacher, self.cfg.reflow
-        # the student's grid is its own default (uniform in t down to 0), not the teacher's
         defaults = {"sampler": "euler", "steps": r.steps}
+        if self.cfg.sample.grid:  # the student's grid: [sample]'s, else the model's default
+            defaults["grid"] = self.cfg.sample.grid
         defaults |= _folded(r.guidance_min, r.guidance_max, self.cfg.sample.guidance)
         return Pipeline(weights, t.autoencoder, t.text_encoder, t.process, t.target, defaults)
