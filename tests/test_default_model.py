@@ -34,6 +34,8 @@ def test_bundle_matches_its_config():
         (destatic.DEFAULT_MODEL / "scheduler" / "scheduler_config.json").read_text()
     )
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    # the API and the CLI draw at the scale the config's sample grids used
+    assert destatic.load().settings()["guidance"] == cfg.sample.guidance == 3.0
 
 
 def test_default_model_generates_distinct_images_per_prompt():

@@ -28,7 +28,9 @@ def test_png_carries_parameters_and_from_regenerates_it(tmp_path):
     again = tmp_path / "again.png"
     result = runner.invoke(app, ["generate", "--from", str(second), "-o", str(again)])
     assert result.exit_code == 0, result.output
-    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(second)))
+    # drawn alone now, second in a batch of two before: float rounding may move a pixel by 1/255
+    redrawn, original = (np.asarray(Image.open(p)).astype(int) for p in (again, second))
+    assert np.abs(redrawn - original).max() <= 1 and (redrawn != original).mean() < 0.01
     assert read_params(again) == params
 
 

@@ -90,6 +90,7 @@ def test_train_exports_a_pipeline_that_generates(folder, tmp_path):
     assert len(list((tmp_path / "run" / "checkpoints").glob("step-*"))) == 2  # keep = 2
     pipe = destatic.load(model)
     assert pipe.autoencoder is None and pipe.text_encoder.max_length == 8
+    assert pipe.settings()["guidance"] == cfg.sample.guidance  # the samples' scale is the default
     images = pipe.generate("a red square", steps=3, guidance=2.0)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     # the exported network is the EMA of the last checkpoint

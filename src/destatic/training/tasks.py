@@ -194,7 +194,10 @@ class DenoiserTask(Task):
 
     def _pipeline(self, weights: nn.Module) -> Pipeline:
         p = self.pipeline
-        return Pipeline(weights, p.autoencoder, p.text_encoder, p.process, p.target)
+        # the scale the sample grids were drawn at becomes the model's default guidance, so the
+        # Python API and the CLI agree on it (without one they fall back to 5 and 3)
+        defaults = {"guidance": self.cfg.sample.guidance}
+        return Pipeline(weights, p.autoencoder, p.text_encoder, p.process, p.target, defaults)
 
     def export(self, weights: nn.Module, folder: Path) -> None:
         from destatic.pipelines.load import save
