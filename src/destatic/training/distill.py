@@ -181,8 +181,15 @@ class ConsistencyPair(nn.Module):
         self.synced.fill_(step)
 
 
-def _folded(lo: float, hi: float, preferred: float) -> dict:
-    return {"guidance": min(max(preferred, lo), hi), "guidance_range": [lo, hi]}
+def _student_defaults(sampler: str, steps: int, lo: float, hi: float, sample) -> dict:
+    """A student's generation defaults: its sampler and steps, the grid of its ``[sample]``
+    table (unset: the model's default grid, not the teacher's pair grid), and the ``[sample]``
+    guidance clamped to the folded-in range it was trained on."""
+    defaults = {"sampler": sampler, "steps": steps}
+    if sample.grid:
+        defaults["grid"] = sample.grid
+    guidance = min(max(sample.guidance, lo), hi)
+    return defaults | {"guidance": guidance, "guidance_range": [lo, hi]}
 
 
 class _DistillTask(DenoiserTask):
@@ -269,10 +276,9 @@ class LCMTask(_DistillTask):
 
     def _pipeline(self, weights: nn.Module) -> Pipeline:
         t, c = self.teacher, self.cfg.lcm
-        defaults = {"sampler": "lcm", "steps": c.steps}
-        if self.cfg.sample.grid:  # the student's grid: [sample]'s, else the model's default
-            defaults["grid"] = self.cfg.sample.grid
-        defaults |= _folded(c.guidance_min, c.guidance_max, self.cfg.sample.guidance)
+        defaults = _student_defaults(
+            "lcm", c.steps, c.guidance_min, c.guidance_max, self.cfg.sample
+        )
         return Pipeline(
             weights.student, t.autoencoder, t.text_encoder, t.process, self.consistency, defaults
         )
@@ -482,8 +488,7 @@ class ReflowTask(_DistillTask):
 
     def _pipeline(self, weights: nn.Module) -> Pipeline:
         t, r = self.teacher, self.cfg.reflow
-        defaults = {"sampler": "euler", "steps": r.steps}
-        if self.cfg.sample.grid:  # the student's grid: [sample]'s, else the model's default
-            defaults["grid"] = self.cfg.sample.grid
-        defaults |= _folded(r.guidance_min, r.guidance_max, self.cfg.sample.guidance)
+        defaults = _student_defaults(
+            "euler", r.steps, r.guidance_min, r.guidance_max, self.cfg.sample
+        )
         return Pipeline(weights, t.autoencoder, t.text_encoder, t.process, t.target, defaults)
