@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import destatic
@@ -67,6 +68,16 @@ def test_default_flow_grid_keeps_multistep_solvers_accurate():
     assert error("sgm_uniform") < 0.7 * error("normal")
 
 
+def _heldout_emoji():
+    """The held-out split of the emoji data at 32², or a skip where the font is missing."""
+    try:
+        from destatic.data.emoji import load_emoji
+
+        return load_emoji(32, progress=False).heldout()
+    except (FileNotFoundError, RuntimeError) as err:
+        pytest.skip(f"emoji data unavailable: {err}")
+
+
 INPAINT_CONFIG = Path(__file__).parents[1] / "configs" / "emoji_inpaint.toml"
 
 
@@ -94,8 +105,6 @@ def test_bundled_inpainting_model_reads_mask_and_image():
 
 
 def test_bundled_controlnet_makes_images_follow_real_edges():
-    import pytest
-
     from destatic.checkpoints import load_component, load_weights
     from destatic.data.edges import canny_edges
     from destatic.metrics import edge_f1
@@ -104,12 +113,7 @@ def test_bundled_controlnet_makes_images_follow_real_edges():
     assert {f.suffix for f in files} <= {".json", ".safetensors"}
     weights = load_weights(destatic.DEFAULT_CONTROLNET)
     assert {v.dtype for v in weights.values()} == {torch.float16}
-    try:
-        from destatic.data.emoji import load_emoji
-
-        held = load_emoji(32, progress=False).heldout()
-    except (FileNotFoundError, RuntimeError) as err:
-        pytest.skip(f"emoji data unavailable: {err}")
+    held = _heldout_emoji()
     images, prompts = held.images[:16], list(held.captions[:16])
     edges = canny_edges(images)
     maps = torch.from_numpy(edges).permute(0, 3, 1, 2).float() / 255
@@ -126,8 +130,6 @@ def test_bundled_lcm_student_follows_prompts_in_four_steps():
     """The bundled LCM student (configs/emoji_lcm.toml) loads by name, runs its own 4 guided
     steps, and finds held-out prompts about as well as the teacher does with 16 CFG steps (2×16
     network passes). Full figures: BENCHMARKS.md, "Distillation"."""
-    import pytest
-
     from destatic.metrics.evaluator import load_evaluator
 
     files = [f for f in destatic.LCM_MODEL.rglob("*") if f.is_file()]
@@ -141,12 +143,7 @@ def test_bundled_lcm_student_follows_prompts_in_four_steps():
         "grid": "sgm_uniform",
         "guidance": 3.0,
     }
-    try:
-        from destatic.data.emoji import load_emoji
-
-        held = load_emoji(32, progress=False).heldout()
-    except (FileNotFoundError, RuntimeError) as err:
-        pytest.skip(f"emoji data unavailable: {err}")
+    held = _heldout_emoji()
     prompts = list(held.captions[::16][:24])  # spread over the categories (measured: both 0.62)
     fast = student.generate(prompts, seed=0)
     slow = destatic.load().generate(prompts, steps=16, sampler="euler", guidance=3.0, seed=0)

@@ -131,6 +131,7 @@ def data_clipart(
     _build_data(clipart.build_clipart, clipart.cache_paths, size, out, summary)
 
 
+MODEL_HELP = "Pipeline folder, or a bundled one by name (emoji, emoji_inpaint, emoji_lcm)."
 INPUT_KEYS = (
     "variation_seed",
     "variation_strength",
@@ -175,10 +176,7 @@ def _lora_option(text: str) -> tuple[str, float]:
 @app.command()
 def generate(
     prompt: list[str] = typer.Argument(None, help="One or more prompts."),
-    model: Path = typer.Option(
-        None,
-        help="Pipeline folder, or a bundled one by name (emoji, emoji_inpaint, emoji_lcm).",
-    ),
+    model: Path = typer.Option(None, help=MODEL_HELP),
     out: Path = typer.Option(Path("out"), "-o", "--out", help="A .png file, or a folder."),
     negative: str = typer.Option("", help="Negative prompt."),
     steps: int = typer.Option(None, min=1, help="Sampler steps (default: the model's, or 20)."),
@@ -503,10 +501,7 @@ def eval_(
 
 @app.command()
 def serve(
-    model: Path = typer.Option(
-        None,
-        help="Pipeline folder, or a bundled one by name (emoji, emoji_inpaint, emoji_lcm).",
-    ),
+    model: Path = typer.Option(None, help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (localhost by default)."),
     port: int = typer.Option(7860, min=1, max=65535, help="Port."),
     max_side: int = typer.Option(512, min=8, help="Largest image side a request may ask for."),

@@ -322,7 +322,7 @@ class Pipeline:
         control_scale: float = 1.0,
         control_start: float = 0.0,
         control_end: float = 1.0,
-        keep_unmasked: bool | None = None,
+        keep_unmasked: bool = False,
         **sampler_options,
     ) -> torch.Tensor:
         """Images as a float tensor [B, C, H, W] in [0, 1]. ``seed`` is the first of
@@ -337,7 +337,7 @@ class Pipeline:
         the masked region from pure noise). An inpainting model (:attr:`inpainting_model`) reads
         the mask and the masked image itself and, as diffusers' ``StableDiffusionInpaintPipeline``,
         is free to retouch the kept region; ``keep_unmasked=True`` holds it as for any model
-        (the default for plain models, which need it).
+        (plain models always hold it: they cannot read the mask).
 
         Variations (A1111's "variation seed"): the initial noise is
         ``slerp(noise(seed), noise(variation_seed), variation_strength)``, so small strengths
@@ -457,8 +457,6 @@ class Pipeline:
         # pure noise (as diffusers' img2img and inpaint pipelines do)
         if known is not None and not math.isinf(start) and not (mask is not None and strength == 1):
             x = x + known
-        if keep_unmasked is None:
-            keep_unmasked = not self.inpainting_model
         if mask is not None and (keep_unmasked or not self.inpainting_model):
             assert known is not None
             m = mask.to(self.device, self.dtype)
