@@ -26,10 +26,10 @@ import time
 import torch
 
 import destatic
-from destatic.checkpoints import load_component
 from destatic.data.edges import canny_edges
 from destatic.metrics.edges import edge_f1
 from destatic.metrics.sweep import reference_set
+from destatic.models.registry import load_component
 
 BORDERS = ((7, 8), (23, 24))  # pixel pairs across the edges of the 8:24 hole
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import torch
 
 import destatic
+from destatic.bundled import resolve
 from destatic.metrics.sweep import Result, Setting, evaluate, reference_set
 
 THREADS = 2
@@ -128,7 +129,7 @@ def main() -> None:
     for name, folder in (("LCM student", args.lcm), ("reflow student", args.reflow)):
         if not folder:
             continue
-        if not destatic.bundled(folder).is_dir():
+        if not resolve(folder).is_dir():
             print(f"skipping {name}: {folder} does not exist (train it first)", file=sys.stderr)
             continue
         student = destatic.load(folder)

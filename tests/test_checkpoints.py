@@ -6,24 +6,20 @@ import json
 import pytest
 import torch
 
-from destatic.checkpoints import (
-    COMPONENT_CLASSES,
+from destatic.io import (
     CheckpointError,
     find_weights,
-    load_component,
-    load_into,
     load_safetensors,
     load_weights,
-    process_from_scheduler_config,
     read_json,
     read_model_index,
-    save_component,
-    scheduler_config_from_process,
 )
 from destatic.models import UNet2DCondition
 from destatic.models.autoencoder import AutoencoderKL
 from destatic.models.mmdit import MMDiT
+from destatic.models.registry import COMPONENT_CLASSES, load_component, load_into, save_component
 from destatic.process import RectifiedFlow, VPDiscrete
+from destatic.process.schedulers import process_from_scheduler_config, scheduler_config_from_process
 from tests import tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
@@ -129,6 +125,7 @@ def test_save_load_round_trip(saved, kind, tmp_path) -> None:
     config = model.config.to_dict()
     save_component(model, tmp_path / "fp32", class_name=name, config=config)
     assert sorted(p.name for p in (tmp_path / "fp32").iterdir()) == [
+        "checksums.json",
         "config.json",
         "diffusion_pytorch_model.safetensors",
     ]
@@ -341,8 +338,11 @@ def test_edm_scheduler_config_round_trip_and_diffusers_preconditioning():
     """EDMEulerScheduler ↔ (EDM, EDMTarget): the same c_in, c_noise, c_skip and c_out."""
     from diffusers import EDMEulerScheduler
 
-    from destatic.checkpoints import process_from_scheduler_config, scheduler_config_from_process
     from destatic.process import EDM, Denoiser, EDMTarget
+    from destatic.process.schedulers import (
+        process_from_scheduler_config,
+        scheduler_config_from_process,
+    )
 
     process, target = EDM(min_sigma=0.01, max_sigma=50.0, sigma_data=0.7), EDMTarget(0.7)
     cfg = scheduler_config_from_process(process, target)

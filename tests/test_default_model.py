@@ -18,7 +18,7 @@ def test_bundle_is_small_fp16_safetensors():
     files = [f for f in destatic.DEFAULT_MODEL.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 25e6
     assert {f.suffix for f in files} <= {".json", ".safetensors"}  # never pickle
-    from destatic.checkpoints import load_weights
+    from destatic.io import load_weights
 
     weights = load_weights(destatic.DEFAULT_MODEL / "unet")
     assert {v.dtype for v in weights.values()} == {torch.float16}
@@ -105,9 +105,10 @@ def test_bundled_inpainting_model_reads_mask_and_image():
 
 
 def test_bundled_controlnet_makes_images_follow_real_edges():
-    from destatic.checkpoints import load_component, load_weights
     from destatic.data.edges import canny_edges
+    from destatic.io import load_weights
     from destatic.metrics import edge_f1
+    from destatic.models.registry import load_component
 
     files = [f for f in destatic.DEFAULT_CONTROLNET.rglob("*") if f.is_file()]
     assert {f.suffix for f in files} <= {".json", ".safetensors"}
@@ -132,7 +133,7 @@ def test_bundled_lcm_student_follows_prompts_in_four_steps():
     network passes). Full figures: BENCHMARKS.md, "Distillation"."""
     from destatic.metrics.evaluator import load_evaluator
 
-    files = [f for f in destatic.LCM_MODEL.rglob("*") if f.is_file()]
+    files = [f for f in destatic.DEFAULT_LCM_MODEL.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 25e6
     assert {f.suffix for f in files} <= {".json", ".safetensors"}
     student = destatic.load("emoji_lcm")

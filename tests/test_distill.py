@@ -16,18 +16,15 @@ from destatic.models.unet import UNet2DCondition, UNetConfig, guidance_embedding
 from destatic.process import ConsistencyTarget, Denoiser, RectifiedFlow, consistency_coefficients
 from destatic.sampling import make_sigmas, sample
 from destatic.training import ConfigError, latest_checkpoint, load_config, train
-from destatic.training.distill import (
-    ConsistencyPair,
-    LCMTask,
-    ReflowTask,
+from destatic.training.state import load_checkpoint
+from destatic.training.tasks.distillation import (
     euler_step,
     guided_denoise,
     noisy,
-    reflow_pairs,
     student_from_teacher,
-    teacher_solutions,
 )
-from destatic.training.state import load_checkpoint
+from destatic.training.tasks.lcm import ConsistencyPair, LCMTask
+from destatic.training.tasks.reflow import ReflowTask, reflow_pairs, teacher_solutions
 from tests.training_fixtures import PIXEL_UNET, assert_same, final_weights, write_squares
 
 
@@ -46,8 +43,7 @@ def folder(tmp_path_factory) -> Path:
 def teacher(tmp_path_factory) -> Path:
     """A tiny random rectified-flow pixel pipeline (MiniLM text) saved as a folder."""
     from destatic.models.text import MiniLMTextEncoder
-    from destatic.pipelines import save
-    from destatic.pipelines.text_to_image import Pipeline
+    from destatic.pipelines import Pipeline, save
 
     torch.manual_seed(0)
     net = UNet2DCondition(UNetConfig(**PIXEL_UNET))
@@ -318,7 +314,7 @@ def test_generate_cli_uses_the_distilled_models_defaults(folder, teacher, tmp_pa
     from typer.testing import CliRunner
 
     from destatic.cli import app
-    from destatic.pipelines.metadata import read_params
+    from destatic.pipelines import GenerationRequest
 
     cfg = write_config(tmp_path / "a.toml", folder, teacher, tmp_path / "run", "lcm")
     model = train(load_config(cfg, {"train.steps": 1}))
@@ -327,7 +323,7 @@ def test_generate_cli_uses_the_distilled_models_defaults(folder, teacher, tmp_pa
         app, ["generate", "a red square", "--model", str(model), "-o", str(out)]
     )
     assert result.exit_code == 0, result.output
-    params = read_params(out)
+    params = GenerationRequest.from_png(out)
     assert (params.sampler, params.steps, params.guidance) == ("lcm", 4, 3.0)
 
 
@@ -411,7 +407,7 @@ def test_distillation_config_errors_are_clear(folder, teacher, tmp_path):
         LCMTask(load_config(path, {"data.size": 32}), torch.device("cpu"), progress=False)
     with pytest.raises(ConfigError, match='kind = "flow", shift = 1'):
         ReflowTask(load_config(reflow, {"objective.shift": 3.0}), torch.device("cpu"), False)
-    from destatic.checkpoints import CheckpointError
+    from destatic.io import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not exist"):
         train(load_config(path, {"lcm.teacher": str(tmp_path / "nope")}))

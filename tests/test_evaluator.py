@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import destatic
-from destatic.checkpoints import CheckpointError, load_weights
 from destatic.cli import app
+from destatic.io import CheckpointError, load_weights
 from destatic.metrics.evaluator import (
     Evaluator,
     EvaluatorConfig,
@@ -24,7 +24,7 @@ from destatic.metrics.evaluator import (
     save_evaluator,
 )
 from destatic.training import load_config, train
-from destatic.training.tasks import _shifted
+from destatic.training.tasks.evaluator import _shifted
 from tests.training_fixtures import COLOURS, write_squares
 
 TINY = EvaluatorConfig(

@@ -8,7 +8,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from destatic.cli import app
-from destatic.pipelines.metadata import GenerationParams, read_params
+from destatic.pipelines import GenerationRequest
+
+read_params = GenerationRequest.from_png
 
 
 def test_png_carries_parameters_and_from_regenerates_it(tmp_path):
@@ -59,7 +61,7 @@ def test_from_rejects_images_without_parameters(tmp_path):
 
 
 def test_a1111_text_without_negative_or_size():
-    text = GenerationParams("cat face", seed=3).a1111()
+    text = GenerationRequest("cat face", steps=20, sampler="dpmpp_2m", guidance=3.0, seed=3).a1111()
     assert text == (
         "cat face\nSteps: 20, Sampler: dpmpp_2m, Schedule type: default, CFG scale: 3, "
         "Seed: 3, Model: destatic default"
@@ -121,8 +123,8 @@ def test_controlnet_from_the_command_line(tmp_path):
     import torch
 
     import destatic
-    from destatic.checkpoints import save_component
     from destatic.models.controlnet import ControlNet
+    from destatic.models.registry import save_component
 
     pipe = destatic.load()
     net = ControlNet.from_unet(pipe.network, conditioning_embedding_out_channels=(16,))
@@ -149,7 +151,8 @@ def test_controlnet_from_the_command_line(tmp_path):
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
     exported = runner.invoke(app, ["export", str(tmp_path / "cn"), str(tmp_path / "cn16")])
     assert exported.exit_code == 0, exported.output
-    from destatic.checkpoints import load_component, load_weights
+    from destatic.io import load_weights
+    from destatic.models.registry import load_component
 
     assert {v.dtype for v in load_weights(tmp_path / "cn16").values()} == {torch.float16}
     assert type(load_component(tmp_path / "cn16")).__name__ == "ControlNet"

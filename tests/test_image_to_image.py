@@ -12,7 +12,8 @@ from PIL import Image
 
 import destatic
 from destatic.lab import GaussianMixture
-from destatic.pipelines.text_to_image import as_image_batch, strength_sigmas
+from destatic.pipelines.inputs import as_image_batch
+from destatic.pipelines.stages import strength_sigmas
 from destatic.sampling import KnownRegion, make_sigmas, sample
 from tests.test_pipeline import SCHEDULERS, SD, scheduler_sigmas, sd_folder  # noqa: F401
 

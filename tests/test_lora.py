@@ -365,8 +365,7 @@ def test_mmdit_and_controlnet_take_adapters(tmp_path):
 def tiny_pipeline(tmp_path_factory) -> Path:
     """A random 16² pixel-space pipeline folder (U-Net + MiniLM, rectified flow)."""
     from destatic.models.text import MiniLMTextEncoder
-    from destatic.pipelines import save
-    from destatic.pipelines.text_to_image import Pipeline
+    from destatic.pipelines import Pipeline, save
     from destatic.process import RectifiedFlow
 
     torch.manual_seed(0)
@@ -408,7 +407,7 @@ def test_cli_generate_with_lora_records_it_for_from(tiny_pipeline, tmp_path):
 
     import destatic
     from destatic.cli import app
-    from destatic.pipelines.metadata import read_params
+    from destatic.pipelines import GenerationRequest
 
     pipe = destatic.load(tiny_pipeline)
     lora.add_lora(pipe.network)
@@ -421,7 +420,7 @@ def test_cli_generate_with_lora_records_it_for_from(tiny_pipeline, tmp_path):
     args = ["generate", "a red square", *common, "--lora", f"{tmp_path / 'style.safetensors'}:0.8"]
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "b.png")])
     assert result.exit_code == 0, result.output
-    params = read_params(tmp_path / "b.png")
+    params = GenerationRequest.from_png(tmp_path / "b.png")
     assert params.loras == [[str(tmp_path / "style.safetensors"), 0.8]]
     assert "LoRA: style:0.8" in Image.open(tmp_path / "b.png").info["parameters"]
     again = runner.invoke(
@@ -536,7 +535,7 @@ def test_lora_training_checkpoints_only_the_adapter_and_resumes_exactly(tiny_pip
 
 def test_dreambooth_caches_class_images_and_adds_the_prior_loss(tiny_pipeline, tmp_path):
     from destatic.training import load_config, train
-    from destatic.training.lora import LoraTask
+    from destatic.training.tasks import LoraTask
 
     instances = shapes(tmp_path / "inst")
     extra = 'class_prompt = "a disc"\nnum_class_images = 3\nclass_steps = 2\nprior_weight = 0.5'

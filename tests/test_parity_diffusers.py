@@ -5,7 +5,7 @@ the ε an exact model of a Gaussian mixture would output, then runs the matching
 on the σ grid that scheduler actually used, from the same initial noise and with the same fresh
 noise draws, and compares the final samples in σ-space.
 
-Conventions (DESIGN.md, "One mathematical core"):
+Conventions (docs/architecture.md, "One core"):
 
 * k-style schedulers (Euler, Euler ancestral, Heun, LMS) already work on ``x = x0 + σ·n``;
 * VP-latent schedulers (DDIM, DDPM, DPM-Solver++, UniPC) work on ``x_t = x/√(1+σ²)``, with

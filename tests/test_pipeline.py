@@ -156,7 +156,7 @@ def test_bad_generation_settings(sd_folder, kwargs, message):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    from destatic.checkpoints import CheckpointError
+    from destatic.io import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"model_index\.json"):
         destatic.load(tmp_path / "nope")

@@ -144,7 +144,7 @@ def test_with_t5_encoder_same_embedding_and_image(tmp_path):
 def test_sdxl_folder_is_a_clear_error(tmp_path):
     import json
 
-    from destatic.checkpoints import CheckpointError
+    from destatic.io import CheckpointError
 
     (tmp_path / "model_index.json").write_text(
         json.dumps({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder_2": ["a", "b"]})

@@ -7,7 +7,6 @@ import base64
 import concurrent.futures
 import io
 import shutil
-import socket
 import threading
 import time
 
@@ -20,8 +19,12 @@ import destatic
 gradio = pytest.importorskip("gradio", reason="the web UI needs gradio (pip install gradio)")
 httpx = pytest.importorskip("httpx")
 
-from destatic.serve import GenerationService, Limits, Request, RequestError, create_app  # noqa: E402
+from destatic.pipelines import GenerationRequest as Request  # noqa: E402
+from destatic.serve import GenerationService, Limits, RequestError, create_app  # noqa: E402
 from destatic.serve.service import Busy  # noqa: E402
+from tests.serve_fixtures import free_port  # noqa: E402
+
+JSON = {"content-type": "application/json"}
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -36,8 +39,8 @@ def controlnet_folder(pipe, tmp_path_factory):
     """A ControlNet for the bundled model, nudged off its zero init so control matters."""
     import torch
 
-    from destatic.checkpoints import save_component
     from destatic.models.controlnet import ControlNet
+    from destatic.models.registry import save_component
 
     net = ControlNet.from_unet(pipe.network, conditioning_embedding_out_channels=(16,))
     g = torch.Generator().manual_seed(0)
@@ -56,9 +59,7 @@ def server(pipe, controlnet_folder):
 
     limits = Limits(max_side=64, max_images=4, max_waiting=4)
     app = create_app(pipeline=pipe, limits=limits, controlnet=controlnet_folder)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -89,6 +90,13 @@ def png_b64(array: np.ndarray) -> str:
         ({"steps": "ten"}, "steps must be an integer"),
         ({"prompt": "x" * 3000}, "limited to 2000 characters"),
         ({"strength": 0.5}, "strength needs an image"),
+        ({"sampler": []}, "unknown sampler of type list"),
+        ({"grid": {}}, "unknown grid of type dict"),
+        ({"prompt": 5}, "prompt must be text"),
+        ({"negative_prompt": "a\ud800"}, "negative_prompt is not valid Unicode"),
+        ({"control_canny": "yes"}, "control_canny must be true or false"),
+        ({"control_scale": None}, "control_scale must be a number"),
+        ({"image": "in.png"}, "image must be an image"),
     ],
 )
 def test_service_checks_requests(pipe, fields, message):
@@ -198,7 +206,7 @@ def test_server_survives_a_burst_of_bad_and_concurrent_requests(server):
     good = b'{"prompt": "cat face", "steps": 4, "num_images": 4}'
 
     def post(body: bytes) -> httpx.Response:
-        return httpx.post(f"{server}/api/generate", content=body, timeout=120)
+        return httpx.post(f"{server}/api/generate", content=body, headers=JSON, timeout=120)
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(post, bad * 3 + [good] * 8))

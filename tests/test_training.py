@@ -15,20 +15,16 @@ import torch
 from PIL import Image
 
 import destatic
-from destatic.checkpoints import load_weights
+from destatic.io import load_weights
 from destatic.training import ConfigError, TrainingError, latest_checkpoint, load_config, train
 from destatic.training.state import load_checkpoint
-from tests.training_fixtures import assert_same, final_weights, write_squares
-
-TINY_UNET = """
-[model.unet]
-block_out_channels = [16, 32]
-down_block_types = ["CrossAttnDownBlock2D", "DownBlock2D"]
-up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D"]
-layers_per_block = 1
-attention_head_dim = 2
-norm_num_groups = 8
-"""
+from tests.training_fixtures import (
+    TINY_UNET,
+    assert_same,
+    final_weights,
+    write_config,
+    write_squares,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,45 +36,6 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DESTATIC_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def write_config(path: Path, folder: Path, out: Path, extra: str = "") -> Path:
-    path.write_text(
-        f"""
-[data]
-dataset = "folder"
-path = "{folder}"
-size = 16
-
-[model]
-text_max_length = 8
-{TINY_UNET}
-
-[optim]
-lr = 1e-3
-warmup_steps = 2
-schedule = "cosine"
-
-[train]
-steps = 6
-batch_size = 4
-checkpoint_every = 1
-log_every = 1
-sample_every = 0
-threads = 1
-progress = false
-tensorboard = false
-{extra}
-
-[sample]
-prompts = ["a red square", "a blue square"]
-steps = 3
-
-[output]
-dir = "{out}"
-"""
-    )
-    return path
 
 
 def test_train_exports_a_pipeline_that_generates(folder, tmp_path):
@@ -189,7 +146,7 @@ def test_autoencoder_task_exports_a_loadable_vae(folder, tmp_path):
     extra += 'up_block_types = ["UpDecoderBlock2D", "UpDecoderBlock2D"]\nnorm_num_groups = 4\n'
     cfg = load_config(write_config(tmp_path / "c.toml", folder, tmp_path / "vae", extra))
     out = train(cfg)
-    from destatic.checkpoints import load_component
+    from destatic.models.registry import load_component
 
     vae = load_component(out)
     assert vae.config.scaling_factor != 0.18215  # measured on the data
@@ -318,7 +275,7 @@ def test_adversarial_autoencoder_trains_both_networks_apart(folder, tmp_path):
     after = task.loss(model, batch, torch.device("cpu"))
     assert not torch.allclose(before, after)  # the terms switch on at adversarial_start
     out = train(cfg)  # end to end: the exported folder is a plain VAE
-    from destatic.checkpoints import load_component
+    from destatic.models.registry import load_component
 
     assert not any("discriminator" in k for k in load_component(out).state_dict())
 
@@ -332,7 +289,7 @@ def test_control_task_trains_a_controlnet_for_a_pipeline(folder, tmp_path):
     extra += f'base = "{base}"\nconditioning_embedding_out_channels = [8]\n'
     cfg = load_config(write_config(tmp_path / "c.toml", folder, tmp_path / "ctl", extra))
     out = train(cfg)
-    from destatic.checkpoints import load_component
+    from destatic.models.registry import load_component
 
     net = load_component(out)
     assert type(net).__name__ == "ControlNet"

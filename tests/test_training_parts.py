@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from destatic.checkpoints import CheckpointError
+from destatic.io import CheckpointError
 from destatic.lab import GaussianMixture
 from destatic.training import (
     ConfigError,
@@ -234,18 +234,33 @@ def test_a_half_written_checkpoint_is_ignored_and_cleaned(tmp_path):
     assert not partial.exists()
 
 
-def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def _enospc() -> Exception:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def _safetensors_enospc() -> Exception:  # what safetensors' writer raises: not an OSError
+    from safetensors import SafetensorError
+
+    return SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+        'left on device" })'
+    )
+
+
+@pytest.mark.parametrize("error", [_enospc, _safetensors_enospc])
+def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, error):
     good = save_checkpoint(tmp_path, 1, _state(1))
     import safetensors.torch
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error()
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(CheckpointError) as err:
         save_checkpoint(tmp_path, 2, _state(2))
     message = str(err.value)
     assert "No space left on device" in message and str(good) in message
+    assert "\n" not in message and "IoError" not in message
     assert latest_checkpoint(tmp_path) == good
     assert load_checkpoint(good)["step"] == 1
     assert not list(tmp_path.glob(".tmp-*"))

@@ -1,5 +1,5 @@
 """Shared by the training tests: captioned coloured squares, the tiny pixel-space U-Net trained on
-them, and comparisons of the weights that runs end with."""
+them, a config that trains it in seconds, and comparisons of the weights that runs end with."""
 
 from __future__ import annotations
 
@@ -29,6 +29,59 @@ PIXEL_UNET = dict(
 )
 
 
+#: The [model.unet] table of :data:`PIXEL_UNET` for a training config.
+TINY_UNET = """
+[model.unet]
+block_out_channels = [16, 32]
+down_block_types = ["CrossAttnDownBlock2D", "DownBlock2D"]
+up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D"]
+layers_per_block = 1
+attention_head_dim = 2
+norm_num_groups = 8
+"""
+
+
+def write_config(path: Path, folder: Path, out: Path, extra: str = "") -> Path:
+    """A 6-step config of the tiny U-Net on ``folder`` writing to ``out`` (``extra``: more [train]
+    lines, or further tables after them)."""
+    path.write_text(
+        f"""
+[data]
+dataset = "folder"
+path = "{folder}"
+size = 16
+
+[model]
+text_max_length = 8
+{TINY_UNET}
+
+[optim]
+lr = 1e-3
+warmup_steps = 2
+schedule = "cosine"
+
+[train]
+steps = 6
+batch_size = 4
+checkpoint_every = 1
+log_every = 1
+sample_every = 0
+threads = 1
+progress = false
+tensorboard = false
+{extra}
+
+[sample]
+prompts = ["a red square", "a blue square"]
+steps = 3
+
+[output]
+dir = "{out}"
+"""
+    )
+    return path
+
+
 def write_squares(root: Path, count: int, *, placed: bool = True) -> Path:
     """``count`` white 16² images with an 8² red, green or blue square (colours in turn; at
     random places when ``placed``, else centred) and ``name.txt`` captions "a red square"."""
@@ -44,9 +97,11 @@ def write_squares(root: Path, count: int, *, placed: bool = True) -> Path:
     return root
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    """The model and EMA weights of a run's latest checkpoint (EMA keys prefixed ``ema.``)."""
-    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+def final_weights(out: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    """The model and EMA weights of a run's latest checkpoint, or of checkpoint ``step`` (EMA
+    keys prefixed ``ema.``)."""
+    root = out / "checkpoints"
+    state = load_checkpoint(latest_checkpoint(root) if step is None else root / f"step-{step:08d}")
     return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}
 
 

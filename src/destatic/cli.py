@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from destatic.pipelines import GenerationRequest
 
 app = typer.Typer(
     add_completion=False,
@@ -14,16 +19,29 @@ app = typer.Typer(
 )
 
 
-def _numbers(text: str, kind: type = int, minimum: float = 1) -> list:
-    """Comma-separated numbers of ``kind``, each at least ``minimum``."""
+def _numbers(text: str, kind: type = int, minimum: float = 1, maximum: float = math.inf) -> list:
+    """Comma-separated finite numbers of ``kind``, each in [``minimum``, ``maximum``]."""
     what = "integers" if kind is int else "numbers"
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated {what}, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise typer.BadParameter(f"expected finite {what}, got {text!r}")
     if not values or min(values) < minimum:
         raise typer.BadParameter(f"expected {what} ≥ {minimum:g}, got {text!r}")
+    if max(values) > maximum:
+        raise typer.BadParameter(f"expected {what} ≤ {maximum:g}, got {text!r}")
     return values
+
+
+def _check_file_output(path: Path, what: str) -> None:
+    """``path`` can be written as a file: not a folder, in a writable folder."""
+    from destatic.pipelines.output import OutputError, check_writable
+
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file path")
+    check_writable(path.parent, what)
 
 
 @app.command()
@@ -47,16 +65,21 @@ def lab(
 
     if grid not in GRIDS:
         raise typer.BadParameter(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    budgets = _numbers(nfe, maximum=MAX_STEPS)
     try:
-        rows = run_lab(
-            _numbers(dims), sampler or None, _numbers(nfe), grid, samples, seed, progress=True
-        )
+        if json_out is not None:
+            _check_file_output(json_out, "--json")
+        rows = run_lab(_numbers(dims), sampler or None, budgets, grid, samples, seed, progress=True)
     except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        _fail(err)
     typer.echo(format_table(rows))
     if json_out is not None:
-        json_out.write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+        try:
+            json_out.write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+        except OSError as err:
+            from destatic.pipelines.output import describe_os_error
+
+            _fail(f"could not write {json_out} ({describe_os_error(err)}); the table is above")
         typer.echo(f"wrote {json_out}")
 
 
@@ -132,26 +155,14 @@ def data_clipart(
 
 
 MODEL_HELP = "Pipeline folder, or a bundled one by name (emoji, emoji_inpaint, emoji_lcm)."
-INPUT_KEYS = (
-    "variation_seed",
-    "variation_strength",
-    "image",
-    "strength",
-    "mask",
-    "keep_unmasked",
-    "controlnet",
-    "control_image",
-    "control_scale",
-    "control_start",
-    "control_end",
-)
+ModelPath = Annotated[Path | None, typer.Option(help=MODEL_HELP)]
 
 
 def _preview_writer(folder: Path | None, todo: list):
     """A ``preview(i, images)`` callback writing labelled sheets to ``folder`` (or None)."""
     if folder is None:
         return None
-    from destatic.training.monitor import save_grid
+    from destatic.data.sheets import save_grid
 
     folder.mkdir(parents=True, exist_ok=True)
     labels = [p.prompt for p in todo]
@@ -163,195 +174,434 @@ def _preview_writer(folder: Path | None, todo: list):
 
 
 def _lora_option(text: str) -> tuple[str, float]:
-    """``path`` or ``path:scale`` (the scale is what follows the last colon, if a number)."""
+    """``path`` or ``path:scale`` (the scale is what follows the last colon, if a number; a
+    non-finite one, or no path, is a ValueError)."""
+    if not text.strip():
+        raise ValueError("--lora needs a LoRA file or folder")
     path, sep, tail = text.rpartition(":")
     if sep:
         try:
-            return path, float(tail)
+            scale = float(tail)
         except ValueError:
-            pass
+            return text, 1.0
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {text}: the scale must be a finite number")
+        return path, scale
     return text, 1.0
+
+
+MAX_STEPS = 10_000  # sampler steps (and lab / eval budgets): beyond, a run only burns time
+MAX_SIDE = 4096  # generate --size: larger images do not fit in memory (the Python API may try)
+MAX_GUIDANCE = 1000.0  # guidance scales: far beyond any useful one, and float32 overflows later
+# generate options that do nothing without another one
+NEEDS = {
+    "strength": "image",
+    "mask": "image",
+    "canny": "control",
+    "control_scale": "control",
+    "control_start": "control",
+    "control_end": "control",
+    "variation_seed": "variation_strength",
+}
+# generate options that --from replaces by the PNG's stored parameters
+FROM_REPLACES = (
+    "model",
+    "negative",
+    "steps",
+    "sampler",
+    "grid",
+    "guidance",
+    "seed",
+    "size",
+    "image",
+    "strength",
+    "mask",
+    "controlnet",
+    "control",
+    "canny",
+    "control_scale",
+    "control_start",
+    "control_end",
+    "lora",
+)
+
+
+def _fail(err: object) -> NoReturn:
+    """Print ``error: …`` on one line to stderr and exit with status 2."""
+    text = " ".join(str(err).split())
+    typer.echo(f"error: {text}", err=True)
+    raise typer.Exit(2)
+
+
+def _finite(value: float | None) -> float | None:
+    """Option callback: refuse inf and NaN (typer's ``min``/``max`` let them through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _given(ctx: typer.Context) -> list[str]:
+    """The parameters set on the command line (not left at their defaults), in order."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return [
+        name for name, source in sources.items() if getattr(source, "name", "") == "COMMANDLINE"
+    ]
+
+
+def _flag(ctx: typer.Context, name: str) -> str:
+    """How parameter ``name`` is spelled on the command line (its longest option)."""
+    for param in ctx.command.params:
+        if param.name == name and param.opts:
+            return max(param.opts, key=len)
+    return name
+
+
+def _check_combinations(ctx: typer.Context) -> None:
+    """Refuse generate options that would be silently ignored: prompts with ``--from`` and any
+    option its stored parameters replace, an option that needs another (``--strength`` without
+    ``--image``), and ``--size`` with ``--image`` (the image sets the size)."""
+    given = _given(ctx)
+    if "from_" in given:
+        if ctx.params.get("prompt"):
+            raise ValueError("give either prompts or --from, not both")
+        replaced = [_flag(ctx, name) for name in given if name in FROM_REPLACES]
+        if replaced:
+            raise ValueError(
+                f"--from regenerates with the PNG's stored parameters, so {', '.join(replaced)} "
+                "would be ignored; drop it, or generate from a prompt instead"
+            )
+        if "num_images" in given and "variation_strength" not in given:
+            raise ValueError("--from with -n needs --variation-strength (one variation per image)")
+    for name, needed in NEEDS.items():
+        if name in given and needed not in given:
+            raise ValueError(f"{_flag(ctx, name)} needs {_flag(ctx, needed)}")
+    if "size" in given and "image" in given:
+        raise ValueError("--image sets the size; drop --size (or resize the input image)")
+
+
+def _check_side(size: int | None, multiple: int) -> None:
+    """``--size`` is a positive multiple of the model's ``size_multiple``, else a ValueError
+    that suggests the nearest valid side."""
+    if size is not None and (size < multiple or size % multiple):
+        nearest = max(multiple, round(size / multiple) * multiple)
+        raise ValueError(
+            f"--size {size} must be a positive multiple of {multiple} for this model "
+            f"(e.g. --size {nearest})"
+        )
+
+
+def _slug(prompt: str) -> str:
+    """A file-name-safe form of a prompt (at most 60 characters)."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "image"
+
+
+def _output_paths(out: Path, todo: list) -> list[Path]:
+    """Where each image of ``todo`` goes, decided before any sampling: ``out`` itself when it
+    is a .png and there is one image; else ``NNN-prompt-seedS.png`` in the folder ``out``."""
+    from destatic.pipelines.output import OutputError
+
+    if out.suffix.lower() == ".png" and not out.is_dir():
+        if len(todo) > 1:
+            raise OutputError(
+                f"-o {out} names one PNG but this call makes {len(todo)} images; "
+                f"give a folder instead (e.g. -o {out.with_suffix('')})"
+            )
+        return [out]
+    return [out / f"{i:03d}-{_slug(p.prompt)}-seed{p.seed}.png" for i, p in enumerate(todo)]
+
+
+def _check_outputs(paths: list[Path], sheet: Path | None, preview: Path | None) -> None:
+    """Every output folder exists (created if needed) and takes a file: a read-only or full
+    disk fails here, before the model is loaded, not after sampling."""
+    from destatic.pipelines.output import check_writable
+
+    check_writable(paths[0].parent, "-o")
+    if sheet is not None:
+        _check_file_output(sheet, "--sheet")
+    if preview is not None:
+        check_writable(preview, "--preview")
+
+
+def _write_images(images: list, todo: list, paths: list[Path], upscale: int) -> None:
+    """Write each image atomically with the request that draws it and print its path. A failed
+    write (full or read-only disk) leaves no partial file and raises an OutputError naming the
+    images already written."""
+    from destatic.pipelines.output import OutputError, describe_os_error, write_png_atomic
+
+    written: list[Path] = []
+    for image, request, path in zip(images, todo, paths, strict=True):
+        if upscale > 1:
+            image = image.resize((image.width * upscale, image.height * upscale), 0)
+        try:
+            write_png_atomic(path, image, request.png_info())
+        except OSError as err:
+            kept = (
+                f"kept {len(written)} of {len(paths)} images: {', '.join(map(str, written))}"
+                if written
+                else f"none of the {len(paths)} images was written"
+            )
+            raise OutputError(
+                f"could not write {path} ({describe_os_error(err)}); {kept}; "
+                "free space or choose another -o, then rerun"
+            ) from None
+        written.append(path)
+        typer.echo(f"wrote {path}")
+
+
+def _write_sheet(images: list, todo: list, sheet: Path) -> None:
+    """All images as one labelled sheet; a failed write is an OutputError."""
+    import numpy as np
+    import torch
+
+    from destatic.data.sheets import save_grid
+    from destatic.pipelines.output import OutputError, describe_os_error
+
+    arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
+    try:
+        save_grid(tensor, [p.prompt for p in todo], sheet, columns=min(8, len(images)))
+    except OSError as err:
+        raise OutputError(
+            f"could not write --sheet {sheet} ({describe_os_error(err)}); the images are written"
+        ) from None
+    typer.echo(f"wrote {sheet}")
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether a RuntimeError from torch is a failed allocation."""
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _path(value: Path | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _request_from_options(o: dict) -> GenerationRequest:
+    """The request that ``destatic generate PROMPT… [options]`` describes (unset sampling
+    options stay unset: the model's defaults fill them)."""
+    from destatic.pipelines import GenerationRequest
+
+    if not o["prompt"]:
+        raise ValueError("give at least one prompt (or --from image.png)")
+    return GenerationRequest(
+        prompt=list(o["prompt"]),
+        negative_prompt=o["negative"],
+        steps=o["steps"],
+        sampler=o["sampler"],
+        grid=o["grid"],
+        guidance=o["guidance"],
+        seed=o["seed"],
+        num_images=o["num_images"],
+        width=o["size"],
+        height=o["size"],
+        model=_path(o["model"]) or "",
+        image=_path(o["image"]),
+        strength=o["strength"],
+        mask=_path(o["mask"]),
+        keep_unmasked=o["mask"] is not None,  # the kept pixels come back as they were
+        variation_seed=o["variation_seed"],
+        variation_strength=o["variation_strength"],
+        controlnet=_path(o["controlnet"]),
+        control_image=_path(o["control"]),
+        control_canny=o["canny"],
+        control_scale=o["control_scale"],
+        control_start=o["control_start"],
+        control_end=o["control_end"],
+        loras=[list(_lora_option(text)) for text in o["lora"] or []],
+    )
+
+
+def _request_from_png(o: dict) -> GenerationRequest:
+    """The request stored in the ``--from`` PNG; with ``--variation-strength``, ``-n``
+    variations of it, one per variation seed (the stored seed + 1, … or ``--variation-seed``)."""
+    import dataclasses
+
+    from destatic.pipelines import GenerationRequest
+
+    stored = GenerationRequest.from_png(o["from_"])
+    if not o["variation_strength"]:
+        return stored
+    n, first = o["num_images"], o["variation_seed"]
+    return dataclasses.replace(
+        stored,
+        num_images=n,
+        seed=[stored.seeds[0]] * n,
+        variation_seed=stored.seeds[0] + 1 if first is None else first,
+        variation_strength=o["variation_strength"],
+    )
+
+
+def _draw(ctx: typer.Context, out: Path, sheet: Path | None, preview: Path | None):
+    """Build, route and resolve the request; check the outputs; sample. Returns the images,
+    the request of each and their paths."""
+    from destatic.pipelines import load, to_pil
+
+    _check_combinations(ctx)
+    o = ctx.params
+    request = _request_from_png(o) if o["from_"] is not None else _request_from_options(o)
+    request = request.with_companions()
+    if (request.controlnet is None) != (request.control_image is None):
+        raise ValueError("--controlnet and --control go together")
+    todo = [request.for_image(i) for i in range(len(request.prompts))]
+    paths = _output_paths(out, todo)
+    _check_outputs(paths, sheet, preview)
+    pipe = load(request.model or None)
+    _check_side(o["size"], pipe.size_multiple)
+    request = request.resolved(pipe)
+    live = {"progress": o["progress"], "preview": _preview_writer(preview, todo)}
+    images = to_pil(pipe.run(request, **live))
+    todo = [request.for_image(i, im.width, im.height) for i, im in enumerate(images)]
+    return images, todo, paths
+
+
+# generate's options, each declared once
+Prompts = Annotated[list[str] | None, typer.Argument(help="One or more prompts.")]
+OutPath = Annotated[
+    Path,
+    typer.Option(
+        "-o",
+        "--out",
+        help="A folder (created if needed; NNN-prompt-seedS.png per image), or a .png file "
+        "when the call makes one image.",
+    ),
+]
+Steps = Annotated[
+    int | None, typer.Option(min=1, max=MAX_STEPS, help="Sampler steps (default: the model's).")
+]
+SamplerName = Annotated[
+    str | None, typer.Option(help="Sampler (destatic samplers lists them; default: the model's).")
+]
+GridName = Annotated[
+    str | None,
+    typer.Option(help="σ grid (default: the model's; karras, or sgm_uniform for flow models)."),
+]
+Guidance = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=MAX_GUIDANCE,
+        callback=_finite,
+        help="Classifier-free guidance scale (default: the model's).",
+    ),
+]
+Seed = Annotated[
+    int, typer.Option(min=0, max=2**63 - 1, help="Seed of the first image; the next count up.")
+]
+Count = Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")]
+Side = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=MAX_SIDE,
+        help="Image side in pixels, a multiple of the model's (default: the model's).",
+    ),
+]
+Upscale = Annotated[int, typer.Option(min=1, max=16, help="Also enlarge the PNG (nearest).")]
+SheetPath = Annotated[
+    Path | None, typer.Option(help="Also write all images as one labelled PNG sheet.")
+]
+FromPng = Annotated[
+    Path | None,
+    typer.Option("--from", help="Regenerate a PNG written by destatic from its stored request."),
+]
+ImagePath = Annotated[
+    Path | None, typer.Option(help="Image → image: the input image (sets the size).")
+]
+Strength = Annotated[
+    float,
+    typer.Option(min=0.0, max=1.0, help="Image → image: share of the steps run on the input."),
+]
+MaskPath = Annotated[Path | None, typer.Option(help="Inpainting: white = repaint, black = keep.")]
+VariationSeed = Annotated[
+    int | None,
+    typer.Option(help="Variations: blend in this seed's noise (the next images count up)."),
+]
+VariationStrength = Annotated[
+    float,
+    typer.Option(min=0.0, max=1.0, help="Variations: how much of the variation seed's noise."),
+]
+ControlNetPath = Annotated[
+    Path | None, typer.Option(help="Structural control: a ControlNet folder.")
+]
+ControlPath = Annotated[Path | None, typer.Option(help="Its control image (an edge map, …).")]
+Canny = Annotated[bool, typer.Option(help="Trace Canny edges of --control first.")]
+ControlScale = Annotated[
+    float, typer.Option(min=0.0, callback=_finite, help="Weight of the ControlNet.")
+]
+ControlStart = Annotated[float, typer.Option(min=0.0, max=1.0, help="First share of steps.")]
+ControlEnd = Annotated[float, typer.Option(min=0.0, max=1.0, help="Last share of steps.")]
+Progress = Annotated[bool, typer.Option(help="Show a progress bar over the steps.")]
+PreviewDir = Annotated[
+    Path | None,
+    typer.Option(help="Write a sheet of the decoded estimate x̂0 after every step to this folder."),
+]
+Loras = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="A LoRA file or folder with an optional :scale (default 1), e.g. "
+        "style.safetensors:0.8 (repeatable: the adapters add up).",
+    ),
+]
 
 
 @app.command()
 def generate(
-    prompt: list[str] = typer.Argument(None, help="One or more prompts."),
-    model: Path = typer.Option(None, help=MODEL_HELP),
-    out: Path = typer.Option(Path("out"), "-o", "--out", help="A .png file, or a folder."),
-    negative: str = typer.Option("", help="Negative prompt."),
-    steps: int = typer.Option(None, min=1, help="Sampler steps (default: the model's, or 20)."),
-    sampler: str = typer.Option(
-        None, help="Sampler (destatic samplers lists them; default: the model's, or dpmpp_2m)."
-    ),
-    grid: str = typer.Option(
-        None, help="σ grid (default: the model's; karras, or sgm_uniform for flow models)."
-    ),
-    guidance: float = typer.Option(
-        None, min=0.0, help="Classifier-free guidance scale (default: the model's, or 3)."
-    ),
-    seed: int = typer.Option(0, help="Seed of the first image; the next ones count up."),
-    num_images: int = typer.Option(1, "-n", "--num-images", min=1, help="Images per prompt."),
-    size: int = typer.Option(None, help="Image side in pixels (default: the model's)."),
-    upscale: int = typer.Option(1, min=1, max=16, help="Also enlarge the PNG (nearest)."),
-    sheet: Path = typer.Option(None, help="Also write all images as one labelled PNG sheet."),
-    from_: Path = typer.Option(
-        None, "--from", help="Regenerate a PNG written by destatic from its stored parameters."
-    ),
-    image: Path = typer.Option(None, help="Image → image: the input image (sets the size)."),
-    strength: float = typer.Option(
-        1.0, min=0.0, max=1.0, help="Image → image: share of the steps run on the input."
-    ),
-    mask: Path = typer.Option(None, help="Inpainting: white = repaint, black = keep."),
-    variation_seed: int = typer.Option(
-        None, help="Variations: blend in this seed's noise (the next images count up)."
-    ),
-    variation_strength: float = typer.Option(
-        0.0, min=0.0, max=1.0, help="Variations: how much of the variation seed's noise."
-    ),
-    controlnet: Path = typer.Option(None, help="Structural control: a ControlNet folder."),
-    control: Path = typer.Option(None, help="Its control image (an edge map, …)."),
-    canny: bool = typer.Option(False, help="Trace Canny edges of --control first."),
-    control_scale: float = typer.Option(1.0, min=0.0, help="Weight of the ControlNet."),
-    control_start: float = typer.Option(0.0, min=0.0, max=1.0, help="First share of steps."),
-    control_end: float = typer.Option(1.0, min=0.0, max=1.0, help="Last share of steps."),
-    progress: bool = typer.Option(True, help="Show a progress bar over the steps."),
-    preview: Path = typer.Option(
-        None, help="Write a sheet of the decoded estimate x̂0 after every step to this folder."
-    ),
-    lora: list[str] = typer.Option(
-        None,
-        help="A LoRA file or folder with an optional :scale (default 1), e.g. "
-        "style.safetensors:0.8 (repeatable: the adapters add up).",
-    ),
+    ctx: typer.Context,
+    prompt: Prompts = None,
+    model: ModelPath = None,
+    out: OutPath = Path("out"),
+    negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    steps: Steps = None,
+    sampler: SamplerName = None,
+    grid: GridName = None,
+    guidance: Guidance = None,
+    seed: Seed = 0,
+    num_images: Count = 1,
+    size: Side = None,
+    upscale: Upscale = 1,
+    sheet: SheetPath = None,
+    from_: FromPng = None,
+    image: ImagePath = None,
+    strength: Strength = 1.0,
+    mask: MaskPath = None,
+    variation_seed: VariationSeed = None,
+    variation_strength: VariationStrength = 0.0,
+    controlnet: ControlNetPath = None,
+    control: ControlPath = None,
+    canny: Canny = False,
+    control_scale: ControlScale = 1.0,
+    control_start: ControlStart = 0.0,
+    control_end: ControlEnd = 1.0,
+    progress: Progress = True,
+    preview: PreviewDir = None,
+    lora: Loras = None,
 ) -> None:
-    """Text → image (or image → image, inpainting) with any sampler; writes one PNG per image,
-    with its generation parameters in the PNG's text chunks (A1111's "parameters" and a
-    "destatic" JSON)."""
-    import dataclasses
-    import re
-
-    import destatic
-    from destatic.checkpoints import CheckpointError
-    from destatic.pipelines.metadata import GenerationParams, png_info, read_params
+    """Text → image (or image → image, inpainting, control) with any sampler; writes one PNG
+    per image, with the request that draws it in the PNG's text chunks (A1111's "parameters"
+    and a "destatic" JSON that --from reads back)."""
+    from destatic.sampling import NonFiniteError
 
     try:
-        if from_ is not None:
-            if prompt:
-                raise ValueError("give either prompts or --from, not both")
-            stored = read_params(from_)
-            model = Path(stored.model) if stored.model else None
-            todo = [stored]
-            if variation_strength:  # variations of the stored image: one per variation seed
-                first = stored.seed + 1 if variation_seed is None else variation_seed
-                todo = [
-                    dataclasses.replace(
-                        stored, variation_seed=first + k, variation_strength=variation_strength
-                    )
-                    for k in range(num_images)
-                ]
-        elif not prompt:
-            raise ValueError("give at least one prompt (or --from image.png)")
-        else:
-            model_name = str(model) if model is not None else ""
-            todo = [
-                GenerationParams(
-                    prompt=text,
-                    negative_prompt=negative,
-                    steps=steps,
-                    sampler=sampler,
-                    grid=grid,
-                    guidance=guidance,
-                    seed=seed + i,
-                    width=size,
-                    height=size,
-                    model=model_name,
-                    image=str(image) if image else "",
-                    strength=strength,
-                    mask=str(mask) if mask else "",
-                    variation_seed=None if variation_seed is None else variation_seed + i,
-                    variation_strength=variation_strength,
-                    controlnet=str(controlnet) if controlnet else "",
-                    control_image=str(control) if control else "",
-                    control_canny=canny,
-                    control_scale=control_scale,
-                    control_start=control_start,
-                    control_end=control_end,
-                    loras=[list(_lora_option(text)) for text in lora or []],
-                )
-                for i, text in enumerate(p for p in prompt for _ in range(num_images))
-            ]
-            if mask is not None and image is None:
-                raise ValueError("--mask needs --image")
-            bundled_inpainter = destatic.DEFAULT_INPAINT_MODEL / "model_index.json"
-            if mask is not None and model is None and bundled_inpainter.is_file():
-                model = destatic.DEFAULT_INPAINT_MODEL  # the bundled inpainting variant
-                for p in todo:
-                    p.model = str(model)
-            if control is not None and controlnet is None and model is None:
-                if (destatic.DEFAULT_CONTROLNET / "config.json").is_file():
-                    controlnet = destatic.DEFAULT_CONTROLNET  # the bundled model's ControlNet
-                    for p in todo:
-                        p.controlnet = str(controlnet)
-            if (controlnet is None) != (control is None):
-                raise ValueError("--controlnet and --control go together")
-            inputs = todo[0].generate_kwargs()
-            inputs = {k: v for k, v in inputs.items() if k in INPUT_KEYS}
-        pipe = destatic.load(model)
-        for path, scale in todo[0].loras:  # the same adapters for every image of a call
-            pipe.load_lora(path, scale=float(scale))
-        if from_ is None:  # unset options: the model's defaults (a distilled model's sampler)
-            if guidance is None:
-                guidance = pipe.defaults.get("guidance", 3.0)
-            chosen = pipe.settings(steps, sampler, None, guidance)
-            steps, sampler, guidance = chosen["steps"], chosen["sampler"], chosen["guidance"]
-            for p in todo:
-                p.steps, p.sampler, p.guidance = steps, sampler, guidance
-        live = {"progress": progress, "preview": _preview_writer(preview, todo)}
-        if from_ is not None:
-            kwargs = {**todo[0].generate_kwargs(), **live}
-            if len(todo) > 1:
-                kwargs["seed"] = [p.seed for p in todo]
-                kwargs["variation_seed"] = [p.variation_seed for p in todo]
-            images = pipe([stored.prompt] * len(todo), **kwargs)
-        else:
-            images = pipe(
-                prompt,
-                negative_prompt=negative or None,
-                steps=steps,
-                sampler=sampler,
-                grid=grid,
-                guidance=guidance,
-                seed=seed,
-                num_images=num_images,
-                width=size,
-                height=size,
-                **inputs,
-                **live,
-            )
-    except (CheckpointError, ValueError, ImportError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    single = out.suffix.lower() == ".png" and len(images) == 1
-    if not single:
-        out.mkdir(parents=True, exist_ok=True)
-    for i, (image, params) in enumerate(zip(images, todo, strict=True)):
-        params.width, params.height = image.width, image.height
-        if upscale > 1:
-            image = image.resize((image.width * upscale, image.height * upscale), 0)
-        slug = re.sub(r"[^a-z0-9]+", "-", params.prompt.lower()).strip("-")[:60] or "image"
-        path = out if single else out / f"{i:03d}-{slug}-seed{params.seed}.png"
-        image.save(path, pnginfo=png_info(params))
-        typer.echo(f"wrote {path}")
-    if sheet is not None:
-        import numpy as np
-        import torch
+        images, todo, paths = _draw(ctx, out, sheet, preview)
+    except (ValueError, ImportError, NonFiniteError) as err:  # CheckpointError is a ValueError
+        _fail(err)
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
+        _fail(f"out of memory ({str(err)[:80]}…); lower -n or --size")
+    except OSError as err:  # e.g. a --preview sheet on a disk that filled up while sampling
+        from destatic.pipelines.output import describe_os_error
 
-        from destatic.training.monitor import save_grid
-
-        arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
-        tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
-        save_grid(tensor, [p.prompt for p in todo], sheet, columns=min(8, len(images)))
-        typer.echo(f"wrote {sheet}")
+        _fail(f"{err.filename or 'a file'}: {describe_os_error(err)}; fix that, then rerun")
+    try:
+        _write_images(images, todo, paths, upscale)
+        if sheet is not None:
+            _write_sheet(images, todo, sheet)
+    except ValueError as err:
+        _fail(err)
 
 
 @app.command()
@@ -365,15 +615,18 @@ def export(
     import torch
 
     import destatic
-    from destatic.checkpoints import CheckpointError, load_component, read_json, save_component
+    from destatic.io import CheckpointError, read_json
     from destatic.metrics.evaluator import (
         is_evaluator_folder,
         load_image_text_model,
         save_evaluator,
     )
+    from destatic.models.registry import load_component, save_component
     from destatic.pipelines import save
+    from destatic.pipelines.output import describe_os_error
 
     try:
+        _check_export_dest(source, dest)
         dtype = torch.float16 if half else None
         if is_evaluator_folder(source):
             save_evaluator(load_image_text_model(source), dest, dtype=dtype)
@@ -386,10 +639,24 @@ def export(
         else:
             save(destatic.load(source), dest, half=half)
     except (CheckpointError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        _fail(err)
+    except OSError as err:
+        _fail(
+            f"could not write {dest} ({describe_os_error(err)}); it may be incomplete: delete "
+            "it, free space or choose another destination, then rerun"
+        )
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     typer.echo(f"wrote {dest} ({size / 1e6:.1f} MB)")
+
+
+def _check_export_dest(source: Path, dest: Path) -> None:
+    """``dest`` is a writable folder other than ``source`` (exporting a folder onto itself
+    would overwrite the weights it is reading, as fp16 by default)."""
+    from destatic.pipelines.output import check_writable
+
+    if dest.exists() and dest.resolve() == source.resolve():
+        raise ValueError(f"{dest} is the source folder; export to another folder")
+    check_writable(dest, "destination")
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -416,17 +683,34 @@ def train(
     """Train (or resume) a model: checkpoints, metrics, loss curve, sample grids and the
     exported pipeline go to output.dir. Several processes: torchrun --nproc_per_node N -m
     destatic.cli train CONFIG."""
-    from destatic.checkpoints import CheckpointError
+    from destatic.io import CheckpointError
     from destatic.training import ConfigError, TrainingError, load_config
     from destatic.training import train as run
 
     try:
         cfg = load_config(config, dict(_override(s) for s in set_ or []))
         folder = run(cfg, resume=resume)
-    except (ConfigError, CheckpointError, TrainingError) as err:
+    except (ConfigError, CheckpointError, TrainingError, OSError) as err:  # OSError: one line too
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"model: {folder}")
+
+
+EVAL_METRICS = ("retrieval", "clip", "fid", "kid", "pr")
+
+
+def _check_eval_choices(metrics: list[str], grid: str | None) -> None:
+    """Known metrics (at least one) and a known grid, checked before any model is loaded."""
+    from destatic.sampling import GRIDS
+
+    choices = f"choose from {', '.join(EVAL_METRICS)}"
+    unknown = [m for m in metrics if m not in EVAL_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; {choices}")
+    if not metrics:
+        raise ValueError(f"--metrics names no metric; {choices}")
+    if grid is not None and grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
 
 
 @app.command("eval")
@@ -437,37 +721,48 @@ def eval_(
     samplers: str = typer.Option("euler,dpmpp_2m,heun", help="Comma-separated samplers."),
     steps: str = typer.Option("1,2,4,8,16,32", help="Comma-separated step counts."),
     grid: str = typer.Option(None, help="σ grid (default: the model's)."),
-    guidance: float = typer.Option(3.0, min=0.0, help="Guidance scale of the steps sweep."),
+    guidance: float = typer.Option(
+        3.0, min=0.0, max=MAX_GUIDANCE, callback=_finite, help="Guidance scale of the steps sweep."
+    ),
     guidance_sweep: str = typer.Option(
         "1,1.5,2,3,4.5,6", help="Guidance scales of the guidance sweep ('' = none)."
     ),
     guidance_sampler: str = typer.Option("dpmpp_2m", help="Sampler of the guidance sweep."),
-    guidance_steps: int = typer.Option(16, min=1, help="Steps of the guidance sweep."),
+    guidance_steps: int = typer.Option(
+        16, min=1, max=MAX_STEPS, help="Steps of the guidance sweep."
+    ),
     metrics: str = typer.Option(
         "retrieval,clip,fid,kid,pr", help="retrieval, clip (evaluator); fid, kid, pr (Inception)."
     ),
     evaluator: Path = typer.Option(None, help="Evaluator folder (default: the bundled one)."),
     n: int = typer.Option(0, min=0, help="Held-out prompts to use (0 = all)."),
-    seed: int = typer.Option(0, help="Seed of the first image; the next ones count up."),
+    seed: int = typer.Option(
+        0, min=0, max=2**63 - 1, help="Seed of the first image; the next ones count up."
+    ),
     batch_size: int = typer.Option(64, min=1, help="Images generated per batch."),
     out: Path = typer.Option(Path("runs/eval"), "-o", "--out", help="Report folder."),
 ) -> None:
     """Quality against steps per sampler and against guidance, on the held-out prompts: a table,
     results.json and plots (quality_vs_nfe.png, quality_vs_guidance.png) in --out."""
     import destatic
-    from destatic.checkpoints import CheckpointError
+    from destatic.io import CheckpointError
     from destatic.metrics.evaluator import load_evaluator
     from destatic.metrics.inception import InceptionFeatures, MissingInceptionError
     from destatic.metrics.sweep import Setting, evaluate, reference_set, write_report
-    from destatic.sampling import sampler_info
+    from destatic.pipelines.output import check_writable, describe_os_error
+    from destatic.sampling import NonFiniteError, sampler_info
 
     wanted = [m.strip() for m in metrics.split(",") if m.strip()]
     try:
+        _check_eval_choices(wanted, grid)
         names = [s.strip() for s in samplers.split(",") if s.strip()]
         for name in [*names, guidance_sampler]:
             sampler_info(name)
-        step_settings = [Setting(s, k, guidance, grid) for s in names for k in _numbers(steps)]
-        scales = _numbers(guidance_sweep, float, 0) if guidance_sweep.strip() else []
+        check_writable(out, "-o")
+        step_counts = _numbers(steps, maximum=MAX_STEPS)
+        step_settings = [Setting(s, k, guidance, grid) for s in names for k in step_counts]
+        sweep = guidance_sweep.strip()
+        scales = _numbers(sweep, float, 0, MAX_GUIDANCE) if sweep else []
         guide_settings = [Setting(guidance_sampler, guidance_steps, g, grid) for g in scales]
         pipe = destatic.load(model)
         reference = reference_set(data, pipe.default_size, data_path, n=n, seed=seed)
@@ -482,9 +777,8 @@ def eval_(
             if guide_settings
             else (real, [])
         )
-    except (CheckpointError, ValueError, FileNotFoundError, MissingInceptionError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    except (CheckpointError, ValueError, OSError, MissingInceptionError, NonFiniteError) as err:
+        _fail(err)
     meta = {
         "model": str(model or destatic.DEFAULT_MODEL),
         "data": data,
@@ -493,7 +787,10 @@ def eval_(
         "evaluator": str(evaluator or destatic.DEFAULT_EVALUATOR) if scorer else None,
     }
     title = f"{Path(meta['model']).name} on {data} held-out (n = {meta['n']})"
-    written = write_report(real, by_steps, by_guidance, out, title=title, meta=meta)
+    try:
+        written = write_report(real, by_steps, by_guidance, out, title=title, meta=meta)
+    except OSError as err:
+        _fail(f"could not write the report to {out} ({describe_os_error(err)}); rerun")
     typer.echo((out / "results.md").read_text(encoding="utf-8"))
     for path in written:
         typer.echo(f"wrote {path}")
@@ -511,20 +808,39 @@ def serve(
     controlnet: Path = typer.Option(
         None, help="A ControlNet folder for the Control tab (default: the bundled one)."
     ),
+    auth: str = typer.Option(
+        None, help="USER:PASSWORD: a login for the UI, HTTP basic auth for the API."
+    ),
+    token: str = typer.Option(
+        None, envvar="DESTATIC_TOKEN", help="Require 'Authorization: Bearer TOKEN' on the API."
+    ),
+    cors: list[str] = typer.Option(
+        None, help="Another site (e.g. https://app.example) whose pages may call the API."
+    ),
 ) -> None:
     """Web UI (text → image, image → image, inpainting) and HTTP API on one local server."""
-    from destatic.checkpoints import CheckpointError
-    from destatic.serve import Limits, create_app
+    from destatic.io import CheckpointError
+    from destatic.serve import Access, Limits, create_app
     from destatic.serve import serve as run_server
+    from destatic.serve.security import exposure_warning
 
+    if auth is not None and ":" not in auth:
+        raise typer.BadParameter("expected USER:PASSWORD", param_hint="--auth")
+    access = Access(
+        auth=tuple(auth.split(":", 1)) if auth else None,
+        token=token or None,
+        cors=tuple(cors or ()),
+    )
     limits = Limits(
         max_side=max_side, max_images=max_images, max_steps=max_steps, max_waiting=queue
     )
     try:
-        app_ = create_app(model, limits, controlnet=controlnet)
+        app_ = create_app(model, limits, controlnet=controlnet, access=access)
     except (CheckpointError, ValueError, ImportError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    if warning := exposure_warning(host, access):
+        typer.echo(warning, err=True)
     typer.echo(f"destatic: UI at http://{host}:{port}/  API at http://{host}:{port}/api/health")
     run_server(app_, host=host, port=port)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["SplitDataset", "atomic_write", "cache_root", "read_cache"]
+__all__ = ["SplitDataset", "cache_root", "read_cache"]
 
 D = TypeVar("D", bound="SplitDataset")
 
@@ -47,20 +46,6 @@ def cache_root() -> Path:
     """``$DESTATIC_CACHE``, else ``~/.cache/destatic``: where built datasets are cached."""
     base = os.environ.get("DESTATIC_CACHE")
     return Path(base) if base else Path.home() / ".cache" / "destatic"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_cache(npz_path: Path, json_path: Path, **expected) -> tuple[np.ndarray, dict] | None:

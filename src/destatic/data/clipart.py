@@ -34,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from destatic.data.base import SplitDataset, atomic_write, cache_root, read_cache
+from destatic.data.base import SplitDataset, cache_root, read_cache
 from destatic.data.emoji import split_of
 from destatic.data.folder import ImageTooLarge, open_rgb, resize_square
+from destatic.io import write_atomic
 
 CLIPART_ROOT = Path("/usr/share/openclipart")  # holds png/ and svg/
 INSTALL_HINT = "apt-get install openclipart-png openclipart-svg"
@@ -336,8 +337,8 @@ def _save(
         "alt_captions": ds.alt_captions,
         "split": ds.split.tolist(),
     }
-    atomic_write(npz_path, lambda f: np.savez_compressed(f, images=ds.images))
-    atomic_write(json_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
+    write_atomic(npz_path, lambda f: np.savez_compressed(f, images=ds.images))
+    write_atomic(json_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
 
 
 def load_clipart(

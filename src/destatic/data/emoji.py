@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from destatic.data.base import SplitDataset, atomic_write, cache_root, read_cache
+from destatic.data.base import SplitDataset, cache_root, read_cache
+from destatic.io import write_atomic
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -166,8 +167,8 @@ def _save(ds: EmojiDataset, size: int, root: Path | None) -> None:
         "subgroups": ds.subgroups,
         "split": ds.split.tolist(),
     }
-    atomic_write(npz_path, lambda f: np.savez_compressed(f, images=ds.images))
-    atomic_write(json_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
+    write_atomic(npz_path, lambda f: np.savez_compressed(f, images=ds.images))
+    write_atomic(json_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
 
 
 def load_emoji(size: int = 64, root: Path | None = None, progress: bool = True) -> EmojiDataset:

@@ -6,7 +6,7 @@ For data ``x0 ~ Σ_k w_k N(μ_k, s²I)`` and ``x = x0 + σ·n``, Bayes' rule giv
     E[x0 | x, k] = μ_k + s²/(s² + σ²)·(x - μ_k)
     D(x, σ) = E[x0 | x] = (s²·x + σ²·Σ_k p(k|x) μ_k) / (s² + σ²),
 
-the optimal denoiser of DESIGN.md. At σ = ∞ the state is ``x/σ`` and D is the prior mean.
+the optimal denoiser of docs/architecture.md. At σ = ∞ the state is ``x/σ`` and D is the prior mean.
 :meth:`GaussianMixture.network` turns it into what an ε-, v-, x0- or flow-trained network of any
 process would output, so the preconditioning code can be tested against the exact answer.
 """

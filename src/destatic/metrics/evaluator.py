@@ -1,16 +1,5 @@
-"""Prompt adherence without CLIP weights: a small contrastive image–text model trained here.
-
-An image encoder (a residual CNN) and a text head (an MLP on the frozen MiniLM sentence
-embedding) map both sides into one unit sphere, CLIP-style (Radford et al. 2021). Training
-(:class:`destatic.training.tasks.EvaluatorTask`) scores every image against *every* caption of
-the train split rather than against the other images of its batch:
-
-    p(c | x) = softmax_c(s · ⟨f(x), g(c)⟩),   loss(x) = −log Σ_{c ∈ captions(x)} p(c | x),
-
-with a learned temperature s. An image may have several captions (the emoji's alternative
-names), so the loss is the log of the total probability of its own captions. With all captions
-as negatives the loss of a sample does not depend on which other samples share its batch, so
-processes and gradient accumulation compute the same update as one big batch.
+"""Prompt adherence without CLIP weights: scores from the small contrastive image–text model
+trained here (the network and its loss: :mod:`destatic.models.evaluator`).
 
 Its uses, on images in [0, 1]:
 
@@ -18,112 +7,35 @@ Its uses, on images in [0, 1]:
   with this model in place of CLIP;
 * ``retrieval``: is an image's own prompt the best match among a set of candidate prompts (top-1
   and top-5 accuracy). On real held-out images this is the ceiling a generator can reach.
+
+An evaluator is saved as a component folder (``config.json`` + safetensors weights).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from destatic.models.config import JsonConfig
-from destatic.models.layers import Downsample, ResnetBlock
+from destatic.bundled import DEFAULT_EVALUATOR
+from destatic.models.evaluator import CLASS_NAME, EvaluatorConfig, ImageTextModel, caption_loss
 
 __all__ = [
     "Evaluator",
     "EvaluatorConfig",
     "ImageTextModel",
     "Retrieval",
+    "caption_loss",
     "is_evaluator_folder",
     "load_evaluator",
     "load_image_text_model",
     "save_evaluator",
 ]
-
-CLASS_NAME = "ImageTextModel"
-
-
-@dataclass
-class EvaluatorConfig(JsonConfig):
-    image_size: int = 32  # images are resized to this side before encoding
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
-    layers_per_block: int = 1
-    norm_num_groups: int = 16
-    embed_dim: int = 256
-    text_dim: int = 384  # width of the text encoder's pooled vector
-    text_hidden: int = 512
-    text_max_length: int = 32  # MiniLM tokens (prompts are truncated to it)
-
-    def __post_init__(self) -> None:
-        if not self.block_out_channels:
-            raise ValueError("block_out_channels needs at least one stage")
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(
-                f"every block_out_channels entry must be a multiple of norm_num_groups "
-                f"({self.norm_num_groups}), got {self.block_out_channels}"
-            )
-        if self.image_size < 2 ** (len(self.block_out_channels) - 1):
-            raise ValueError(f"image_size {self.image_size} is too small for the stages")
-
-
-class ImageTextModel(nn.Module):
-    """f(x): residual CNN → global mean → linear; g(c): MLP on the pooled text vector.
-
-    Both are L2-normalised; ``logit_scale`` holds log s (initialised to log 1/0.07 as in CLIP).
-    """
-
-    def __init__(self, config: EvaluatorConfig) -> None:
-        super().__init__()
-        self.config = config
-        ch = config.block_out_channels
-        g = config.norm_num_groups
-        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
-        blocks: list[nn.Module] = []
-        prev = ch[0]
-        for i, c in enumerate(ch):
-            for _ in range(config.layers_per_block):
-                blocks.append(ResnetBlock(prev, c, temb_channels=None, groups=g))
-                prev = c
-            if i < len(ch) - 1:
-                blocks.append(Downsample(c))
-        self.blocks = nn.Sequential(*blocks)
-        self.norm_out = nn.GroupNorm(g, prev)
-        self.image_proj = nn.Linear(prev, config.embed_dim)
-        self.text_proj = nn.Sequential(
-            nn.Linear(config.text_dim, config.text_hidden),
-            nn.SiLU(),
-            nn.Linear(config.text_hidden, config.embed_dim),
-        )
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] → unit vectors [B, E]."""
-        h = self.blocks(self.conv_in(x))
-        h = F.silu(self.norm_out(h)).mean(dim=(2, 3))
-        return F.normalize(self.image_proj(h), dim=-1)
-
-    def encode_text(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled text vectors [K, text_dim] → unit vectors [K, E]."""
-        return F.normalize(self.text_proj(pooled), dim=-1)
-
-    def forward(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits [B, K] = s · ⟨f(x_b), g(c_k)⟩ of every image against every caption."""
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        return scale * self.encode_images(x) @ self.encode_text(pooled).T
-
-
-def caption_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Per-sample −log Σ_{c positive} softmax(logits)_c; ``positives`` is a bool [B, K] mask."""
-    if not bool(positives.any(dim=1).all()):
-        raise ValueError("every image needs at least one positive caption")
-    log_p = logits.float().log_softmax(dim=1)
-    return -log_p.masked_fill(~positives, float("-inf")).logsumexp(dim=1)
 
 
 @dataclass
@@ -230,7 +142,7 @@ def save_evaluator(
     model: ImageTextModel, folder: str | Path, dtype: torch.dtype | None = None
 ) -> None:
     """``config.json`` + safetensors weights, in the component-folder layout."""
-    from destatic.checkpoints import save_component
+    from destatic.models.registry import save_component
 
     save_component(model, folder, class_name=CLASS_NAME, config=model.config.to_dict(), dtype=dtype)
 
@@ -248,16 +160,14 @@ def load_evaluator(
     folder: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> Evaluator:
     """The evaluator in ``folder`` (default: the bundled emoji evaluator)."""
-    if folder is None:
-        from destatic import DEFAULT_EVALUATOR
-
-        folder = DEFAULT_EVALUATOR
+    folder = DEFAULT_EVALUATOR if folder is None else folder
     return Evaluator(load_image_text_model(folder).to(device))
 
 
 def load_image_text_model(folder: str | Path) -> ImageTextModel:
     """The bare :class:`ImageTextModel` of an evaluator folder, in float32."""
-    from destatic.checkpoints import CheckpointError, load_into, load_weights, read_json
+    from destatic.io import CheckpointError, load_weights, read_json
+    from destatic.models.registry import load_into
 
     folder = Path(folder)
     config_path = folder / "config.json"

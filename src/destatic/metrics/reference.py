@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from destatic.data.base import atomic_write, cache_root
+from destatic.data.base import cache_root
+from destatic.io import write_atomic
 from destatic.metrics.inception import FEATURE_DIM, InceptionFeatures
 
 __all__ = ["cached_features"]
@@ -79,7 +80,7 @@ def cached_features(
         return features
     features = extractor(images, progress=progress)
     try:
-        atomic_write(path, lambda f: np.save(f, features, allow_pickle=False))
+        write_atomic(path, lambda f: np.save(f, features, allow_pickle=False))
     except OSError as e:  # a cache that cannot be written only costs time
         warnings.warn(f"could not cache {path.name} ({e.strerror or e})", stacklevel=2)
     return features

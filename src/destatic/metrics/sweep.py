@@ -87,16 +87,13 @@ def reference_set(
 ) -> Reference:
     """The held-out split of a dataset at ``size``² (the first ``n`` items; 0 = all) and as many
     train images drawn at random (``seed``) for the real-vs-real baseline."""
-    from destatic.training.config import DataConfig
-    from destatic.training.data import load_training_images
+    from destatic.data.select import load_split
 
-    cfg = DataConfig(dataset=dataset, path=path, size=size)
-    cfg.check()
-    held = load_training_images(cfg, split="heldout")
+    held = load_split(dataset, size, "heldout", path=path)
     if len(held) == 0:
         raise ValueError(f"the {dataset} dataset has no held-out images to evaluate on")
     count = len(held) if n <= 0 else min(n, len(held))
-    train = load_training_images(cfg, split="train")
+    train = load_split(dataset, size, "train", path=path)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(train), size=min(count, len(train)), replace=False))
     return Reference(

@@ -1,4 +1,4 @@
-"""Denoising networks and their building blocks (DESIGN.md, "Layers")."""
+"""Denoising networks and their building blocks (docs/architecture.md, "Layers")."""
 
 from destatic.models.attention import (
     Attention,

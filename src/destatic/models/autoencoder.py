@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from destatic.models.config import JsonConfig
+from destatic.models.config import (
+    JsonConfig,
+    check_divides,
+    check_positive,
+    check_positive_float,
+    check_sample_size,
+)
 from destatic.models.layers import Downsample, ResnetBlock, Upsample
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +72,25 @@ class AutoencoderConfig(JsonConfig):
         if not isinstance(self.layers_per_block, int):
             raise ValueError("unsupported option layers_per_block: must be a single int")
 
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field that cannot build a working autoencoder:
+        positive channel counts, ``norm_num_groups`` dividing every block's channels, a finite
+        positive ``scaling_factor`` and ``sample_size`` within
+        :data:`~destatic.models.config.MAX_SAMPLE_SIZE`."""
+        check_positive(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            latent_channels=self.latent_channels,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+        )
+        check_positive_float(scaling_factor=self.scaling_factor)
+        check_sample_size(self.sample_size)
+        check_divides(
+            "norm_num_groups", self.norm_num_groups, "block_out_channels", self.block_out_channels
+        )
+
     @classmethod
     def from_diffusers(cls, cfg: dict[str, Any]) -> AutoencoderConfig:
         """Read a diffusers ``AutoencoderKL`` config.json dict.
@@ -75,7 +100,9 @@ class AutoencoderConfig(JsonConfig):
         ValueError names the option.
         """
         cfg, private = cls._read_diffusers(cfg, _UNSUPPORTED_DEFAULTS, "AutoencoderKL")
-        return cls(**cfg, extra=private)
+        config = cls(**cfg, extra=private)
+        config.validate()
+        return config
 
 
 # diffusers options outside the SD 1.x/2.x VAE: accepted only at these (default) values.

@@ -4,11 +4,69 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
-__all__ = ["JsonConfig"]
+__all__ = [
+    "MAX_SAMPLE_SIZE",
+    "JsonConfig",
+    "check_divides",
+    "check_positive",
+    "check_positive_float",
+    "check_sample_size",
+]
 
 C = TypeVar("C", bound="JsonConfig")
+
+#: The largest ``sample_size`` a model config may declare (its default image side, in pixels or
+#: latent pixels): a default-size image above it would not fit in memory.
+MAX_SAMPLE_SIZE = 4096
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_positive(**fields: Any) -> None:
+    """A ValueError naming the first field that is not a positive integer (or a non-empty tuple
+    or list of them); ``None`` values are skipped (optional fields)."""
+    for name, value in fields.items():
+        if value is None:
+            continue
+        several = isinstance(value, tuple | list)
+        items = value if several else (value,)
+        if not items or not all(_is_positive_int(v) for v in items):
+            what = "positive integers" if several else "a positive integer"
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def check_positive_float(**fields: Any) -> None:
+    """A ValueError naming the first field that is not a finite number > 0."""
+    for name, value in fields.items():
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (ok and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_divides(divisor_name: str, divisor: int, name: str, values: Sequence[int]) -> None:
+    """A ValueError unless ``divisor`` divides every entry of ``values`` (call after
+    :func:`check_positive` on both)."""
+    for value in values:
+        if value % divisor:
+            raise ValueError(
+                f"{divisor_name}={divisor} must divide every {name} entry, but not {value}"
+            )
+
+
+def check_sample_size(value: int | None, name: str = "sample_size") -> None:
+    """``value`` is None or a positive integer of at most :data:`MAX_SAMPLE_SIZE`."""
+    check_positive(**{name: value})
+    if value is not None and value > MAX_SAMPLE_SIZE:
+        raise ValueError(
+            f"{name}={value} is beyond {MAX_SAMPLE_SIZE}: a default-size image would not fit "
+            "in memory"
+        )
 
 
 class JsonConfig:
@@ -17,6 +75,10 @@ class JsonConfig:
     A field named ``extra`` (diffusers' private ``_…`` keys kept for saving back) is left out of
     the dict; tuples become lists; unknown keys are a clear error.
     """
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field whose value cannot build a working model
+        (called on configs read from files; here: nothing to check)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -29,7 +91,9 @@ class JsonConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
-        return cls(**d)
+        config = cls(**d)
+        config.validate()
+        return config
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

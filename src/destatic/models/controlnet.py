@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from destatic.models.config import check_positive
 from destatic.models.layers import TimestepEmbedding, timestep_embedding
 from destatic.models.unet import (
     _UNSUPPORTED_DEFAULTS,
@@ -58,6 +59,14 @@ class ControlNetConfig(UNetConfig):
         if not self.conditioning_embedding_out_channels:
             raise ValueError("conditioning_embedding_out_channels needs at least one entry")
 
+    def validate(self) -> None:
+        """The U-Net's checks and the control image's: positive channel counts."""
+        super().validate()
+        check_positive(
+            conditioning_channels=self.conditioning_channels,
+            conditioning_embedding_out_channels=self.conditioning_embedding_out_channels,
+        )
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
@@ -76,7 +85,9 @@ class ControlNetConfig(UNetConfig):
         if order != "rgb":
             raise ValueError(f"unsupported controlnet_conditioning_channel_order {order!r}")
         known, private = cls._read_diffusers(cfg, _CONTROLNET_DEFAULTS, "ControlNet")
-        return cls(**known, extra=private)
+        config = cls(**known, extra=private)
+        config.validate()
+        return config
 
 
 # the U-Net's accepted diffusers options, and the ControlNet's own

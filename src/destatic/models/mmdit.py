@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from destatic.models.config import check_positive, check_sample_size
 from destatic.models.layers import TimestepEmbedding, timestep_embedding
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 QK_NORMS = (None, "rms_norm")
+#: The largest ``pos_embed_max_size`` a config may declare (SD3: 192 patches a side).
+MAX_POS_EMBED = 1024
 STREAM_CTX = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
@@ -76,6 +79,38 @@ class MMDiTConfig:
     def hidden_size(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field that cannot build a working MMDiT: sizes
+        and counts must be positive integers, ``sample_size`` at least one patch and within
+        :data:`~destatic.models.config.MAX_SAMPLE_SIZE`, the positional table at most
+        :data:`MAX_POS_EMBED` patches a side, the width a multiple of 4 (2-D sin-cos table)."""
+        check_positive(
+            patch_size=self.patch_size,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            num_layers=self.num_layers,
+            attention_head_dim=self.attention_head_dim,
+            num_attention_heads=self.num_attention_heads,
+            joint_attention_dim=self.joint_attention_dim,
+            pooled_projection_dim=self.pooled_projection_dim,
+            pos_embed_max_size=self.pos_embed_max_size,
+        )
+        check_sample_size(self.sample_size)
+        if self.sample_size < self.patch_size:
+            raise ValueError(
+                f"sample_size={self.sample_size} is smaller than one patch ({self.patch_size})"
+            )
+        if self.pos_embed_max_size > MAX_POS_EMBED:
+            raise ValueError(
+                f"pos_embed_max_size={self.pos_embed_max_size} is beyond {MAX_POS_EMBED}: its "
+                "positional table would not fit in memory"
+            )
+        if self.hidden_size % 4:
+            raise ValueError(
+                f"num_attention_heads · attention_head_dim = {self.hidden_size} must be a "
+                "multiple of 4 (the 2-D sin-cos positions)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -85,7 +120,9 @@ class MMDiTConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown MMDiTConfig option(s): {', '.join(unknown)}")
-        return cls(**d)
+        config = cls(**d)
+        config.validate()
+        return config
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> MMDiTConfig:
@@ -360,6 +397,8 @@ class JointBlock(nn.Module):
 
 class MMDiT(nn.Module):
     """SD3-family MMDiT: latents (B, C, H, W) + text → velocity (B, C_out, H, W)."""
+
+    takes_pooled = True  # adaLN conditioning on the pooled text vector (besides the tokens)
 
     def __init__(self, config: MMDiTConfig | None = None, **kwargs: Any):
         super().__init__()

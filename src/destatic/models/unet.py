@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from destatic.models.attention import SpatialTransformer
-from destatic.models.config import JsonConfig
+from destatic.models.config import (
+    JsonConfig,
+    check_divides,
+    check_positive,
+    check_positive_float,
+    check_sample_size,
+)
 from destatic.models.layers import (
     Downsample,
     ResnetBlock,
@@ -102,6 +108,39 @@ class UNetConfig(JsonConfig):
             if b not in UP_BLOCKS:
                 raise ValueError(f"unsupported up_block_types entry {b!r}; supported: {UP_BLOCKS}")
 
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field that cannot build a working U-Net: sizes
+        and counts must be positive integers, ``norm_num_groups`` must divide every block's
+        channels, an attention block has no more heads than channels, and ``sample_size`` stays
+        within :data:`~destatic.models.config.MAX_SAMPLE_SIZE`."""
+        check_positive(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            transformer_layers_per_block=self.transformer_layers_per_block,
+            attention_head_dim=self.attention_head_dim,
+            norm_num_groups=self.norm_num_groups,
+            cross_attention_dim=self.cross_attention_dim,
+            time_cond_proj_dim=self.time_cond_proj_dim,
+        )
+        check_positive_float(norm_eps=self.norm_eps)
+        check_sample_size(self.sample_size)
+        channels = self.block_out_channels
+        check_divides("norm_num_groups", self.norm_num_groups, "block_out_channels", channels)
+        heads = self.per_block("attention_head_dim")
+        attention = [
+            i
+            for i, kind in enumerate(self.down_block_types)
+            if kind.startswith("CrossAttn") or i == len(channels) - 1  # the mid block attends
+        ]
+        for i in attention:
+            if heads[i] > channels[i]:
+                raise ValueError(
+                    f"attention_head_dim (heads) {heads[i]} exceeds the {channels[i]} channels "
+                    f"of block {i}: a head needs at least one channel"
+                )
+
     def per_block(self, name: str) -> tuple[int, ...]:
         """``layers_per_block``, ``transformer_layers_per_block`` or ``attention_head_dim`` as a
         tuple with one entry per down block."""
@@ -120,7 +159,9 @@ class UNetConfig(JsonConfig):
         cfg, private = cls._read_diffusers(cfg, _UNSUPPORTED_DEFAULTS, "UNet")
         if isinstance(cfg.get("cross_attention_dim"), list | tuple):
             raise ValueError("unsupported diffusers UNet option cross_attention_dim as a list")
-        return cls(**cfg, extra=private)
+        config = cls(**cfg, extra=private)
+        config.validate()
+        return config
 
 
 # diffusers options outside SD 1.x/2.x: accepted only at these (default) values.

@@ -1,6 +1,19 @@
-"""Pipelines: the only layer that knows all the others (DESIGN.md, "Layers")."""
+"""Pipelines: a generation request → stages → media; the family registry; load and save
+folders (docs/architecture.md, "Layers")."""
 
+from destatic.pipelines.families import FAMILIES, Family, register_family
 from destatic.pipelines.load import load, save
-from destatic.pipelines.text_to_image import Pipeline
+from destatic.pipelines.pipeline import Pipeline, to_pil
+from destatic.pipelines.request import GenerationRequest, RequestError
 
-__all__ = ["Pipeline", "load", "save"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "GenerationRequest",
+    "Pipeline",
+    "RequestError",
+    "load",
+    "register_family",
+    "save",
+    "to_pil",
+]

@@ -1,16 +1,9 @@
-"""Pipelines from and to folders in the diffusers layout (DESIGN.md, "Checkpoints").
+"""Pipelines from and to folders in the diffusers layout (``model_index.json`` and one
+sub-folder per component, safetensors weights; nothing is downloaded).
 
-``load(path)`` reads ``model_index.json`` and one sub-folder per component: a destatic folder,
-or a Stable Diffusion 1.x/2.x folder saved by diffusers (UNet2DConditionModel, AutoencoderKL,
-CLIPTextModel + CLIPTokenizer and the scheduler config, mapped onto our process and target),
-or a Stable Diffusion 3 folder (SD3Transformer2DModel, CLIP-L + CLIP-G + optional T5, the
-FlowMatchEulerDiscreteScheduler config → :class:`~destatic.process.RectifiedFlow` + "flow").
-Weights are safetensors only; nothing is downloaded.
-
-A distilled model keeps two more keys in ``model_index.json``: ``destatic_defaults`` (its
-generation defaults, e.g. ``{"sampler": "lcm", "steps": 4, "guidance": 3.0, "guidance_range":
-[1, 6]}``) and ``destatic_consistency`` (``{"sigma_data": …, "scale": …}``: the network is a
-consistency function, :class:`~destatic.process.ConsistencyTarget` over the scheduler's target).
+``load(path)`` asks the family registry (:mod:`destatic.pipelines.families`) which family the
+folder is — destatic's own models, Stable Diffusion 1.x/2.x or SD3 saved by diffusers — and lets
+it load the components. ``save(pipeline, path)`` writes any pipeline back in that layout.
 """
 
 from __future__ import annotations
@@ -19,112 +12,29 @@ import json
 import os
 from pathlib import Path
 
-from destatic.checkpoints import (
-    CheckpointError,
-    load_component,
-    process_from_scheduler_config,
-    read_json,
-    read_model_index,
-    save_component,
-    scheduler_config_from_process,
-)
+from destatic.bundled import resolve
+from destatic.io import read_model_index
 from destatic.models.mmdit import MMDiT
-from destatic.models.text import CLIPTextEncoder, MiniLMTextEncoder, SD3TextEncoder
-from destatic.pipelines.text_to_image import Pipeline
+from destatic.models.registry import save_component
+from destatic.models.text import CLIPTextEncoder, SD3TextEncoder
+from destatic.pipelines.families import family_of
+from destatic.pipelines.pipeline import Pipeline
+from destatic.process.schedulers import scheduler_config_from_process
 
 __all__ = ["load", "save"]
 
-_NETWORK_FOLDERS = ("unet", "transformer")
 
-
-def _scheduler_config(folder: Path) -> dict:
-    path = folder / "scheduler" / "scheduler_config.json"
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing: a pipeline folder needs its scheduler config")
-    return read_json(path)
-
-
-def _text_encoder(folder: Path, entry: list | None, index: dict):
-    library, name = (entry or [None, None])[:2]
-    if name == "MiniLMTextEncoder":
-        return MiniLMTextEncoder.from_package(int(index.get("destatic_text_max_length", 77)))
-    if name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
-        return CLIPTextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer")
-    raise CheckpointError(
-        f"text encoder {library}/{name} in {folder / 'model_index.json'} is not supported "
-        "(supported: CLIPTextModel, CLIPTextModelWithProjection, destatic MiniLMTextEncoder)"
-    )
-
-
-def _sd3_text_encoder(folder: Path, index: dict, network) -> SD3TextEncoder:
-    for key in ("text_encoder", "text_encoder_2"):
-        name = (index.get(key) or [None, None])[1]
-        if name != "CLIPTextModelWithProjection":
-            raise CheckpointError(
-                f"{folder / 'model_index.json'}: SD3 {key} must be CLIPTextModelWithProjection, "
-                f"got {name!r}"
-            )
-    t5 = (index.get("text_encoder_3") or [None, None])[1]
-    if t5 not in (None, "T5EncoderModel"):
-        raise CheckpointError(
-            f"{folder / 'model_index.json'}: SD3 text_encoder_3 must be T5EncoderModel or null, "
-            f"got {t5!r}"
-        )
-    if t5 is None and (folder / "text_encoder_3").is_dir():
-        raise CheckpointError(f"{folder}: text_encoder_3/ exists but model_index.json names none")
-    if not isinstance(network, MMDiT):
-        raise CheckpointError(f"{folder}: an SD3 pipeline needs an SD3Transformer2DModel/MMDiT")
-    max_sequence_length = int(index.get("destatic_max_sequence_length", 256))
-    return SD3TextEncoder.from_folders(
-        folder,
-        joint_attention_dim=network.config.joint_attention_dim,
-        max_sequence_length=max_sequence_length,
-    )
-
-
-def load(path: str | os.PathLike) -> Pipeline:
-    """A :class:`Pipeline` from a destatic or diffusers-layout folder on disk."""
-    folder = Path(path)
+def load(path: str | os.PathLike | None = None) -> Pipeline:
+    """A :class:`Pipeline` from a destatic or diffusers-layout folder on disk, or a bundled
+    model by name (:mod:`destatic.bundled`); ``None``: the bundled default model. The folder's
+    family (:mod:`destatic.pipelines.families`) loads its components."""
+    folder = resolve(path)
     index = read_model_index(folder)
-    several = "text_encoder_3" in index or "text_encoder_2" in index
-    if several and "transformer" not in index:
-        raise CheckpointError(
-            f"{folder}: pipelines with several text encoders and a UNet (SDXL) do not load yet; "
-            "load the UNet alone with destatic.checkpoints.load_component"
-        )
-    if several and "text_encoder_2" not in index:
-        raise CheckpointError(
-            f"{folder / 'model_index.json'} names text_encoder_3 but no text_encoder_2; "
-            "an SD3 pipeline needs CLIP-L (text_encoder) and CLIP-G (text_encoder_2)"
-        )
-    network_key = next((k for k in _NETWORK_FOLDERS if k in index), None)
-    if network_key is None:
-        raise CheckpointError(f"{folder / 'model_index.json'} names no 'unet' or 'transformer'")
-    for key in ("vae", "scheduler", "text_encoder"):
-        if key not in index:
-            raise CheckpointError(f"{folder / 'model_index.json'} names no {key!r} component")
-    network = load_component(folder / network_key)
-    pixel_space = (index["vae"] or [None, None])[1] is None  # destatic pixel-space model
-    autoencoder = None if pixel_space else load_component(folder / "vae")
-    process, target = process_from_scheduler_config(_scheduler_config(folder))
-    consistency = index.get("destatic_consistency")
-    if consistency is not None:
-        from destatic.process import ConsistencyTarget
-
-        try:
-            target = ConsistencyTarget(target, **consistency)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(
-                f"{folder / 'model_index.json'}: destatic_consistency is invalid ({e})"
-            ) from e
-    defaults = index.get("destatic_defaults", {})
-    if not isinstance(defaults, dict):
-        raise CheckpointError(f"{folder / 'model_index.json'}: destatic_defaults must be an object")
-    if several:
-        text_encoder = _sd3_text_encoder(folder, index, network)
-    else:
-        text_encoder = _text_encoder(folder, index.get("text_encoder"), index)
-    return Pipeline(network, autoencoder, text_encoder, process, target, dict(defaults))
+    family = family_of(folder, index)
+    c = family.load(folder, index)
+    return Pipeline(
+        c.network, c.autoencoder, c.text_encoder, c.process, c.target, c.defaults, family
+    )
 
 
 def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> None:

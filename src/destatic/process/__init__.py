@@ -1,4 +1,4 @@
-"""Noise processes and prediction targets: the σ-space core (DESIGN.md, "One mathematical core")."""
+"""Noise processes and prediction targets: the σ-space core (docs/architecture.md, "One core")."""
 
 from destatic.process.base import Process
 from destatic.process.consistency import ConsistencyTarget, consistency_coefficients

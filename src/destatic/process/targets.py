@@ -170,7 +170,7 @@ def preconditioning(
 
 
 class Denoiser(nn.Module):
-    """A raw network as the σ-space denoiser ``D(x, σ, **cond) -> x̂0`` of DESIGN.md.
+    """A raw network as the σ-space denoiser ``D(x, σ, **cond) -> x̂0`` of docs/architecture.md.
 
     ``net(x_in, c_noise, **cond)`` receives the scaled input and the process's noise label (the
     timestep a diffusers model expects) and returns the target's prediction.

@@ -1,4 +1,4 @@
-"""σ grids, samplers and guidance (DESIGN.md, "Layers"). Imports nothing from models."""
+"""σ grids, samplers and guidance (docs/architecture.md, "Layers"). Imports nothing from models."""
 
 from destatic.sampling import ancestral, dpmpp, ode, unipc  # noqa: F401  (fill the registry)
 from destatic.sampling.base import SAMPLER_INFO, SAMPLERS, SamplerInfo, StepInfo, ancestral_step

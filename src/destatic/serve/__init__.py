@@ -5,16 +5,27 @@
 
 The UI lives at ``/``, the JSON API under ``/api`` (:mod:`destatic.serve.api`), and gradio's
 own API under ``/gradio_api``. One generation runs at a time (``concurrency``); further
-requests wait in a bounded queue and are refused once it is full.
+requests wait in a bounded queue and are refused once it is full. ``access``
+(:class:`~destatic.serve.security.Access`) adds a login, an API token and other sites allowed
+to call; whatever it says, :mod:`destatic.serve.security` guards both (body size, origin, file
+arguments).
 """
 
 from __future__ import annotations
 
 import os
 
-from destatic.serve.service import GenerationService, Limits, Request, RequestError
+from destatic.serve.security import Access
+from destatic.serve.service import GenerationService, Limits, RequestError
 
-__all__ = ["GenerationService", "Limits", "Request", "RequestError", "create_app", "serve"]
+__all__ = [
+    "Access",
+    "GenerationService",
+    "Limits",
+    "RequestError",
+    "create_app",
+    "serve",
+]
 
 
 def create_app(
@@ -24,6 +35,7 @@ def create_app(
     pipeline=None,
     concurrency: int = 1,
     controlnet: str | os.PathLike | None = None,
+    access: Access | None = None,
 ):
     """A FastAPI app with the UI at ``/`` and the API at ``/api``; ``controlnet`` (a folder;
     default: the bundled emoji ControlNet when the model is the bundled one) adds control."""
@@ -35,44 +47,77 @@ def create_app(
             "destatic serve needs the web extras: pip install 'destatic[serve]' (gradio)"
         ) from e
 
-    import destatic
     from destatic.serve.api import add_api_routes
+    from destatic.serve.security import private_upload_dir, remove_at_shutdown
     from destatic.serve.ui import build_ui
 
-    if pipeline is None:
-        pipeline = destatic.load(model)
-    limits = limits or Limits()
-    net = None
-    if (
-        controlnet is None
-        and model is None
-        and (destatic.DEFAULT_CONTROLNET / "config.json").is_file()
-    ):
-        controlnet = destatic.DEFAULT_CONTROLNET
-    if controlnet is not None:
-        from destatic.checkpoints import load_component
-
-        net = load_component(controlnet)
-    inpainter, inpainter_name = None, ""
-    if model is None and (destatic.DEFAULT_INPAINT_MODEL / "model_index.json").is_file():
-        inpainter = destatic.load(destatic.DEFAULT_INPAINT_MODEL)
-        inpainter_name = str(destatic.DEFAULT_INPAINT_MODEL)
-    service = GenerationService(
-        pipeline,
-        limits,
-        model_name=str(model) if model else "",
-        controlnet=net,
-        controlnet_name=str(controlnet or ""),
-        inpainter=inpainter,
-        inpainter_name=inpainter_name,
-    )
+    upload_dir, made_here = private_upload_dir()  # before any gradio component exists
+    access = access or Access()
+    service = _service(model, limits or Limits(), pipeline, controlnet)
+    limits = service.limits
     app = FastAPI(title="destatic")
     add_api_routes(app, service)
     ui = build_ui(service)
     ui.queue(max_size=limits.max_waiting, default_concurrency_limit=concurrency)
-    app = gr.mount_gradio_app(app, ui, path="/")
+    app = gr.mount_gradio_app(
+        app,
+        ui,
+        path="/",
+        auth=access.auth,
+        show_error=False,  # gradio's own errors name server paths; ours are gr.Error
+        max_file_size=limits.max_image_bytes,
+    )
+    _guard(app, ui, access, limits, upload_dir)
+    if made_here:
+        remove_at_shutdown(app, upload_dir)
     app.state.service = service
     return app
+
+
+def _service(model, limits: Limits, pipeline, controlnet) -> GenerationService:
+    """The service on ``model`` (or ``pipeline``) with its companions: the bundled default
+    model gets its inpainting variant for masked requests and its ControlNet
+    (:func:`destatic.bundled.companions`); ``controlnet`` names another."""
+    from destatic.bundled import companions
+    from destatic.models.registry import load_component
+    from destatic.pipelines import load
+
+    found = companions(model)
+    if pipeline is None:
+        pipeline = load(model)
+    controlnet = controlnet or found.get("control")
+    inpainter = found.get("inpaint")
+    return GenerationService(
+        pipeline,
+        limits,
+        model_name=str(model) if model else "",
+        controlnet=None if controlnet is None else load_component(controlnet),
+        controlnet_name=str(controlnet or ""),
+        inpainter=None if inpainter is None else load(inpainter),
+        inpainter_name=str(inpainter or ""),
+    )
+
+
+def _guard(app, ui, access: Access, limits: Limits, upload_dir: str) -> None:
+    """Put :mod:`destatic.serve.security` in front of everything, CORS outermost (it answers
+    the preflights of ``access.cors``), and answer server bugs with a logged 500."""
+    from fastapi.middleware.cors import CORSMiddleware
+
+    from destatic.serve.api import internal_error
+    from destatic.serve.security import Guard, mark_launched
+
+    mark_launched(ui)
+    app.add_middleware(
+        Guard, access=access, max_body_bytes=limits.max_body_bytes, upload_dir=upload_dir
+    )
+    if access.cors:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(access.cors),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_exception_handler(Exception, internal_error)
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 7860) -> None:

@@ -6,8 +6,11 @@
                           → {"images": [base64 PNG…], "parameters": [{…}…], "warnings": […]}
     POST /api/generate.png  the same request → the first image as image/png
 
-Bad requests answer 400 with {"error": "…"}; a full waiting line answers 503. (FastAPI comes
-with gradio, the ``serve`` extra.)
+Bad requests answer 400 with {"error": "…"}; a full waiting line answers 503; the guards of
+:mod:`destatic.serve.security` answer 401, 403, 411, 413 and 415 before a request gets here.
+Bodies are parsed and images decoded off the event loop, images only once their header shows
+they are within the limits (:mod:`destatic.serve.images`). (FastAPI comes with gradio, the
+``serve`` extra.)
 """
 
 from __future__ import annotations
@@ -16,63 +19,86 @@ import base64
 import binascii
 import dataclasses
 import io
+import json
 from typing import Any
 
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from destatic.pipelines.metadata import png_info
-from destatic.serve.service import Busy, GenerationService, Request, RequestError
+from destatic.pipelines import GenerationRequest
+from destatic.serve.images import load_image
+from destatic.serve.service import (
+    Busy,
+    Generated,
+    GenerationService,
+    Limits,
+    RequestError,
+    request_from_json,
+)
 
-__all__ = ["add_api_routes", "png_bytes"]
+__all__ = ["add_api_routes", "internal_error", "parse_request", "png_bytes"]
+
+IMAGE_MODES = {"image": "RGB", "mask": "L", "control_image": "RGB"}
 
 
-def png_bytes(image, params) -> bytes:
+def png_bytes(image, request: GenerationRequest) -> bytes:
+    """``image`` as PNG bytes with ``request`` (the one that draws it) in its text chunks."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=png_info(params))
+    image.save(buffer, format="PNG", pnginfo=request.png_info())
     return buffer.getvalue()
 
 
-def _decode_image(name: str, text: Any):
-    from PIL import Image, UnidentifiedImageError
-
+def _decode_image(name: str, text: Any, limits: Limits, mode: str):
+    """A base64 (or data URL) image field, decoded once its size is known to be allowed."""
     if not isinstance(text, str):
-        raise RequestError(f"{name} must be a base64-encoded PNG or JPEG")
+        raise RequestError(f"{name} must be a base64-encoded PNG, JPEG or WebP image")
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]  # a data URL
+    if len(text) // 4 * 3 > limits.max_image_bytes:
+        raise RequestError(f"{name} is over {limits.max_image_bytes:,} bytes")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
-        image.load()
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{name} is not valid base64") from None
-    except (UnidentifiedImageError, OSError):
-        raise RequestError(f"{name} is not a readable image") from None
-    return image
+    return load_image(data, name, limits.max_side, limits.max_image_bytes, mode)
 
 
-def parse_request(body: Any) -> Request:
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    body = dict(body)
-    for name in ("image", "mask", "control_image"):
-        if body.get(name) is not None:
-            body[name] = _decode_image(name, body[name])
+def parse_request(body: bytes, limits: Limits) -> GenerationRequest:
+    """A JSON request body as a :class:`GenerationRequest`, its images decoded; blocking work (JSON,
+    base64, pixels), so run it off the event loop."""
     try:
-        return Request.from_dict(body)
-    except TypeError as e:
-        raise RequestError(str(e)) from None
+        fields = json.loads(body)
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
+    except ValueError:
+        raise RequestError("the request body is not valid JSON") from None
+    if not isinstance(fields, dict):
+        raise RequestError("the request body must be a JSON object")
+    for name, mode in IMAGE_MODES.items():
+        if fields.get(name) is not None:
+            fields[name] = _decode_image(name, fields[name], limits, mode)
+    return request_from_json(fields)
+
+
+def _encode(result: Generated) -> dict:
+    images = [
+        base64.b64encode(png_bytes(im, r)).decode("ascii")
+        for im, r in zip(result.images, result.requests, strict=True)
+    ]
+    params = [r.to_dict() for r in result.requests]
+    return {"images": images, "parameters": params, "warnings": result.warnings}
+
+
+async def internal_error(http: HttpRequest, error: Exception) -> JSONResponse:
+    """The answer to a server bug (an exception nothing else handled): a one-line 500.
+    Starlette re-raises the exception after it, so the server (uvicorn) logs the traceback."""
+    return JSONResponse({"error": "internal server error (logged on the server)"}, 500)
 
 
 def add_api_routes(app, service: GenerationService) -> None:
     """Register the routes above on a FastAPI ``app``."""
     from destatic.sampling import GRIDS, SAMPLERS
-
-    async def body_of(http: HttpRequest) -> Any:
-        try:
-            return await http.json()
-        except ValueError:
-            raise RequestError("the request body is not valid JSON") from None
 
     @app.get("/api/health")
     def health() -> dict:
@@ -81,6 +107,7 @@ def add_api_routes(app, service: GenerationService) -> None:
             "model": service.model_name or "destatic default",
             "default_size": service.pipeline.default_size,
             "size_multiple": service.pipeline.size_multiple,
+            "defaults": service.defaults,
             "limits": dataclasses.asdict(service.limits),
         }
 
@@ -88,13 +115,10 @@ def add_api_routes(app, service: GenerationService) -> None:
     def samplers() -> dict:
         return {"samplers": sorted(SAMPLERS), "grids": list(GRIDS)}
 
-    async def run_request(http: HttpRequest):
+    async def run_request(http: HttpRequest) -> tuple[Generated | None, JSONResponse | None]:
         try:
-            request = parse_request(await body_of(http))
+            request = await run_in_threadpool(parse_request, await http.body(), service.limits)
             service.check(request)  # fail fast, before queueing
-        except RequestError as e:
-            return None, JSONResponse({"error": str(e)}, status_code=400)
-        try:
             return await run_in_threadpool(service.run, request), None
         except RequestError as e:
             return None, JSONResponse({"error": str(e)}, status_code=400)
@@ -106,16 +130,12 @@ def add_api_routes(app, service: GenerationService) -> None:
         result, error = await run_request(http)
         if error is not None:
             return error
-        images = [
-            base64.b64encode(png_bytes(im, p)).decode("ascii")
-            for im, p in zip(result.images, result.params, strict=True)
-        ]
-        params = [dataclasses.asdict(p) for p in result.params]
-        return {"images": images, "parameters": params, "warnings": result.warnings}
+        return JSONResponse(await run_in_threadpool(_encode, result))
 
     @app.post("/api/generate.png")
     async def generate_png(http: HttpRequest):
         result, error = await run_request(http)
         if error is not None:
             return error
-        return Response(png_bytes(result.images[0], result.params[0]), media_type="image/png")
+        png = await run_in_threadpool(png_bytes, result.images[0], result.requests[0])
+        return Response(png, media_type="image/png")

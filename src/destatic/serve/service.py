@@ -15,14 +15,18 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from destatic.pipelines.metadata import GenerationParams
+from destatic.pipelines import GenerationRequest, RequestError, to_pil
 from destatic.sampling import GRIDS, SAMPLERS
 
-__all__ = ["Busy", "Generated", "GenerationService", "Limits", "Request", "RequestError"]
-
-
-class RequestError(ValueError):
-    """A request the server will not run; the message says what to change."""
+__all__ = [
+    "CLIENT_FIELDS",
+    "Busy",
+    "Generated",
+    "GenerationService",
+    "Limits",
+    "RequestError",
+    "request_from_json",
+]
 
 
 class Busy(RuntimeError):
@@ -36,48 +40,91 @@ class Limits:
     max_steps: int = 100
     max_prompt_chars: int = 2000
     max_waiting: int = 16  # requests queued behind the one running
+    max_upload_side: int = 4096  # pixels, per side of an image uploaded to the UI (resized)
+    max_image_bytes: int = 8 * 2**20  # one encoded image (PNG, JPEG, WebP)
+    max_body_bytes: int = 16 * 2**20  # one HTTP request body
 
 
-@dataclass
-class Request:
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    sampler: str = "dpmpp_2m"
-    grid: str | None = None
-    guidance: float = 3.0
-    seed: int = 0
-    num_images: int = 1
-    width: int | None = None
-    height: int | None = None
-    strength: float = 1.0
-    image: Any = None  # PIL image (image → image, inpainting)
-    mask: Any = None  # PIL image, white = repaint
-    control_image: Any = None  # PIL image: the server's ControlNet steers with it
-    control_canny: bool = False  # trace Canny edges of control_image first
-    control_scale: float = 1.0
-    control_start: float = 0.0
-    control_end: float = 1.0
+# What a client may set; the server fills the rest (its model, ControlNet and routing), so no
+# request can name a file or folder on the server.
+CLIENT_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "sampler",
+    "grid",
+    "guidance",
+    "guidance_rescale",
+    "seed",
+    "num_images",
+    "width",
+    "height",
+    "image",
+    "strength",
+    "mask",
+    "variation_seed",
+    "variation_strength",
+    "control_image",
+    "control_canny",
+    "control_scale",
+    "control_start",
+    "control_end",
+)
+_SERVER_FIELDS = ("model", "controlnet", "loras", "sampler_options", "keep_unmasked")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Request:
-        """From JSON fields; unknown fields and wrong types are a :class:`RequestError`."""
-        if not isinstance(data, dict):
-            raise RequestError("the request body must be a JSON object")
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise RequestError(f"unknown field(s) {unknown}; valid: {', '.join(names)}")
-        if "prompt" not in data:
-            raise RequestError("the field 'prompt' is required")
-        return cls(**data)
+
+def request_from_json(fields: Any) -> GenerationRequest:
+    """A client's JSON object (images already decoded) as a request; fields outside
+    :data:`CLIENT_FIELDS` are a :class:`RequestError` naming the valid ones."""
+    if not isinstance(fields, dict):
+        raise RequestError("the request body must be a JSON object")
+    unknown = sorted(set(fields) - set(CLIENT_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}; valid: {', '.join(CLIENT_FIELDS)}")
+    if "prompt" not in fields:
+        raise RequestError("the field 'prompt' is required")
+    return GenerationRequest.from_dict(fields)
 
 
 @dataclass
 class Generated:
     images: list[Any]  # PIL images
-    params: list[GenerationParams] = field(default_factory=list)
+    requests: list[GenerationRequest] = field(default_factory=list)  # the one of each image
     warnings: list[str] = field(default_factory=list)  # e.g. a truncated prompt
+
+
+def _text(name: str, value: Any, limit: int) -> None:
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be text")
+    if len(value) > limit:
+        raise RequestError(f"prompts are limited to {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{name} is not valid Unicode text (a lone surrogate?)") from None
+
+
+def _choice(name: str, value: Any, options) -> None:
+    if not isinstance(value, str) or value not in options:
+        shown = repr(value) if isinstance(value, str) else f"of type {type(value).__name__}"
+        raise RequestError(f"unknown {name} {shown}; choose one of {', '.join(options)}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false")
+
+
+def _image(name: str, value: Any) -> None:
+    from PIL import Image
+
+    if value is not None and not isinstance(value, Image.Image):
+        raise RequestError(f"{name} must be an image")
+
+
+def _optional_number(name: str, value: Any, kind: type, low: float, high: float) -> None:
+    if value is not None:
+        _number(name, value, kind, low, high)
 
 
 def _number(name: str, value: Any, kind: type, low: float, high: float) -> None:
@@ -88,7 +135,11 @@ def _number(name: str, value: Any, kind: type, low: float, high: float) -> None:
 
 
 class GenerationService:
-    """``service.run(request)`` → :class:`Generated`; thread-safe (one generation at a time)."""
+    """``service.run(request)`` → :class:`Generated`; thread-safe (one generation at a time).
+
+    ``pipeline`` draws every request; ``inpainter`` (optional) draws the masked ones and
+    ``controlnet`` steers those with a control image. Unset sampling fields take the model's
+    defaults (:meth:`GenerationRequest.resolved`): the UI shows them as :attr:`defaults`."""
 
     def __init__(
         self,
@@ -101,7 +152,7 @@ class GenerationService:
         inpainter_name: str = "",
     ):
         self.pipeline = pipeline
-        self.inpainter = inpainter  # an inpainting model for masked requests (optional)
+        self.inpainter = inpainter
         self.inpainter_name = inpainter_name
         self.limits = limits or Limits()
         self.model_name = model_name
@@ -110,26 +161,46 @@ class GenerationService:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.limits.max_waiting + 1)
 
+    @property
+    def defaults(self) -> dict:
+        """The model's sampling defaults (steps, sampler, grid, guidance)."""
+        return self.pipeline.settings()
+
     # -- checks --------------------------------------------------------------------------------
-    def check(self, r: Request) -> None:
+    def check(self, r: GenerationRequest) -> None:
         """Raise :class:`RequestError` unless the request is valid and within the limits."""
         lim = self.limits
-        if not isinstance(r.prompt, str) or not isinstance(r.negative_prompt, str):
-            raise RequestError("prompt and negative_prompt must be text")
-        if len(r.prompt) > lim.max_prompt_chars or len(r.negative_prompt) > lim.max_prompt_chars:
-            raise RequestError(f"prompts are limited to {lim.max_prompt_chars} characters")
-        if r.sampler not in SAMPLERS:
-            raise RequestError(
-                f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}"
-            )
-        if r.grid is not None and r.grid not in GRIDS:
-            raise RequestError(f"unknown grid {r.grid!r}; choose one of {', '.join(GRIDS)}")
-        _number("steps", r.steps, int, 1, lim.max_steps)
+        for name in _SERVER_FIELDS:
+            value = getattr(r, name)
+            if value not in (None, "", [], {}, False):
+                raise RequestError(f"{name} is set by the server, not by a request")
+        _text("prompt", r.prompt, lim.max_prompt_chars)
+        _text("negative_prompt", r.negative_prompt, lim.max_prompt_chars)
+        if r.sampler is not None:
+            _choice("sampler", r.sampler, SAMPLERS)
+        if r.grid is not None:
+            _choice("grid", r.grid, GRIDS)
+        _optional_number("steps", r.steps, int, 1, lim.max_steps)
         _number("num_images", r.num_images, int, 1, lim.max_images)
-        _number("guidance", r.guidance, float, 0, 50)
-        _number("seed", r.seed, int, 0, 2**63 - 1)
+        _optional_number("guidance", r.guidance, float, 0, 50)
+        _number("guidance_rescale", r.guidance_rescale, float, 0, 1)
+        for name in ("seed", "variation_seed"):
+            for seed in (
+                getattr(r, name) if isinstance(getattr(r, name), list) else [getattr(r, name)]
+            ):
+                _optional_number(name, seed, int, 0, 2**63 - 1)
         _number("strength", r.strength, float, 0.01, 1)
-        m = self.pipeline.size_multiple
+        _number("variation_strength", r.variation_strength, float, 0, 1)
+        _number("control_scale", r.control_scale, float, 0, 5)
+        _number("control_start", r.control_start, float, 0, 1)
+        _number("control_end", r.control_end, float, 0, 1)
+        _flag("control_canny", r.control_canny)
+        for name in ("image", "mask", "control_image"):
+            _image(name, getattr(r, name))
+        self._check_sizes(r)
+
+    def _check_sizes(self, r: GenerationRequest) -> None:
+        lim, m = self.limits, self.pipeline.size_multiple
         for name in ("width", "height"):
             side = getattr(r, name)
             if side is None:
@@ -154,105 +225,60 @@ class GenerationService:
         if r.image is None and r.strength != 1:
             raise RequestError("strength needs an image (image → image)")
         if r.control_image is not None:
-            if self.controlnet is None:
-                raise RequestError("this server has no ControlNet (destatic serve --controlnet)")
-            _number("control_scale", r.control_scale, float, 0, 5)
-            _number("control_start", r.control_start, float, 0, 1)
-            _number("control_end", r.control_end, float, 0, 1)
-            if r.control_start >= r.control_end:
-                raise RequestError("control_start must be below control_end")
-            w, h = r.control_image.size
-            want = (r.width or self.pipeline.default_size, r.height or self.pipeline.default_size)
-            if r.image is not None:
-                want = r.image.size
-            if (w, h) != want:
-                raise RequestError(
-                    f"the control image is {w}×{h} but the image is {want[0]}×{want[1]}"
-                )
+            self._check_control(r)
+
+    def _check_control(self, r: GenerationRequest) -> None:
+        if self.controlnet is None:
+            raise RequestError("this server has no ControlNet (destatic serve --controlnet)")
+        if r.control_start >= r.control_end:
+            raise RequestError("control_start must be below control_end")
+        w, h = r.control_image.size
+        want = (r.width or self.pipeline.default_size, r.height or self.pipeline.default_size)
+        if r.image is not None:
+            want = r.image.size
+        if (w, h) != want:
+            raise RequestError(f"the control image is {w}×{h} but the image is {want[0]}×{want[1]}")
 
     @staticmethod
     def control_map(image, canny: bool):
         """The control image as the ControlNet sees it: RGB, traced to Canny edges if asked."""
-        image = image.convert("RGB")
-        if not canny:
-            return image
-        import numpy as np
-        from PIL import Image
+        from destatic.pipelines.inputs import canny_map
 
-        from destatic.data.edges import canny_edges
-
-        return Image.fromarray(canny_edges(np.asarray(image)))
-
-    def _control_map(self, r: Request):
-        return self.control_map(r.control_image, r.control_canny)
+        return canny_map(image) if canny else image.convert("RGB")
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, r: Request) -> Generated:
+    def route(self, r: GenerationRequest):
+        """The pipeline that draws ``r`` and the request as it runs there: a masked request
+        goes to the inpainting model (holding the kept pixels), a control image gets the
+        server's ControlNet; unset sampling fields take that model's defaults."""
+        masked = r.mask is not None and self.inpainter is not None
+        pipe = self.inpainter if masked else self.pipeline
+        routed = dataclasses.replace(
+            r,
+            model=self.inpainter_name if masked else self.model_name,
+            keep_unmasked=r.mask is not None,
+            controlnet=self.controlnet if r.control_image is not None else None,
+        )
+        return pipe, routed.resolved(pipe)
+
+    def run(self, r: GenerationRequest) -> Generated:
         self.check(r)
         if not self._slots.acquire(blocking=False):
             raise Busy(f"the server is busy ({self.limits.max_waiting} requests waiting)")
         try:
             with self._lock, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                extra = {}
-                if r.image is not None:
-                    extra = {"image": r.image.convert("RGB"), "strength": r.strength}
-                    if r.mask is not None:
-                        extra["mask"] = r.mask.convert("L")
-                        extra["keep_unmasked"] = True  # also for an inpainting model
-                if r.control_image is not None:
-                    extra.update(
-                        controlnet=self.controlnet,
-                        control_image=self._control_map(r),
-                        control_scale=r.control_scale,
-                        control_start=r.control_start,
-                        control_end=r.control_end,
-                    )
-                masked = r.mask is not None and self.inpainter is not None
-                pipe = self.inpainter if masked else self.pipeline
+                pipe, routed = self.route(r)
                 try:
-                    images = pipe(
-                        r.prompt,
-                        negative_prompt=r.negative_prompt or None,
-                        steps=r.steps,
-                        sampler=r.sampler,
-                        grid=r.grid,
-                        guidance=r.guidance,
-                        seed=r.seed,
-                        num_images=r.num_images,
-                        width=r.width,
-                        height=r.height,
-                        **extra,
-                    )
+                    images = to_pil(pipe.run(routed))
                 except ValueError as e:  # the pipeline's own checks: the user's to fix
                     raise RequestError(str(e)) from None
             notes = list(dict.fromkeys(str(w.message) for w in caught))
         finally:
             self._slots.release()
-        control = {}
-        if r.control_image is not None:
-            control = dict(
-                controlnet=self.controlnet_name or "controlnet",
-                control_canny=r.control_canny,
-                control_scale=r.control_scale,
-                control_start=r.control_start,
-                control_end=r.control_end,
-            )
-        params = [
-            GenerationParams(
-                prompt=r.prompt,
-                negative_prompt=r.negative_prompt,
-                steps=r.steps,
-                sampler=r.sampler,
-                grid=r.grid,
-                guidance=r.guidance,
-                seed=r.seed + i,
-                width=im.width,
-                height=im.height,
-                model=self.inpainter_name if masked else self.model_name,
-                strength=r.strength,
-                **control,
-            )
+        shown = (self.controlnet_name or "controlnet") if r.control_image is not None else None
+        requests = [
+            dataclasses.replace(routed.for_image(i, im.width, im.height), controlnet=shown)
             for i, im in enumerate(images)
         ]
-        return Generated(images, params, notes)
+        return Generated(images, requests, notes)

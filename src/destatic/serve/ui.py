@@ -1,20 +1,49 @@
 """The web UI (gradio): text → image, image → image and inpainting with a mask painter.
 
-Thin: every tab builds a :class:`~destatic.serve.service.Request` and hands it to the shared
+Thin: every tab builds a :class:`~destatic.pipelines.GenerationRequest` and hands it to the shared
 :class:`~destatic.serve.service.GenerationService`; its errors become gradio error toasts.
 Small models draw small images, so the gallery shows them enlarged (nearest neighbour, at
 least 256 px) while the parameters box gives the A1111 text of each image.
+
+Uploaded images reach the handlers as file paths and are decoded by
+:func:`~destatic.serve.images.load_image` only once their header shows they are within the
+limits; the mask painter's layers, which gradio decodes itself, are checked the same way first
+(:func:`check_before_decoding`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from destatic.serve.service import Busy, GenerationService, Request, RequestError
+import gradio as gr
+from gradio.data_classes import FileData
 
-__all__ = ["build_ui"]
+from destatic.pipelines import GenerationRequest
+from destatic.serve.images import load_image, open_image
+from destatic.serve.service import Busy, GenerationService, Limits, RequestError
+
+__all__ = ["build_ui", "check_before_decoding"]
 
 DISPLAY_SIDE = 256
+
+
+def check_before_decoding(editor: gr.ImageEditor, limits: Limits) -> gr.ImageEditor:
+    """``editor``, refusing an oversized background or layer before gradio decodes it (gradio
+    decodes every one in full, in ``convert_and_format_image``). Wrapped on the instance: a
+    subclass of a gradio component makes gradio write a ``.pyi`` file beside this module."""
+    decode = editor.convert_and_format_image
+
+    def checked(file, flatten_on_white: bool = False):
+        if file is not None:
+            source = file.path if isinstance(file, FileData) else bytes(file)
+            try:
+                open_image(source, "the image", limits.max_upload_side, limits.max_image_bytes)
+            except RequestError as e:
+                raise gr.Error(str(e)) from None
+        return decode(file, flatten_on_white)
+
+    editor.convert_and_format_image = checked
+    return editor
 
 
 def _enlarged(image):
@@ -37,45 +66,58 @@ def _mask_from_editor(value: dict[str, Any] | None, size: tuple[int, int]):
     return mask if mask.getbbox() else None
 
 
-def build_ui(service: GenerationService):
-    """A ``gradio.Blocks`` app on ``service`` (queue not yet configured)."""
-    import gradio as gr
+class _Tabs:
+    """The parts every tab shares (prompt boxes, settings, gallery) and the handlers that turn
+    a tab's inputs into a :class:`GenerationRequest` for the service."""
 
-    from destatic.sampling import GRIDS, SAMPLERS
+    def __init__(self, service: GenerationService):
+        self.service = service
+        self.lim = service.limits
+        self.side = service.pipeline.default_size
+        self.multiple = service.pipeline.size_multiple
 
-    pipe = service.pipeline
-    lim = service.limits
-    side = pipe.default_size
-    multiple = pipe.size_multiple
+    # -- components ----------------------------------------------------------------------------
+    def prompts(self, tab: str):
+        prompt = gr.Textbox(label="Prompt", value="red heart", elem_id=f"{tab}-prompt")
+        negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
+        return prompt, negative
 
-    def run(request: Request):
-        try:
-            result = service.run(request)
-        except (RequestError, Busy) as e:
-            raise gr.Error(str(e)) from None
-        for note in result.warnings:
-            gr.Warning(note)
-        text = "\n\n".join(p.a1111() for p in result.params)
-        return [_enlarged(im) for im in result.images], text
+    def settings(self) -> list:
+        """Sampler, grid, steps, guidance, seed, count and size, set to the model's defaults
+        (a distilled model's sampler and steps)."""
+        from destatic.sampling import GRIDS, SAMPLERS
 
-    def settings():
+        d, lim = self.service.defaults, self.lim
         with gr.Accordion("Settings", open=False):
             with gr.Row():
-                sampler = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m", label="Sampler")
+                sampler = gr.Dropdown(sorted(SAMPLERS), value=d["sampler"], label="Sampler")
                 grid = gr.Dropdown(["default", *GRIDS], value="default", label="σ grid")
             with gr.Row():
-                steps = gr.Slider(1, lim.max_steps, value=20, step=1, label="Steps")
-                guidance = gr.Slider(0, 15, value=3.0, step=0.5, label="Guidance")
+                steps = gr.Slider(1, lim.max_steps, value=d["steps"], step=1, label="Steps")
+                guidance = gr.Slider(0, 15, value=d["guidance"], step=0.5, label="Guidance")
             with gr.Row():
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 count = gr.Slider(1, lim.max_images, value=4, step=1, label="Images")
-                size = gr.Slider(
-                    multiple, lim.max_side, value=side, step=multiple, label="Size (pixels)"
-                )
+                m = self.multiple
+                size = gr.Slider(m, lim.max_side, value=self.side, step=m, label="Size (pixels)")
         return [sampler, grid, steps, guidance, seed, count, size]
 
-    def request(prompt, negative, sampler, grid, steps, guidance, seed, count, size, **extra):
-        return Request(
+    def outputs(self, tab: str):
+        gallery = gr.Gallery(
+            label="Images", columns=4, height="auto", format="png", elem_id=f"{tab}-gallery"
+        )
+        text = gr.Textbox(label="Parameters", lines=3, elem_id=f"{tab}-parameters")
+        return gallery, text
+
+    @staticmethod
+    def uploaded(label: str, elem_id: str):
+        """An image input handing its handler the uploaded file's path, undecoded."""
+        return gr.Image(type="filepath", image_mode=None, label=label, elem_id=elem_id)
+
+    # -- handlers ------------------------------------------------------------------------------
+    def run(self, prompt, negative, sampler, grid, steps, guidance, seed, count, size, **extra):
+        """The request a tab describes, drawn by the service: (gallery, A1111 texts)."""
+        request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative or "",
             sampler=sampler,
@@ -88,124 +130,124 @@ def build_ui(service: GenerationService):
             height=int(size),
             **extra,
         )
+        try:
+            result = self.service.run(request)
+        except (RequestError, Busy) as e:
+            raise gr.Error(str(e)) from None
+        for note in result.warnings:
+            gr.Warning(note)
+        text = "\n\n".join(r.a1111() for r in result.requests)
+        return [_enlarged(im) for im in result.images], text
 
-    def outputs(tab: str):
-        gallery = gr.Gallery(
-            label="Images", columns=4, height="auto", format="png", elem_id=f"{tab}-gallery"
-        )
-        text = gr.Textbox(label="Parameters", lines=3, elem_id=f"{tab}-parameters")
-        return gallery, text
-
-    def prompts(tab: str):
-        prompt = gr.Textbox(label="Prompt", value="red heart", elem_id=f"{tab}-prompt")
-        negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
-        return prompt, negative
-
-    def fit(image, size: int):
-        """An uploaded image, resized to the chosen square size (Lanczos)."""
+    def fit(self, image, size: int):
+        """An uploaded image (a file, or the editor's decoded background), resized to the chosen
+        square size (Lanczos)."""
         from PIL import Image
 
         if image is None:
             raise gr.Error("upload an image first")
+        if isinstance(image, str):
+            lim = self.lim
+            try:
+                image = load_image(
+                    image, "the image", lim.max_upload_side, lim.max_image_bytes, "RGB"
+                )
+            except RequestError as e:
+                raise gr.Error(str(e)) from None
         return image.convert("RGB").resize((size, size), Image.LANCZOS)
 
+    # -- tabs ----------------------------------------------------------------------------------
+    def text_to_image(self) -> None:
+        prompt, negative = self.prompts("txt2img")
+        button = gr.Button("Generate", variant="primary", elem_id="txt2img-generate")
+        knobs = self.settings()
+        gallery, text = self.outputs("txt2img")
+        button.click(self.run, [prompt, negative, *knobs], [gallery, text], api_name="txt2img")
+
+    def image_to_image(self) -> None:
+        prompt, negative = self.prompts("img2img")
+        source = self.uploaded("Input image", "img2img-input")
+        strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength")
+        button = gr.Button("Generate", variant="primary", elem_id="img2img-generate")
+        knobs = self.settings()
+        gallery, text = self.outputs("img2img")
+
+        def img2img(prompt, negative, image, strength, *knobs):
+            extra = {"image": self.fit(image, int(knobs[-1])), "strength": float(strength)}
+            return self.run(prompt, negative, *knobs, **extra)
+
+        inputs = [prompt, negative, source, strength, *knobs]
+        button.click(img2img, inputs, [gallery, text], api_name="img2img")
+
+    def inpainting(self) -> None:
+        prompt, negative = self.prompts("inpaint")
+        editor = gr.ImageEditor(
+            type="pil",
+            label="Image: paint over what to redraw",
+            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+            elem_id="inpaint-editor",
+        )
+        check_before_decoding(editor, self.lim)
+        button = gr.Button("Generate", variant="primary", elem_id="inpaint-generate")
+        knobs = self.settings()
+        gallery, text = self.outputs("inpaint")
+
+        def inpaint(prompt, negative, value, *knobs):
+            size = int(knobs[-1])
+            image = self.fit((value or {}).get("background"), size)
+            mask = _mask_from_editor(value, (size, size))
+            if mask is None:
+                raise gr.Error("paint the region to redraw first")
+            return self.run(prompt, negative, *knobs, image=image, mask=mask)
+
+        inputs = [prompt, negative, editor, *knobs]
+        button.click(inpaint, inputs, [gallery, text], api_name="inpaint")
+
+    def control(self) -> None:
+        prompt, negative = self.prompts("control")
+        with gr.Row():
+            reference = self.uploaded("Control image", "control-input")
+            traced = gr.Image(type="pil", label="What the ControlNet sees", interactive=False)
+        canny = gr.Checkbox(True, label="Trace Canny edges of the control image")
+        with gr.Row():
+            weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Control weight")
+            start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (share of steps)")
+            end = gr.Slider(0, 1, value=1.0, step=0.05, label="End (share of steps)")
+        button = gr.Button("Generate", variant="primary", elem_id="control-generate")
+        knobs = self.settings()
+        gallery, text = self.outputs("control")
+
+        def controlled(prompt, negative, image, canny, weight, start, end, *knobs):
+            extra = {
+                "control_image": self.fit(image, int(knobs[-1])),
+                "control_canny": bool(canny),
+                "control_scale": float(weight),
+                "control_start": float(start),
+                "control_end": float(end),
+            }
+            images, text = self.run(prompt, negative, *knobs, **extra)
+            seen = self.service.control_map(extra["control_image"], extra["control_canny"])
+            return images, text, _enlarged(seen)
+
+        inputs = [prompt, negative, reference, canny, weight, start, end, *knobs]
+        button.click(controlled, inputs, [gallery, text, traced], api_name="control")
+
+
+def build_ui(service: GenerationService):
+    """A ``gradio.Blocks`` app on ``service`` (queue not yet configured)."""
+    tabs = _Tabs(service)
     with gr.Blocks(title="destatic") as ui:
         gr.Markdown(
             f"### destatic — {service.model_name or 'the bundled emoji model'} "
-            f"({side}×{side}; sizes in multiples of {multiple})"
+            f"({tabs.side}×{tabs.side}; sizes in multiples of {tabs.multiple})"
         )
         with gr.Tab("Text → image"):
-            prompt, negative = prompts("txt2img")
-            button = gr.Button("Generate", variant="primary", elem_id="txt2img-generate")
-            knobs = settings()
-            gallery, text = outputs("txt2img")
-            button.click(
-                lambda *a: run(request(*a)),
-                [prompt, negative, *knobs],
-                [gallery, text],
-                api_name="txt2img",
-            )
+            tabs.text_to_image()
         with gr.Tab("Image → image"):
-            prompt2, negative2 = prompts("img2img")
-            source = gr.Image(type="pil", label="Input image", elem_id="img2img-input")
-            strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength")
-            button2 = gr.Button("Generate", variant="primary", elem_id="img2img-generate")
-            knobs2 = settings()
-            gallery2, text2 = outputs("img2img")
-
-            def img2img(prompt, negative, image, strength, *knobs):
-                size = int(knobs[-1])
-                extra = {"image": fit(image, size), "strength": float(strength)}
-                return run(request(prompt, negative, *knobs, **extra))
-
-            button2.click(
-                img2img,
-                [prompt2, negative2, source, strength, *knobs2],
-                [gallery2, text2],
-                api_name="img2img",
-            )
+            tabs.image_to_image()
         with gr.Tab("Inpainting"):
-            prompt3, negative3 = prompts("inpaint")
-            editor = gr.ImageEditor(
-                type="pil",
-                label="Image: paint over what to redraw",
-                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
-                elem_id="inpaint-editor",
-            )
-            button3 = gr.Button("Generate", variant="primary", elem_id="inpaint-generate")
-            knobs3 = settings()
-            gallery3, text3 = outputs("inpaint")
-
-            def inpaint(prompt, negative, value, *knobs):
-                size = int(knobs[-1])
-                background = (value or {}).get("background")
-                image = fit(background, size)
-                mask = _mask_from_editor(value, (size, size))
-                if mask is None:
-                    raise gr.Error("paint the region to redraw first")
-                extra = {"image": image, "mask": mask}
-                return run(request(prompt, negative, *knobs, **extra))
-
-            button3.click(
-                inpaint,
-                [prompt3, negative3, editor, *knobs3],
-                [gallery3, text3],
-                api_name="inpaint",
-            )
+            tabs.inpainting()
         if service.controlnet is not None:
             with gr.Tab("Control"):
-                prompt4, negative4 = prompts("control")
-                with gr.Row():
-                    reference = gr.Image(type="pil", label="Control image", elem_id="control-input")
-                    traced = gr.Image(
-                        type="pil", label="What the ControlNet sees", interactive=False
-                    )
-                canny = gr.Checkbox(True, label="Trace Canny edges of the control image")
-                with gr.Row():
-                    weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Control weight")
-                    start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (share of steps)")
-                    end = gr.Slider(0, 1, value=1.0, step=0.05, label="End (share of steps)")
-                button4 = gr.Button("Generate", variant="primary", elem_id="control-generate")
-                knobs4 = settings()
-                gallery4, text4 = outputs("control")
-
-                def controlled(prompt, negative, image, canny, weight, start, end, *knobs):
-                    size = int(knobs[-1])
-                    extra = {
-                        "control_image": fit(image, size),
-                        "control_canny": bool(canny),
-                        "control_scale": float(weight),
-                        "control_start": float(start),
-                        "control_end": float(end),
-                    }
-                    images, text = run(request(prompt, negative, *knobs, **extra))
-                    seen = service.control_map(extra["control_image"], extra["control_canny"])
-                    return images, text, _enlarged(seen)
-
-                button4.click(
-                    controlled,
-                    [prompt4, negative4, reference, canny, weight, start, end, *knobs4],
-                    [gallery4, text4, traced],
-                    api_name="control",
-                )
+                tabs.control()
     return ui

@@ -1,6 +1,8 @@
-"""Training: objectives, the loop, checkpoints and configs (DESIGN.md, "training")."""
+"""Training: objectives, the loop, checkpoints, configs and the task registry
+(docs/architecture.md, "The task registry")."""
 
-from destatic.training.config import Config, ConfigError, load_config
+from destatic.training.config import Config, ConfigError
+from destatic.training.configure import load_config
 from destatic.training.objectives import (
     OBJECTIVES,
     Objective,

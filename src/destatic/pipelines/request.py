@@ -1,0 +1,335 @@
+"""One generation request: every parameter of one call, in one typed dataclass.
+
+The CLI, the web UI, the HTTP API, the Python API and the PNG metadata (``--from``) all build a
+:class:`GenerationRequest` and hand it to :meth:`Pipeline.run`; nothing else spells the
+parameters out. Fields left ``None`` are filled in one place, :meth:`GenerationRequest.resolved`:
+the model folder's stored defaults (``destatic_defaults`` in ``model_index.json``: a distilled
+student's sampler and steps), else its family's defaults (:mod:`destatic.pipelines.families`).
+
+A request serialises to the JSON stored in every PNG destatic writes (the ``destatic`` text
+chunk, beside A1111's ``parameters`` text), so ``destatic generate --from image.png`` is
+``GenerationRequest.from_png(path)``: one request per image, with that image's own seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from destatic.bundled import companions
+
+if TYPE_CHECKING:
+    from destatic.pipelines.base import PipelineBase
+
+__all__ = ["CHUNK", "GenerationRequest", "RequestError"]
+
+#: The PNG text chunk holding a request as JSON.
+CHUNK = "destatic"
+
+
+class RequestError(ValueError):
+    """A request that cannot run; the message says what to change."""
+
+
+# The kinds of the JSON-facing fields, for :meth:`GenerationRequest.from_dict`'s type checks.
+_TEXT = ("negative_prompt", "model", "sampler", "grid")
+_INTS = ("steps", "width", "height", "num_images", "num_frames")
+_FLOATS = (
+    "guidance",
+    "guidance_rescale",
+    "strength",
+    "variation_strength",
+    "control_scale",
+    "control_start",
+    "control_end",
+    "seconds",
+)
+_FLAGS = ("keep_unmasked", "control_canny")
+_INPUTS = ("image", "mask", "control_image", "controlnet")  # a path, or an object in memory
+
+
+@dataclass
+class GenerationRequest:
+    """Everything that determines a generation (with the model's weights).
+
+    ``prompt`` is one text or a list; ``num_images`` images are drawn per prompt with the
+    consecutive seeds ``seed, seed + 1, …`` (or ``seed`` is a list, one per image).
+    ``image``/``mask``/``control_image`` are a file path or an image in memory (PIL, array or
+    tensor in [0, 1]); ``controlnet`` a folder or a loaded network.
+    """
+
+    prompt: str | list[str] = ""
+    negative_prompt: str | list[str] = ""
+    # sampling: None = the model's default
+    steps: int | None = None
+    sampler: str | None = None
+    grid: str | None = None
+    guidance: float | None = None
+    guidance_rescale: float = 0.0  # Lin et al. 2024: 0 = off
+    guidance_interval: tuple[float, float] | None = None  # guide only for σ in (lo, hi]
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # eta, s_noise, …
+    # what to draw
+    seed: int | list[int] = 0
+    num_images: int = 1  # per prompt
+    width: int | None = None  # None: the model's size (or the input image's)
+    height: int | None = None
+    model: str = ""  # the folder it came from ("" = the bundled default model)
+    # image → image and inpainting
+    image: Any = None
+    strength: float = 1.0
+    mask: Any = None  # white = repaint
+    keep_unmasked: bool = False  # an inpainting model also holds the kept pixels
+    # variations (A1111's variation seed)
+    variation_seed: int | list[int] | None = None
+    variation_strength: float = 0.0
+    # structural control
+    controlnet: Any = None
+    control_image: Any = None
+    control_canny: bool = False  # trace Canny edges of control_image first
+    control_scale: float = 1.0
+    control_start: float = 0.0
+    control_end: float = 1.0
+    # adapters: [[file or folder, scale], …]
+    loras: list[list] = field(default_factory=list)
+    # other media: frames of a video model, seconds of an audio model
+    num_frames: int | None = None
+    seconds: float | None = None
+
+    # -- shape of the batch ----------------------------------------------------------------------
+    @property
+    def prompts(self) -> list[str]:
+        """One prompt per image (each repeated ``num_images`` times)."""
+        texts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        return [t for t in texts for _ in range(self.num_images)]
+
+    @property
+    def negatives(self) -> list[str]:
+        """One negative prompt per image."""
+        batch = len(self.prompts)
+        texts = [self.negative_prompt] if isinstance(self.negative_prompt, str) else None
+        texts = texts or list(self.negative_prompt)
+        if len(texts) == 1:
+            return texts * batch
+        if len(texts) * self.num_images == batch:
+            return [t for t in texts for _ in range(self.num_images)]
+        raise RequestError(f"got {len(texts)} negative prompts for {batch // self.num_images}")
+
+    @property
+    def has_negative(self) -> bool:
+        return any(self.negatives)
+
+    @property
+    def seeds(self) -> list[int]:
+        """One seed per image."""
+        return _per_image(self.seed, len(self.prompts), "seeds")
+
+    @property
+    def variation_seeds(self) -> list[int] | None:
+        if self.variation_seed is None:
+            return None
+        return _per_image(self.variation_seed, len(self.prompts), "variation seeds")
+
+    def for_image(self, i: int, width: int | None = None, height: int | None = None):
+        """The request that draws image ``i`` of this one alone (what its PNG stores)."""
+        vseeds = self.variation_seeds
+        return dataclasses.replace(
+            self,
+            prompt=self.prompts[i],
+            negative_prompt=self.negatives[i],
+            seed=self.seeds[i],
+            variation_seed=None if vseeds is None else vseeds[i],
+            num_images=1,
+            width=width or self.width,
+            height=height or self.height,
+        )
+
+    # -- defaults ------------------------------------------------------------------------------
+    def with_companions(self) -> GenerationRequest:
+        """Routed to the bundled companions of the bundled default model
+        (:func:`destatic.bundled.companions`): a masked request goes to its inpainting variant
+        (holding the kept pixels), a control image given without a ControlNet gets its
+        ControlNet. Other models are left as they are."""
+        found = companions(self.model or None)
+        routed = self
+        if self.mask is not None and "inpaint" in found:
+            routed = dataclasses.replace(routed, model=str(found["inpaint"]), keep_unmasked=True)
+        if self.control_image is not None and self.controlnet is None and "control" in found:
+            routed = dataclasses.replace(routed, controlnet=str(found["control"]))
+        return routed
+
+    def resolved(self, pipe: PipelineBase) -> GenerationRequest:
+        """This request with every unset sampling field filled: the model folder's stored
+        defaults, else the family's (:attr:`Family.defaults`); the grid last falls back to the
+        process's (``karras``, or ``sgm_uniform`` for a flow starting at σ = ∞)."""
+        d = pipe.sampling_defaults
+        return dataclasses.replace(
+            self,
+            steps=int(self.steps if self.steps is not None else d["steps"]),
+            sampler=self.sampler or d["sampler"],
+            grid=self.grid or d["grid"],
+            guidance=float(self.guidance if self.guidance is not None else d["guidance"]),
+        )
+
+    # -- JSON and PNG metadata -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: inputs given as paths keep their path, inputs in memory become
+        ``None`` (an uploaded image cannot be stored in the PNG's text)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["sampler_options"] = dict(self.sampler_options)
+        for name in _INPUTS:
+            value = getattr(self, name)
+            out[name] = str(value) if isinstance(value, (str, Path)) else None
+        out["loras"] = [[str(p), float(s)] for p, s in self.loras]
+        out["seed"] = self.seed if isinstance(self.seed, int) else list(self.seed)
+        if self.guidance_interval is not None:
+            out["guidance_interval"] = list(self.guidance_interval)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> GenerationRequest:
+        """From JSON fields (an HTTP body, a PNG's chunk), with every type checked: unknown
+        fields and wrong types are a :class:`RequestError`. ``""`` stands for no input path, as
+        in the PNGs of earlier versions."""
+        if not isinstance(data, dict):
+            raise RequestError("the request must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise RequestError(f"unknown field(s) {unknown}; valid: {', '.join(sorted(names))}")
+        data = {k: (None if k in _INPUTS and v == "" else v) for k, v in data.items()}
+        _check_types(data)
+        if isinstance(data.get("guidance_interval"), list):
+            data["guidance_interval"] = tuple(data["guidance_interval"])
+        data["loras"] = [[str(p), float(s)] for p, s in data.get("loras", [])]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> GenerationRequest:
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, RecursionError) as e:
+            if isinstance(e, RequestError):
+                raise
+            raise RequestError(f"not valid JSON ({e})") from None
+
+    @classmethod
+    def from_png(cls, path: str | Path) -> GenerationRequest:
+        """The request a destatic PNG was generated with; a :class:`RequestError` otherwise."""
+        from destatic.pipelines.inputs import open_image
+
+        text = open_image(path, "RGB").info.get(CHUNK)
+        if text is None:
+            raise RequestError(
+                f"{path} carries no destatic generation parameters (only PNGs written by "
+                "destatic generate do)"
+            )
+        try:
+            return cls.from_json(text)
+        except RequestError as e:
+            raise RequestError(f"{path}: its destatic parameters are damaged ({e})") from None
+
+    def a1111(self) -> str:
+        """AUTOMATIC1111's ``parameters`` text, which other tools and image viewers show."""
+        lines = [self.prompt if isinstance(self.prompt, str) else " | ".join(self.prompt)]
+        if self.has_negative:
+            lines.append(f"Negative prompt: {self.negatives[0]}")
+        fields = [
+            f"Steps: {self.steps}",
+            f"Sampler: {self.sampler}",
+            f"Schedule type: {self.grid or 'default'}",
+            f"CFG scale: {self.guidance:g}" if self.guidance is not None else "CFG scale: default",
+            f"Seed: {self.seeds[0]}",
+        ]
+        if self.width and self.height:
+            fields.append(f"Size: {self.width}x{self.height}")
+        if self.variation_strength:
+            fields.append(f"Variation seed: {self.variation_seed}")
+            fields.append(f"Variation seed strength: {self.variation_strength:g}")
+        if self.image is not None:
+            fields.append(f"Denoising strength: {self.strength:g}")
+        if self.controlnet is not None:
+            name = Path(self.controlnet).name if isinstance(self.controlnet, str) else "controlnet"
+            fields.append(
+                f"ControlNet: {name} (weight {self.control_scale:g}, "
+                f"steps {self.control_start:g}-{self.control_end:g}"
+                + (", canny)" if self.control_canny else ")")
+            )
+        if self.loras:
+            named = ", ".join(f"{Path(p).stem}:{float(s):g}" for p, s in self.loras)
+            fields.append(f"LoRA: {named}")
+        fields.append(f"Model: {Path(self.model).name if self.model else 'destatic default'}")
+        return "\n".join([*lines, ", ".join(fields)])
+
+    def png_info(self):
+        """A ``PIL.PngImagePlugin.PngInfo`` with both chunks; pass it as ``pnginfo=``."""
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_itxt("parameters", self.a1111())
+        info.add_itxt(CHUNK, self.to_json())
+        return info
+
+
+def _per_image(value: int | list[int], batch: int, name: str) -> list[int]:
+    values = list(range(value, value + batch)) if isinstance(value, int) else list(value)
+    if len(values) != batch:
+        raise RequestError(f"got {len(values)} {name} for {batch} images")
+    return values
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _text(name: str, v: Any) -> None:
+    if not isinstance(v, str):
+        raise RequestError(f"{name} must be text")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{name} is not valid Unicode text (a lone surrogate?)") from None
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    """Raise a :class:`RequestError` naming the first field of the wrong type."""
+    for name, v in data.items():
+        if name in ("prompt", "negative_prompt") and isinstance(v, list):
+            for item in v:
+                _text(name, item)
+        elif name == "prompt" or (name in _TEXT and v is not None):
+            _text(name, v)
+        elif name in _INTS and v is not None and not _is_int(v):
+            raise RequestError(f"{name} must be an integer")
+        elif name in _FLOATS and v is not None and not _is_number(v):
+            raise RequestError(f"{name} must be a finite number")
+        elif name in _FLAGS and not isinstance(v, bool):
+            raise RequestError(f"{name} must be true or false")
+        elif name in ("seed", "variation_seed") and v is not None:
+            if not (_is_int(v) or (isinstance(v, list) and v and all(map(_is_int, v)))):
+                raise RequestError(f"{name} must be an integer or a list of integers")
+        elif name == "guidance_interval" and v is not None:
+            ok = isinstance(v, (list, tuple)) and len(v) == 2
+            if not ok or not all(_is_number(x) or x == math.inf for x in v):
+                raise RequestError(f"{name} must be two numbers [low, high] (σ)")
+        elif name == "loras" and not _lora_list(v):
+            raise RequestError("loras must be a list of [path, scale] pairs")
+        elif name == "sampler_options" and not isinstance(v, dict):
+            raise RequestError("sampler_options must be an object")
+
+
+def _lora_list(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str) and _is_number(x[1])
+        for x in v
+    )

@@ -1,0 +1,37 @@
+"""What is being trained: one module per task, each registered by name in :data:`TASKS`
+(``[train] task``); :mod:`~destatic.training.tasks.base` says what a task is."""
+
+from destatic.training.tasks import (  # noqa: F401  (fill the registry)
+    autoencoder,
+    control,
+    denoiser,
+    evaluator,
+    lcm,
+    lora,
+    reflow,
+)
+from destatic.training.tasks.autoencoder import AutoencoderTask
+from destatic.training.tasks.base import TASKS, Batch, Task, make_task, register, task_sections
+from destatic.training.tasks.control import ControlTask
+from destatic.training.tasks.denoiser import DenoiserTask, random_masks
+from destatic.training.tasks.evaluator import EvaluatorTask
+from destatic.training.tasks.lcm import LCMTask
+from destatic.training.tasks.lora import LoraTask
+from destatic.training.tasks.reflow import ReflowTask
+
+__all__ = [
+    "TASKS",
+    "AutoencoderTask",
+    "Batch",
+    "ControlTask",
+    "DenoiserTask",
+    "EvaluatorTask",
+    "LCMTask",
+    "LoraTask",
+    "ReflowTask",
+    "Task",
+    "make_task",
+    "random_masks",
+    "register",
+    "task_sections",
+]

@@ -1,0 +1,169 @@
+"""Autoencoder training (``[train] task = "autoencoder"``): the KL autoencoder of a latent space.
+
+Reconstruction (L1 or MSE) + kl_weight · KL(q(z|x) ‖ N(0, I)), and with ``adversarial_weight``
+> 0 from step ``adversarial_start`` on, a PatchGAN (LDM's recipe with a fixed weight instead of
+its adaptive one):
+
+    L_AE = rec + kl_weight · KL − adversarial_weight · mean D(x̂),
+    L_D = ½ (mean relu(1 − D(x)) + mean relu(1 + D(x̂))),
+
+both in one loss, one backward and one optimizer: D sees x̂ detached in L_D, and L_AE sees D
+through detached parameters, so each term only trains its own network.
+
+The KL term is summed over latent elements and divided by the number of pixel values, so
+kl_weight is comparable across sizes (LDM's weights are of order 1e-6 with summed terms).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from destatic.models.discriminator import PatchDiscriminator, hinge_discriminator_loss
+from destatic.models.registry import save_component
+from destatic.training.config import Config, ConfigError, _choice, _require
+from destatic.training.data import load_training_images, pixels
+from destatic.training.tasks.base import Batch, Task, network_config, register
+
+__all__ = ["AutoencoderTask", "AutoencoderTrainConfig"]
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """The ``[autoencoder]`` table."""
+
+    config: dict[str, Any] = field(default_factory=dict)  # AutoencoderConfig fields
+    reconstruction: str = "l1"  # l1 | mse
+    kl_weight: float = 1e-6
+    adversarial_weight: float = 0.0  # weight of the PatchGAN generator term; 0 = off
+    adversarial_start: int = 0  # step from which the adversarial terms count (LDM: disc_start)
+    discriminator_channels: int = 64
+    discriminator_layers: int = 3  # stride-2 convolutions: patches of about 2^(layers+2) px
+
+    def check(self) -> None:
+        _choice("autoencoder.reconstruction", self.reconstruction, ("l1", "mse"))
+        _require(self.kl_weight >= 0, f"autoencoder.kl_weight = {self.kl_weight}: use ≥ 0")
+        _require(
+            self.adversarial_weight >= 0,
+            f"autoencoder.adversarial_weight = {self.adversarial_weight}: use ≥ 0 (0 = off)",
+        )
+        _require(
+            self.adversarial_start >= 0,
+            f"autoencoder.adversarial_start = {self.adversarial_start}: use ≥ 0",
+        )
+        _require(
+            self.discriminator_channels >= 1 and 1 <= self.discriminator_layers <= 6,
+            "autoencoder.discriminator_channels must be ≥ 1 and discriminator_layers 1 … 6",
+        )
+
+
+@register
+class AutoencoderTask(Task):
+    """KL autoencoder, optionally with a PatchGAN critic (module doc)."""
+
+    name = "autoencoder"
+    section = AutoencoderTrainConfig
+
+    def __init__(self, cfg: Config, device: torch.device, progress: bool = True):
+        self.cfg = cfg
+        data = load_training_images(cfg.data, progress=progress)
+        self.images = torch.from_numpy(data.images)
+        fields = {"sample_size": cfg.data.size, **cfg.autoencoder.config}
+        config = network_config(AutoencoderConfig, fields, "autoencoder.config")
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        if cfg.data.size % factor:
+            raise ConfigError(
+                f"data.size = {cfg.data.size} is not a multiple of the autoencoder's factor "
+                f"{factor}"
+            )
+        a = cfg.autoencoder
+        discriminator = None
+        if a.adversarial_weight > 0:
+            discriminator = PatchDiscriminator(3, a.discriminator_channels, a.discriminator_layers)
+        self.model = _Reconstruction(AutoencoderKL(config), discriminator)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.images)
+
+    def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
+        x = pixels(self.images[index])
+        config = self.model.autoencoder.config
+        f = 2 ** (len(config.block_out_channels) - 1)
+        c = config.latent_channels
+        eps = torch.randn((len(index), c, x.shape[-2] // f, x.shape[-1] // f), generator=generator)
+        return {"x": x, "eps": eps}
+
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+        a = self.cfg.autoencoder
+        x = batch["x"].to(device)
+        recon, kl, critic = model(x, batch["eps"].to(device))
+        diff = recon.float() - x
+        per = diff.abs() if a.reconstruction == "l1" else diff.pow(2)
+        loss = per.flatten(1).mean(1) + a.kl_weight * kl.float() / x[0].numel()
+        if critic is None:
+            return loss
+        on = float(self.step >= a.adversarial_start)  # 0: the terms (and D's updates) wait
+        fake_for_ae, real, fake = (c.float() for c in critic)
+        loss = loss - on * a.adversarial_weight * fake_for_ae.flatten(1).mean(1)
+        return loss + on * hinge_discriminator_loss(real, fake)
+
+    @torch.no_grad()
+    def export(self, weights: nn.Module, folder: Path) -> None:
+        """Save with ``scaling_factor`` = 1/std of the latent means over the data (as SD did)."""
+        weights = weights.autoencoder
+        was_training = weights.training
+        weights.eval()
+        device = next(weights.parameters()).device
+        means = [
+            weights.encode(pixels(self.images[i : i + 64]).to(device)).mean.float().cpu()
+            for i in range(0, min(len(self.images), 1024), 64)
+        ]
+        std = float(torch.cat(means).std())
+        config = weights.config.to_dict()
+        config["scaling_factor"] = 1.0 / std if std > 0 and math.isfinite(std) else 1.0
+        save_component(weights, folder, class_name="AutoencoderKL", config=config)
+        weights.train(was_training)
+
+    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+        """Originals (top row) above their reconstructions."""
+        ae = weights.autoencoder
+        was_training = ae.training
+        ae.eval()
+        n = min(8, len(self.images))
+        with torch.no_grad():
+            device = next(ae.parameters()).device
+            x = pixels(self.images[:n]).to(device)
+            recon = ae(x).float().cpu()
+        ae.train(was_training)
+        images = torch.cat([x.cpu(), recon]) / 2 + 0.5
+        return images.clamp(0, 1), ["original"] * n + ["reconstruction"] * n
+
+
+class _Reconstruction(nn.Module):
+    """The autoencoder (and its discriminator) as one forward pass, so DDP sees every
+    parameter: x, ε → (reconstruction, KL, None or the critic's logits (D(x̂) through detached
+    D parameters, D(x), D(x̂ detached)))."""
+
+    def __init__(self, autoencoder: AutoencoderKL, discriminator: nn.Module | None = None):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.discriminator = discriminator
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor):
+        post = self.autoencoder.encode(x)
+        z = post.mean + post.std * eps.to(post.mean.dtype)
+        recon = self.autoencoder.decode(z)
+        if self.discriminator is None:
+            return recon, post.kl(), None
+        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+        fake_for_ae = torch.func.functional_call(self.discriminator, frozen, (recon,))
+        real = self.discriminator(x)
+        fake = self.discriminator(recon.detach())
+        return recon, post.kl(), (fake_for_ae, real, fake)
