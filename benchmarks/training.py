@@ -149,7 +149,7 @@ def main() -> None:
     torch.manual_seed(0)
     task = make_task(cfg, device, progress=False)
     run = _Run(cfg, World(), device, task)
-    ours = task.model
+    ours = task.trainable
     theirs = UNet2DConditionModel.from_config(ours.config.to_dict())
     theirs.load_state_dict(ours.state_dict(), strict=True)
     theirs.train()

@@ -36,7 +36,7 @@ def test_bundle_matches_its_config():
     )
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     # the API and the CLI draw at the scale the config's sample grids used
-    assert destatic.load().settings()["guidance"] == cfg.sample.guidance == 3.0
+    assert destatic.load().sampling_defaults["guidance"] == cfg.sample.guidance == 3.0
 
 
 def test_default_model_generates_distinct_images_per_prompt():
@@ -138,7 +138,7 @@ def test_bundled_lcm_student_follows_prompts_in_four_steps():
     assert {f.suffix for f in files} <= {".json", ".safetensors"}
     student = destatic.load("emoji_lcm")
     assert student.guidance_embedded
-    assert student.settings() == {
+    assert student.sampling_defaults == {
         "steps": 4,
         "sampler": "lcm",
         "grid": "sgm_uniform",

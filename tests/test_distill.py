@@ -198,7 +198,7 @@ def test_lcm_target_with_an_exact_teacher(folder, teacher, tmp_path):
 
     task.teacher_denoiser = exact
     with torch.no_grad():  # a target network that differs from the teacher
-        for p in task.model.target.parameters():
+        for p in task.trainable.target.parameters():
             p.add_(0.01 * torch.randn_like(p))
     batch = task.draw(torch.arange(4), torch.Generator().manual_seed(0))
     batch["interval"] = torch.tensor([0, 1, 2, 3])  # σ = ∞ → σ₁, …, σ₃ → 0
@@ -217,7 +217,7 @@ def test_lcm_target_with_an_exact_teacher(folder, teacher, tmp_path):
     d_w = d_u + w.view(-1, 1, 1, 1) * (d_c - d_u)
     v = (x_t - d_w) / t.view(-1, 1, 1, 1)
     x_lo = (x_t + (t_lo - t).view(-1, 1, 1, 1) * v) * (1 + s_lo.view(-1, 1, 1, 1))  # back to σ
-    f = Denoiser(task.model.target, task.teacher.process, task.consistency)
+    f = Denoiser(task.trainable.target, task.teacher.process, task.consistency)
     with torch.no_grad():
         want = f(x_lo.float(), s_lo, context=ctx, guidance=w)
     torch.testing.assert_close(target, want, atol=1e-4, rtol=1e-4)
@@ -294,7 +294,9 @@ def test_lcm_trains_resumes_exactly_and_exports_a_few_step_model(folder, teacher
     pipe = destatic.load(model)
     assert isinstance(pipe.target, ConsistencyTarget) and pipe.guidance_embedded
     assert pipe.defaults["sampler"] == "lcm" and pipe.defaults["guidance_range"] == [1.0, 4.0]
-    assert pipe.settings()["grid"] == "sgm_uniform"  # not the teacher's pair grid ([lcm] grid)
+    assert (
+        pipe.sampling_defaults["grid"] == "sgm_uniform"
+    )  # not the teacher's pair grid ([lcm] grid)
     calls = []
     pipe.network.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     for steps in (1, 2, 4):
@@ -384,7 +386,7 @@ def test_reflow_trains_resumes_exactly_and_exports(folder, teacher, tmp_path):
     pipe = destatic.load(model)
     assert pipe.guidance_embedded and pipe.defaults["sampler"] == "euler"
     # the student steps on its own grid (uniform in t down to 0), not the teacher's pair grid
-    assert pipe.settings()["grid"] == "sgm_uniform"
+    assert pipe.sampling_defaults["grid"] == "sgm_uniform"
     for steps in (1, 2, 4):
         images = pipe.generate("a green square", steps=steps)
         assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

@@ -552,16 +552,16 @@ def test_dreambooth_caches_class_images_and_adds_the_prior_loss(tiny_pipeline, t
     assert [f.stat().st_mtime_ns for f in files] == stamps
     batch = task.draw(torch.tensor([0, 1]), torch.Generator().manual_seed(0))
     assert batch["prior_x0"].shape == batch["x0"].shape == (2, 3, 16, 16)
-    total = task.loss(task.model, batch, torch.device("cpu"))
+    total = task.loss(task.trainable, batch, torch.device("cpu"))
     alone = task.objective.loss(
-        task.model,
+        task.trainable,
         batch["x0"],
         task.conditioning(batch["caption"], torch.device("cpu")),
         sigma=batch["sigma"],
         noise=batch["noise"],
     )
     prior = task.objective.loss(
-        task.model,
+        task.trainable,
         batch["prior_x0"],
         task.conditioning(torch.full((2,), task.class_id), torch.device("cpu")),
         sigma=batch["prior_sigma"],

@@ -104,7 +104,7 @@ def _ui_settings(service) -> dict:
     from destatic.serve.ui import _Tabs
 
     with gr.Blocks():
-        sampler, _grid, steps, guidance, *_ = _Tabs(service).settings()
+        sampler, _grid, steps, guidance, *_ = _Tabs(service).sampling_controls()
     return {"sampler": sampler.value, "steps": steps.value, "guidance": guidance.value}
 
 
@@ -169,9 +169,9 @@ def test_request_json_is_type_checked():
 
 def test_one_fallback_per_family():
     """A folder without stored defaults takes its family's; the bundled ones store theirs."""
-    assert load().settings()["guidance"] == 3.0
+    assert load().sampling_defaults["guidance"] == 3.0
     assert FAMILIES["stable-diffusion"].defaults["guidance"] == 7.5
-    lcm = load("emoji_lcm").settings()
+    lcm = load("emoji_lcm").sampling_defaults
     assert (lcm["sampler"], lcm["steps"]) == ("lcm", 4)
 
 
@@ -208,3 +208,26 @@ def test_bundled_table_and_companions():
     assert resolve(None) == destatic.DEFAULT_MODEL == resolve("emoji")
     assert set(companions(None)) == {"inpaint", "control"}
     assert companions("emoji_lcm") == {}
+
+
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        ({"steps": "many"}, "destatic_defaults.steps must be an integer"),
+        ({"sampler": "bogus"}, "destatic_defaults.sampler must be one of"),
+        ({"guidance": [1]}, "destatic_defaults.guidance must be a number"),
+        ([], "destatic_defaults must be an object"),
+    ],
+)
+def test_stored_defaults_are_checked(tmp_path, defaults, message):
+    import shutil
+
+    from destatic.io import CheckpointError
+
+    folder = tmp_path / "m"
+    shutil.copytree(destatic.DEFAULT_LCM_MODEL, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["destatic_defaults"] = defaults
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message):
+        load(folder)

@@ -47,7 +47,9 @@ def test_train_exports_a_pipeline_that_generates(folder, tmp_path):
     assert len(list((tmp_path / "run" / "checkpoints").glob("step-*"))) == 2  # keep = 2
     pipe = destatic.load(model)
     assert pipe.autoencoder is None and pipe.text_encoder.max_length == 8
-    assert pipe.settings()["guidance"] == cfg.sample.guidance  # the samples' scale is the default
+    assert (
+        pipe.sampling_defaults["guidance"] == cfg.sample.guidance
+    )  # the samples' scale is the default
     images = pipe.generate("a red square", steps=3, guidance=2.0)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     # the exported network is the EMA of the last checkpoint
@@ -247,7 +249,7 @@ def test_adversarial_autoencoder_trains_both_networks_apart(folder, tmp_path):
     extra += 'up_block_types = ["UpDecoderBlock2D", "UpDecoderBlock2D"]\nnorm_num_groups = 4\n'
     cfg = load_config(write_config(tmp_path / "g.toml", folder, tmp_path / "gan", extra))
     task = AutoencoderTask(cfg, torch.device("cpu"), progress=False)
-    model = task.model
+    model = task.trainable
     batch = task.draw(torch.arange(4), torch.Generator().manual_seed(0))
 
     def grads(step: int, part: int) -> tuple[float, float]:
@@ -320,13 +322,13 @@ def test_inpainting_variant_starts_as_its_base_and_trains(folder, tmp_path):
     (tmp_path / "i.toml").write_text(text)
     cfg = load_config(tmp_path / "i.toml")
     task = DenoiserTask(cfg, torch.device("cpu"), progress=False)
-    assert task.model.config.in_channels == 7 and task.model.config.out_channels == 3
+    assert task.trainable.config.in_channels == 7 and task.trainable.config.out_channels == 3
     source = destatic.load(base).network
     x, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 8, 384)
     extra_inputs = torch.randn(2, 4, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(
-            task.model(torch.cat([x, extra_inputs], 1), 5.0, ctx), source(x, 5.0, ctx)
+            task.trainable(torch.cat([x, extra_inputs], 1), 5.0, ctx), source(x, 5.0, ctx)
         )
     masks = random_masks(64, 16, torch.Generator().manual_seed(0))
     full = masks.flatten(1).mean(1) == 1

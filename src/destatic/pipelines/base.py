@@ -19,7 +19,10 @@ from destatic.pipelines.families import Family, default_family
 from destatic.pipelines.inputs import Inputs
 from destatic.process import Process, Target
 
-__all__ = ["PipelineBase"]
+__all__ = ["SAMPLING", "PipelineBase"]
+
+#: The sampling fields a model folder or family gives defaults for.
+SAMPLING = ("steps", "sampler", "grid", "guidance")
 
 
 @dataclass
@@ -113,9 +116,14 @@ class PipelineBase:
 
     @property
     def sampling_defaults(self) -> dict:
-        """What fills a request's unset sampling fields: the folder's stored defaults over the
-        family's, and the process's grid."""
-        return {"grid": self.default_grid, **self.family.defaults, **self.defaults}
+        """What fills a request's unset ``steps``, ``sampler``, ``grid`` and ``guidance``: the
+        folder's stored defaults (``destatic_defaults``) over its family's; the grid last falls
+        back to the process's (:attr:`default_grid`)."""
+        chosen = {"grid": self.default_grid, **self.family.defaults}
+        chosen.update(
+            {k: v for k, v in self.defaults.items() if k in SAMPLING and v not in (None, "")}
+        )
+        return {k: chosen[k] for k in SAMPLING}
 
     def check_size(self, width: int, height: int) -> None:
         m = self.size_multiple

@@ -39,18 +39,6 @@ class Pipeline(PipelineBase):
 
     _lora_names: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
-    def settings(
-        self,
-        steps: int | None = None,
-        sampler: str | None = None,
-        grid: str | None = None,
-        guidance: float | None = None,
-    ) -> dict:
-        """The sampling settings a call uses (:meth:`GenerationRequest.resolved`)."""
-        r = GenerationRequest(steps=steps, sampler=sampler, grid=grid, guidance=guidance)
-        r = r.resolved(self)
-        return {"steps": r.steps, "sampler": r.sampler, "grid": r.grid, "guidance": r.guidance}
-
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
     def run(
@@ -107,7 +95,7 @@ class Pipeline(PipelineBase):
         ``controlnet``, ``control_image``, ``variation_seed``, …), :meth:`run`'s options
         (``noise``, ``sigmas``, ``callback``, ``progress``, ``preview``), and any other keyword
         as a sampler option (``eta``, ``s_noise``, …). Unset sampling fields take the model's
-        defaults (:meth:`settings`)."""
+        defaults (:attr:`sampling_defaults`)."""
         run = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUN_OPTIONS}
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _REQUEST_FIELDS}
         if fields.get("negative_prompt") is None:

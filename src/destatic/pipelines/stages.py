@@ -69,7 +69,10 @@ def prepare_inputs(r: GenerationRequest, default_size: int, batch: int) -> Input
     the input image's size, else the request's, else ``default_size`` sets the size."""
     if r.image is None and (r.mask is not None or r.strength != 1.0):
         raise ValueError("strength and mask need an input image (image=)")
-    out = Inputs(r.width or default_size, r.height or default_size)
+    out = Inputs(
+        default_size if r.width is None else r.width,
+        default_size if r.height is None else r.height,
+    )
     if r.image is not None:
         image = as_image_batch(_read(r.image, "RGB"), "image", channels=3)
         out.image = per_image(image, batch, "image")

@@ -164,7 +164,7 @@ class GenerationService:
     @property
     def defaults(self) -> dict:
         """The model's sampling defaults (steps, sampler, grid, guidance)."""
-        return self.pipeline.settings()
+        return self.pipeline.sampling_defaults
 
     # -- checks --------------------------------------------------------------------------------
     def check(self, r: GenerationRequest) -> None:

@@ -82,7 +82,7 @@ class _Tabs:
         negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
         return prompt, negative
 
-    def settings(self) -> list:
+    def sampling_controls(self) -> list:
         """Sampler, grid, steps, guidance, seed, count and size, set to the model's defaults
         (a distilled model's sampler and steps)."""
         from destatic.sampling import GRIDS, SAMPLERS
@@ -160,7 +160,7 @@ class _Tabs:
     def text_to_image(self) -> None:
         prompt, negative = self.prompts("txt2img")
         button = gr.Button("Generate", variant="primary", elem_id="txt2img-generate")
-        knobs = self.settings()
+        knobs = self.sampling_controls()
         gallery, text = self.outputs("txt2img")
         button.click(self.run, [prompt, negative, *knobs], [gallery, text], api_name="txt2img")
 
@@ -169,7 +169,7 @@ class _Tabs:
         source = self.uploaded("Input image", "img2img-input")
         strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength")
         button = gr.Button("Generate", variant="primary", elem_id="img2img-generate")
-        knobs = self.settings()
+        knobs = self.sampling_controls()
         gallery, text = self.outputs("img2img")
 
         def img2img(prompt, negative, image, strength, *knobs):
@@ -189,7 +189,7 @@ class _Tabs:
         )
         check_before_decoding(editor, self.lim)
         button = gr.Button("Generate", variant="primary", elem_id="inpaint-generate")
-        knobs = self.settings()
+        knobs = self.sampling_controls()
         gallery, text = self.outputs("inpaint")
 
         def inpaint(prompt, negative, value, *knobs):
@@ -214,7 +214,7 @@ class _Tabs:
             start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (share of steps)")
             end = gr.Slider(0, 1, value=1.0, step=0.05, label="End (share of steps)")
         button = gr.Button("Generate", variant="primary", elem_id="control-generate")
-        knobs = self.settings()
+        knobs = self.sampling_controls()
         gallery, text = self.outputs("control")
 
         def controlled(prompt, negative, image, canny, weight, start, end, *knobs):

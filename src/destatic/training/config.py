@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from destatic.pipelines.families.own import OWN
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -36,13 +38,13 @@ class ConfigError(ValueError):
     """A training config that cannot be used; the message names the key and the fix."""
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, f"{where} = {value!r}: choose one of {', '.join(allowed)}")
+def choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    require(value in allowed, f"{where} = {value!r}: choose one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -54,10 +56,10 @@ class DataConfig:
     alt_captions: bool = True  # also train on a dataset's alternative captions (emoji)
 
     def check(self) -> None:
-        _choice("data.dataset", self.dataset, ("emoji", "clipart", "folder"))
-        _require(self.dataset != "folder" or bool(self.path), "data.path is needed for folder")
-        _require(8 <= self.size <= 4096, f"data.size = {self.size}: use 8 … 4096 pixels")
-        _require(
+        choice("data.dataset", self.dataset, ("emoji", "clipart", "folder"))
+        require(self.dataset != "folder" or bool(self.path), "data.path is needed for folder")
+        require(8 <= self.size <= 4096, f"data.size = {self.size}: use 8 … 4096 pixels")
+        require(
             0 <= self.caption_dropout < 1,
             f"data.caption_dropout = {self.caption_dropout}: use a share in [0, 1)",
         )
@@ -72,9 +74,9 @@ class DataConfig:
         from destatic.data.folder import IMAGE_SUFFIXES
 
         root = Path(self.path)
-        _require(root.is_dir(), f"data.path = {self.path!r} is not a folder; check the path")
+        require(root.is_dir(), f"data.path = {self.path!r} is not a folder; check the path")
         images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        _require(
+        require(
             next(images, None) is not None,
             f"data.path = {self.path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
             "put the captioned training images there",
@@ -92,8 +94,8 @@ class ModelConfig:
     init: str = ""  # start from this pipeline folder's network (extra input channels at zero)
 
     def check(self) -> None:
-        _choice("model.kind", self.kind, ("unet", "mmdit"))
-        _require(
+        choice("model.kind", self.kind, ("unet", "mmdit"))
+        require(
             2 <= self.text_max_length <= 512,
             f"model.text_max_length = {self.text_max_length}: use 2 … 512",
         )
@@ -124,12 +126,12 @@ class ObjectiveConfig:
     def check(self) -> None:
         from destatic.training.objectives import OBJECTIVES
 
-        _choice("objective.kind", self.kind, tuple(OBJECTIVES))
+        choice("objective.kind", self.kind, tuple(OBJECTIVES))
         params = inspect.signature(OBJECTIVES[self.kind]).parameters
         named = {k for k, p in params.items() if p.kind is not p.VAR_KEYWORD}
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         unknown = sorted(set(self.options) - named)
-        _require(
+        require(
             takes_any or not unknown,
             f"unknown [objective] key(s) {unknown} for kind {self.kind!r}; "
             f"valid: kind, {', '.join(sorted(named))}",
@@ -148,17 +150,17 @@ class OptimConfig:
     ema_decay: float = 0.999  # 0 = no EMA (the exported model is the raw weights)
 
     def check(self) -> None:
-        _require(0 < self.lr < 1, f"optim.lr = {self.lr}: use a learning rate in (0, 1)")
-        _require(
+        require(0 < self.lr < 1, f"optim.lr = {self.lr}: use a learning rate in (0, 1)")
+        require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"optim.betas = {self.betas}: two numbers in [0, 1)",
         )
-        _require(self.weight_decay >= 0, f"optim.weight_decay = {self.weight_decay}: use ≥ 0")
-        _require(self.eps > 0, f"optim.eps = {self.eps}: use > 0")
-        _require(self.warmup_steps >= 0, f"optim.warmup_steps = {self.warmup_steps}: use ≥ 0")
-        _choice("optim.schedule", self.schedule, ("constant", "cosine", "linear"))
-        _require(self.grad_clip >= 0, f"optim.grad_clip = {self.grad_clip}: use ≥ 0 (0 = off)")
-        _require(0 <= self.ema_decay < 1, f"optim.ema_decay = {self.ema_decay}: use [0, 1)")
+        require(self.weight_decay >= 0, f"optim.weight_decay = {self.weight_decay}: use ≥ 0")
+        require(self.eps > 0, f"optim.eps = {self.eps}: use > 0")
+        require(self.warmup_steps >= 0, f"optim.warmup_steps = {self.warmup_steps}: use ≥ 0")
+        choice("optim.schedule", self.schedule, ("constant", "cosine", "linear"))
+        require(self.grad_clip >= 0, f"optim.grad_clip = {self.grad_clip}: use ≥ 0 (0 = off)")
+        require(0 <= self.ema_decay < 1, f"optim.ema_decay = {self.ema_decay}: use [0, 1)")
 
 
 @dataclass
@@ -180,16 +182,16 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             value = getattr(self, name)
-            _require(value >= 1, f"train.{name} = {value}: use a positive integer")
+            require(value >= 1, f"train.{name} = {value}: use a positive integer")
         for name in ("keep_checkpoints", "max_bad_steps"):
             value = getattr(self, name)
-            _require(value >= 1, f"train.{name} = {value}: use a positive integer")
-        _require(self.sample_every >= 0, f"train.sample_every = {self.sample_every}: use ≥ 0")
-        _require(self.threads >= 0, f"train.threads = {self.threads}: use ≥ 0")
-        _require(
+            require(value >= 1, f"train.{name} = {value}: use a positive integer")
+        require(self.sample_every >= 0, f"train.sample_every = {self.sample_every}: use ≥ 0")
+        require(self.threads >= 0, f"train.threads = {self.threads}: use ≥ 0")
+        require(
             self.batch_size % self.grad_accum == 0,
             f"train.batch_size = {self.batch_size} is not a multiple of "
             f"train.grad_accum = {self.grad_accum}",
@@ -215,24 +217,29 @@ class SampleConfig:
     steps: int = 20
     sampler: str = "dpmpp_2m"
     grid: str = ""  # "" = the model's default grid (karras; sgm_uniform for flow models)
-    guidance: float = 4.0
+    guidance: float = OWN.defaults["guidance"]  # destatic's one fallback (3)
     seed: int = 0
 
-    def settings(self) -> dict[str, Any]:
-        """The keyword arguments of ``Pipeline.generate`` for these grids (prompts aside)."""
-        return dict(steps=self.steps, sampler=self.sampler, grid=self.grid, guidance=self.guidance)
+    def request(self, **fields: Any):
+        """The :class:`~destatic.pipelines.GenerationRequest` of these grids (``fields`` set
+        other prompts, seeds, a ControlNet, …)."""
+        from destatic.pipelines import GenerationRequest
+
+        sampling = dict(steps=self.steps, sampler=self.sampler, guidance=self.guidance)
+        base = dict(prompt=list(self.prompts), grid=self.grid or None, seed=self.seed)
+        return GenerationRequest(**{**base, **sampling, **fields})
 
     def check(self) -> None:
         from destatic.sampling import SAMPLERS
 
-        _require(len(self.prompts) >= 1, "sample.prompts needs at least one prompt")
-        _require(1 <= self.steps <= 1000, f"sample.steps = {self.steps}: use 1 … 1000")
-        _choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        require(len(self.prompts) >= 1, "sample.prompts needs at least one prompt")
+        require(1 <= self.steps <= 1000, f"sample.steps = {self.steps}: use 1 … 1000")
+        choice("sample.sampler", self.sampler, tuple(SAMPLERS))
         if self.grid:
             from destatic.sampling import GRIDS
 
-            _choice("sample.grid", self.grid, tuple(GRIDS))
-        _require(self.guidance >= 0, f"sample.guidance = {self.guidance}: use ≥ 0")
+            choice("sample.grid", self.grid, tuple(GRIDS))
+        require(self.guidance >= 0, f"sample.guidance = {self.guidance}: use ≥ 0")
 
 
 @dataclass
@@ -240,7 +247,7 @@ class OutputConfig:
     dir: str = "runs/emoji"  # checkpoints, metrics, samples and the exported model go here
 
     def check(self) -> None:
-        _require(bool(self.dir), "output.dir must not be empty")
+        require(bool(self.dir), "output.dir must not be empty")
 
 
 @dataclass
@@ -300,9 +307,9 @@ class Config:
         if tasks is not None:
             known = [*core, *task_classes]
             unknown = sorted(set(table) - set(known))
-            _require(not unknown, f"{where}: unknown table(s) {unknown}; valid: {', '.join(known)}")
+            require(not unknown, f"{where}: unknown table(s) {unknown}; valid: {', '.join(known)}")
         for name, raw in table.items():
-            _require(isinstance(raw, dict), f"{where}: [{name}] must be a table")
+            require(isinstance(raw, dict), f"{where}: [{name}] must be a table")
         values: dict[str, Any] = {}
         for name, section_cls in core.items():
             raw = table.get(name, {})
@@ -321,7 +328,7 @@ class Config:
             }
         config = cls(**values)
         if tasks is not None:
-            _choice("train.task", config.train.task, tuple(tasks))
+            choice("train.task", config.train.task, tuple(tasks))
         return config.check()
 
 
@@ -364,7 +371,7 @@ def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
-    _require(not unknown, f"unknown [{name}] key(s) {unknown}; valid: {', '.join(names)}")
+    require(not unknown, f"unknown [{name}] key(s) {unknown}; valid: {', '.join(names)}")
     kwargs = {}
     for key, value in raw.items():
         _check_type(f"{name}.{key}", value, hints[key])

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from destatic.training.config import Config, ConfigError, _require
+from destatic.training.config import Config, ConfigError, require
 from destatic.training.tasks import task_sections
 
 __all__ = ["load_config"]
@@ -25,6 +25,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        _require(bool(key), f"override {dotted!r} must look like table.key")
+        require(bool(key), f"override {dotted!r} must look like table.key")
         table.setdefault(section, {})[key] = value
     return Config.from_dict(table, where=str(path), tasks=task_sections())

@@ -239,9 +239,9 @@ class _Run:
         self.cfg, self.world, self.device, self.task = cfg, world, device, task
         self.out = Path(cfg.output.dir)
         self.ckpt_dir = self.out / "checkpoints"
-        model = task.model.to(device)
+        model = task.trainable.to(device)
         model.train()
-        self.model = model
+        self.trainable = model
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -271,7 +271,7 @@ class _Run:
             "step": self.step,
             "samples_seen": self.step * self.cfg.train.batch_size,
             "bad_steps": self.bad,
-            "model": self.model.state_dict(),
+            "model": self.trainable.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {
                 k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
@@ -308,7 +308,7 @@ class _Run:
                 "output.dir"
             )
         try:
-            self.model.load_state_dict(state["model"])
+            self.trainable.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -334,16 +334,7 @@ class _Run:
         if not isinstance(saved, dict):
             saved = {}
         current = self.cfg.to_dict()
-        for section in (
-            "model",
-            "objective",
-            "autoencoder",
-            "evaluator",
-            "control",
-            "lcm",
-            "reflow",
-            "lora",
-        ):
+        for section in ("model", "objective", *self.cfg.task_sections):
             # a section newer than the checkpoint is absent there and holds its defaults
             if section in saved and section in current and saved[section] != current[section]:
                 raise ConfigError(
@@ -379,9 +370,10 @@ class _Run:
                 yield f"{key} weights are not finite (no checkpoint is written from such)"
 
     @property
-    def weights(self) -> nn.Module:
-        """What is exported and sampled: the EMA weights, or the raw model without EMA."""
-        return self.ema.module if self.ema is not None else self.model
+    def averaged(self) -> nn.Module:
+        """What is exported and sampled: the EMA of the trainable module, or the module itself
+        without EMA."""
+        return self.ema.module if self.ema is not None else self.trainable
 
     # -- one step ------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float] | None:
@@ -408,7 +400,7 @@ class _Run:
         total = self.world.mean(total)
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip or math.inf
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         loss_value, norm_value = float(total), float(grad_norm)
         self.step += 1
@@ -437,7 +429,7 @@ class _Run:
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update_parameters(self.trainable)
         return {"loss": loss_value, "grad_norm": norm_value, "lr": self.scheduler.get_last_lr()[0]}
 
     # -- outputs -------------------------------------------------------------------------------
@@ -460,7 +452,7 @@ class _Run:
             ) from e
 
     def checkpoint(self) -> None:
-        if not _finite(self.model) or (self.ema is not None and not _finite(self.ema.module)):
+        if not _finite(self.trainable) or (self.ema is not None and not _finite(self.ema.module)):
             good = latest_checkpoint(self.ckpt_dir)
             raise TrainingError(
                 f"the weights at step {self.step} are not finite; no checkpoint written "
@@ -482,7 +474,7 @@ class _Run:
         beside it records the step they are from (written after the swap: a kill in between
         only makes the next run export again). ``model/`` holds the model alone."""
         with self.writing(self.model_dir), atomic_folder(self.model_dir) as tmp:
-            self.task.export(self.weights, tmp)
+            self.task.export(self.averaged, tmp)
         record = self.out / EXPORT_RECORD
         with self.writing(record):
             write_atomic(record, lambda f: f.write(json.dumps({"step": self.step}).encode()))
@@ -501,7 +493,7 @@ class _Run:
         if not self.world.main:
             return
         out = self.out / "samples" / f"step-{self.step:08d}.png"
-        images, labels = self.task.sample_grid(self.weights, self.cfg)
+        images, labels = self.task.sample_grid(self.averaged, self.cfg)
         with self.writing(out):
             save_grid(images, labels, out)
 

@@ -132,6 +132,37 @@ def entry(index: Mapping[str, Any], key: str) -> str | None:
     return None
 
 
+def _stored_defaults(defaults: Any, where: Path) -> dict:
+    """``destatic_defaults`` of ``model_index.json``, checked: positive integer steps, a known
+    sampler and grid, a finite guidance ≥ 0, ``guidance_range`` as [low, high]."""
+    from destatic.sampling import GRIDS, SAMPLERS
+
+    def bad(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{where}: destatic_defaults.{key} must be {want}")
+
+    if not isinstance(defaults, dict):
+        raise CheckpointError(f"{where}: destatic_defaults must be an object")
+    number = (int, float)
+    checks = {
+        "steps": (lambda v: type(v) is int and 1 <= v <= 10_000, "an integer 1 … 10000"),
+        "sampler": (lambda v: v in SAMPLERS, f"one of {', '.join(sorted(SAMPLERS))}"),
+        "grid": (lambda v: v in GRIDS, f"one of {', '.join(GRIDS)}"),
+        "guidance": (
+            lambda v: isinstance(v, number) and not isinstance(v, bool) and 0 <= v < 1e3,
+            "a number ≥ 0",
+        ),
+        "guidance_range": (
+            lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, number) for x in v),
+            "[low, high]",
+        ),
+    }
+    for key, value in defaults.items():
+        ok, want = checks.get(key, (lambda v: True, ""))
+        if not ok(value):
+            raise bad(key, want)
+    return dict(defaults)
+
+
 def load_components(
     folder: Path,
     index: Mapping[str, Any],
@@ -166,8 +197,6 @@ def load_components(
             target = ConsistencyTarget(target, **consistency)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: destatic_consistency is invalid ({e})") from e
-    defaults = index.get("destatic_defaults", {})
-    if not isinstance(defaults, dict):
-        raise CheckpointError(f"{where}: destatic_defaults must be an object")
+    defaults = _stored_defaults(index.get("destatic_defaults", {}), where)
     encoder = text_encoder(folder, index, network)
     return Components(network, autoencoder, encoder, process, target, dict(defaults))

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from destatic.io import CheckpointError
 from destatic.models.text import MiniLMTextEncoder
 from destatic.pipelines.families.base import Family, entry, register_family
 
@@ -18,7 +19,12 @@ __all__ = ["OWN"]
 
 
 def _text_encoder(folder: Path, index: Mapping[str, Any], network: nn.Module) -> MiniLMTextEncoder:
-    return MiniLMTextEncoder.from_package(int(index.get("destatic_text_max_length", 77)))
+    length = index.get("destatic_text_max_length", 77)
+    if type(length) is not int or not 1 <= length <= 512:
+        raise CheckpointError(
+            f"{folder / 'model_index.json'}: destatic_text_max_length must be an integer 1 … 512"
+        )
+    return MiniLMTextEncoder.from_package(length)
 
 
 OWN = register_family(

@@ -27,7 +27,7 @@ from torch import nn
 from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from destatic.models.discriminator import PatchDiscriminator, hinge_discriminator_loss
 from destatic.models.registry import save_component
-from destatic.training.config import Config, ConfigError, _choice, _require
+from destatic.training.config import Config, ConfigError, choice, require
 from destatic.training.data import load_training_images, pixels
 from destatic.training.tasks.base import Batch, Task, network_config, register
 
@@ -47,17 +47,17 @@ class AutoencoderTrainConfig:
     discriminator_layers: int = 3  # stride-2 convolutions: patches of about 2^(layers+2) px
 
     def check(self) -> None:
-        _choice("autoencoder.reconstruction", self.reconstruction, ("l1", "mse"))
-        _require(self.kl_weight >= 0, f"autoencoder.kl_weight = {self.kl_weight}: use ≥ 0")
-        _require(
+        choice("autoencoder.reconstruction", self.reconstruction, ("l1", "mse"))
+        require(self.kl_weight >= 0, f"autoencoder.kl_weight = {self.kl_weight}: use ≥ 0")
+        require(
             self.adversarial_weight >= 0,
             f"autoencoder.adversarial_weight = {self.adversarial_weight}: use ≥ 0 (0 = off)",
         )
-        _require(
+        require(
             self.adversarial_start >= 0,
             f"autoencoder.adversarial_start = {self.adversarial_start}: use ≥ 0",
         )
-        _require(
+        require(
             self.discriminator_channels >= 1 and 1 <= self.discriminator_layers <= 6,
             "autoencoder.discriminator_channels must be ≥ 1 and discriminator_layers 1 … 6",
         )
@@ -86,7 +86,7 @@ class AutoencoderTask(Task):
         discriminator = None
         if a.adversarial_weight > 0:
             discriminator = PatchDiscriminator(3, a.discriminator_channels, a.discriminator_layers)
-        self.model = _Reconstruction(AutoencoderKL(config), discriminator)
+        self.trainable = _Reconstruction(AutoencoderKL(config), discriminator)
 
     @property
     def num_items(self) -> int:
@@ -94,7 +94,7 @@ class AutoencoderTask(Task):
 
     def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
         x = pixels(self.images[index])
-        config = self.model.autoencoder.config
+        config = self.trainable.autoencoder.config
         f = 2 ** (len(config.block_out_channels) - 1)
         c = config.latent_channels
         eps = torch.randn((len(index), c, x.shape[-2] // f, x.shape[-1] // f), generator=generator)
@@ -115,25 +115,25 @@ class AutoencoderTask(Task):
         return loss + on * hinge_discriminator_loss(real, fake)
 
     @torch.no_grad()
-    def export(self, weights: nn.Module, folder: Path) -> None:
+    def export(self, trainable: nn.Module, folder: Path) -> None:
         """Save with ``scaling_factor`` = 1/std of the latent means over the data (as SD did)."""
-        weights = weights.autoencoder
-        was_training = weights.training
-        weights.eval()
-        device = next(weights.parameters()).device
+        trainable = trainable.autoencoder
+        was_training = trainable.training
+        trainable.eval()
+        device = next(trainable.parameters()).device
         means = [
-            weights.encode(pixels(self.images[i : i + 64]).to(device)).mean.float().cpu()
+            trainable.encode(pixels(self.images[i : i + 64]).to(device)).mean.float().cpu()
             for i in range(0, min(len(self.images), 1024), 64)
         ]
         std = float(torch.cat(means).std())
-        config = weights.config.to_dict()
+        config = trainable.config.to_dict()
         config["scaling_factor"] = 1.0 / std if std > 0 and math.isfinite(std) else 1.0
-        save_component(weights, folder, class_name="AutoencoderKL", config=config)
-        weights.train(was_training)
+        save_component(trainable, folder, class_name="AutoencoderKL", config=config)
+        trainable.train(was_training)
 
-    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """Originals (top row) above their reconstructions."""
-        ae = weights.autoencoder
+        ae = trainable.autoencoder
         was_training = ae.training
         ae.eval()
         n = min(8, len(self.images))

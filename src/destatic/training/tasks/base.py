@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from destatic.training.config import Config, ConfigError, _choice
+from destatic.training.config import Config, ConfigError, choice
 
 __all__ = ["TASKS", "Batch", "Task", "make_task", "network_config", "register", "task_sections"]
 
@@ -31,7 +31,7 @@ Batch = dict[str, torch.Tensor]
 class Task(ABC):
     name: ClassVar[str]  # its [train] task value
     section: ClassVar[type | None] = None  # the dataclass of its [name] table, if it has options
-    model: nn.Module
+    trainable: nn.Module  # what the optimizer updates (a network, an adapter, a pair, …)
     step: int = 0  # the optimizer step being taken; the loop sets it before each draw()
 
     @abstractmethod
@@ -46,15 +46,15 @@ class Task(ABC):
         """Per-sample loss [b] for a slice of a batch from :meth:`draw`."""
 
     @abstractmethod
-    def export(self, weights: nn.Module, folder: Path) -> None:
-        """Write ``weights`` (the EMA or raw model) as an inference folder."""
+    def export(self, trainable: nn.Module, folder: Path) -> None:
+        """Write ``trainable`` (its EMA, or itself without EMA) as an inference folder."""
 
     @property
     @abstractmethod
     def num_items(self) -> int: ...
 
     @abstractmethod
-    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """Images [B, 3, H, W] in [0, 1] and their labels, for progress grids."""
 
 
@@ -80,7 +80,7 @@ def task_sections() -> dict[str, type | None]:
 
 def make_task(cfg: Config, device: torch.device, progress: bool = True) -> Task:
     """The task ``[train] task`` names, built for ``cfg``."""
-    _choice("train.task", cfg.train.task, tuple(task_sections()))
+    choice("train.task", cfg.train.task, tuple(task_sections()))
     return TASKS[cfg.train.task](cfg, device, progress)
 
 

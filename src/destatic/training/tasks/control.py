@@ -17,7 +17,7 @@ from destatic.models.controlnet import ControlNet
 from destatic.models.registry import save_component
 from destatic.models.unet import UNet2DCondition
 from destatic.pipelines import load
-from destatic.training.config import Config, ConfigError, _require
+from destatic.training.config import Config, ConfigError, require
 from destatic.training.data import load_training_images
 from destatic.training.tasks.base import Batch, register
 from destatic.training.tasks.denoiser import DenoiserTask
@@ -34,12 +34,12 @@ class ControlTrainConfig:
     edges_sigma: float = 1.0  # Canny's Gaussian blur, in pixels
 
     def check(self) -> None:
-        _require(
+        require(
             len(self.conditioning_embedding_out_channels) >= 1
             and all(c >= 1 for c in self.conditioning_embedding_out_channels),
             "control.conditioning_embedding_out_channels needs positive widths",
         )
-        _require(self.edges_sigma > 0, f"control.edges_sigma = {self.edges_sigma}: use > 0")
+        require(self.edges_sigma > 0, f"control.edges_sigma = {self.edges_sigma}: use > 0")
 
 
 @register
@@ -93,12 +93,12 @@ class ControlTask(DenoiserTask):
 
         return steered
 
-    def export(self, weights: nn.Module, folder: Path) -> None:
+    def export(self, trainable: nn.Module, folder: Path) -> None:
         save_component(
-            weights, folder, class_name="ControlNetModel", config=weights.config.to_dict()
+            trainable, folder, class_name="ControlNetModel", config=trainable.config.to_dict()
         )
 
-    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """Held-out edge maps (top row) above what the base draws from them and their captions."""
         held = load_training_images(cfg.data, progress=False, split="heldout")
         n = min(8, len(held))
@@ -106,12 +106,11 @@ class ControlTask(DenoiserTask):
         edges = edges.permute(0, 3, 1, 2).float() / 255
         prompts = [caps[0] for caps in held.captions[:n]]
         s = cfg.sample
-        was_training = weights.training
-        weights.eval()
+        was_training = trainable.training
+        trainable.eval()
         try:
-            images = self.base.generate(
-                prompts, **s.settings(), seed=s.seed, controlnet=weights, control_image=edges
-            )
+            request = s.request(prompt=prompts, controlnet=trainable, control_image=edges)
+            images = self.base.run(request)
         finally:
-            weights.train(was_training)
+            trainable.train(was_training)
         return torch.cat([edges, images.cpu()]), ["edges"] * n + prompts

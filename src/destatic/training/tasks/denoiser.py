@@ -53,9 +53,9 @@ class DenoiserTask(Task):
             self.objective = objective_cls(**cfg.objective.options)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"[objective]: {e}") from e
-        self.model = self._network(channels, side, device)
+        self.trainable = self._network(channels, side, device)
         self.pipeline = Pipeline(
-            self.model,
+            self.trainable,
             self.autoencoder,
             self.text_encoder,
             self.objective.process,
@@ -120,7 +120,7 @@ class DenoiserTask(Task):
 
     def conditioning(self, caption: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         cond = {"context": self.bank.tokens[caption].to(device)}
-        if isinstance(self.model, MMDiT):
+        if isinstance(self.trainable, MMDiT):
             cond["pooled"] = self.bank.pooled[caption].to(device)
         return cond
 
@@ -145,24 +145,24 @@ class DenoiserTask(Task):
             noise=batch["noise"],
         )
 
-    def _pipeline(self, weights: nn.Module) -> Pipeline:
+    def _pipeline(self, trainable: nn.Module) -> Pipeline:
         p = self.pipeline
         # the scale the sample grids were drawn at becomes the model's default guidance, so the
         # Python API and the CLI agree on it (without one they fall back to 5 and 3)
         defaults = {"guidance": self.cfg.sample.guidance}
-        return Pipeline(weights, p.autoencoder, p.text_encoder, p.process, p.target, defaults)
+        return Pipeline(trainable, p.autoencoder, p.text_encoder, p.process, p.target, defaults)
 
-    def export(self, weights: nn.Module, folder: Path) -> None:
-        save(self._pipeline(weights), folder)
+    def export(self, trainable: nn.Module, folder: Path) -> None:
+        save(self._pipeline(trainable), folder)
 
-    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         s = cfg.sample
-        was_training = weights.training
-        weights.eval()
+        was_training = trainable.training
+        trainable.eval()
         try:
-            images = self._pipeline(weights).generate(s.prompts, **s.settings(), seed=s.seed)
+            images = self._pipeline(trainable).run(s.request())
         finally:
-            weights.train(was_training)
+            trainable.train(was_training)
         return images, list(s.prompts)
 
 

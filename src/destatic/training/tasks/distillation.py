@@ -36,7 +36,7 @@ from destatic.bundled import DEFAULT_MODEL
 from destatic.models.unet import UNet2DCondition, UNetConfig
 from destatic.pipelines import Pipeline, load
 from destatic.process.targets import per_sample
-from destatic.training.config import Config, ConfigError, SampleConfig, _require
+from destatic.training.config import Config, ConfigError, SampleConfig, require
 from destatic.training.tasks.denoiser import DenoiserTask
 
 __all__ = [
@@ -123,12 +123,12 @@ def student_from_teacher(teacher: UNet2DCondition, embedding_dim: int) -> UNet2D
 
 def check_student_options(where: str, guidance_min: float, guidance_max: float, dim: int) -> None:
     """The options every student has: the folded-in guidance range and its embedding width."""
-    _require(
+    require(
         1 <= guidance_min <= guidance_max,
         f"{where}.guidance_min = {guidance_min:g}, guidance_max = {guidance_max:g}: need "
         "1 ≤ guidance_min ≤ guidance_max (equal values fold in one fixed scale)",
     )
-    _require(
+    require(
         2 <= dim <= 4096 and dim % 2 == 0,
         f"{where}.embedding_dim = {dim}: use an even width in 2 … 4096",
     )

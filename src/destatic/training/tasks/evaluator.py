@@ -16,7 +16,7 @@ from torch import nn
 from destatic.models.evaluator import CLASS_NAME, EvaluatorConfig, ImageTextModel, caption_loss
 from destatic.models.registry import save_component
 from destatic.models.text import MiniLMTextEncoder
-from destatic.training.config import Config, ConfigError, _require
+from destatic.training.config import Config, ConfigError, require
 from destatic.training.data import CaptionBank, load_training_images, pixels
 from destatic.training.tasks.base import Batch, Task, network_config, register
 
@@ -31,7 +31,7 @@ class EvaluatorTrainConfig:
     shift: int = 2  # augmentation: random translation by up to this many pixels
 
     def check(self) -> None:
-        _require(0 <= self.shift <= 16, f"evaluator.shift = {self.shift}: use 0 … 16 pixels")
+        require(0 <= self.shift <= 16, f"evaluator.shift = {self.shift}: use 0 … 16 pixels")
 
 
 @register
@@ -65,7 +65,7 @@ class EvaluatorTask(Task):
                 f"evaluator.config.image_size = {config_side} differs from data.size = "
                 f"{cfg.data.size}; train the evaluator at the data's size"
             )
-        self.model = ImageTextModel(config)
+        self.trainable = ImageTextModel(config)
 
     @property
     def num_items(self) -> int:
@@ -80,23 +80,23 @@ class EvaluatorTask(Task):
         logits = model(batch["x"].to(device), self.bank.pooled[1:].to(device))
         return caption_loss(logits, self.positives[batch["index"]].to(device))
 
-    def export(self, weights: nn.Module, folder: Path) -> None:
-        save_component(weights, folder, class_name=CLASS_NAME, config=weights.config.to_dict())
+    def export(self, trainable: nn.Module, folder: Path) -> None:
+        save_component(trainable, folder, class_name=CLASS_NAME, config=trainable.config.to_dict())
 
     @torch.no_grad()
-    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """Held-out images labelled with the best of the held-out captions ("ok" when right)."""
         n = min(16, len(self.heldout))
         if n == 0:
             return torch.zeros(0, 3, cfg.data.size, cfg.data.size), []
         held = torch.from_numpy(self.heldout.images[:n])
-        was_training = weights.training
-        weights.eval()
-        device = next(weights.parameters()).device
-        images = weights.encode_images(pixels(held).to(device))
+        was_training = trainable.training
+        trainable.eval()
+        device = next(trainable.parameters()).device
+        images = trainable.encode_images(pixels(held).to(device))
         captions = self.heldout_bank.pooled[self.heldout_bank.ids(self.candidates)]
-        texts = weights.encode_text(captions.to(device))
-        weights.train(was_training)
+        texts = trainable.encode_text(captions.to(device))
+        trainable.train(was_training)
         best = [self.candidates[int(i)] for i in (images @ texts.T).argmax(dim=1)]
         own = [caps[0] for caps in self.heldout.captions[:n]]
         labels = [f"ok: {b}" if b == o else f"{b} (is {o})" for b, o in zip(best, own, strict=True)]

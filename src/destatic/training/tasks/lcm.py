@@ -32,7 +32,7 @@ from destatic.models.unet import UNet2DCondition, UNetConfig
 from destatic.pipelines import Pipeline
 from destatic.process import ConsistencyTarget, Denoiser
 from destatic.sampling import GRIDS, make_sigmas
-from destatic.training.config import Config, _choice, _require
+from destatic.training.config import Config, choice, require
 from destatic.training.tasks.base import Batch, register
 from destatic.training.tasks.distillation import (
     DistillationTask,
@@ -66,21 +66,21 @@ class LCMTrainConfig:
     steps: int = 4  # the exported pipeline's default number of steps
 
     def check(self) -> None:
-        _require(
+        require(
             2 <= self.teacher_steps <= 1000,
             f"lcm.teacher_steps = {self.teacher_steps}: use 2 … 1000",
         )
-        _choice("lcm.grid", self.grid, tuple(GRIDS))
+        choice("lcm.grid", self.grid, tuple(GRIDS))
         check_student_options("lcm", self.guidance_min, self.guidance_max, self.embedding_dim)
-        _require(0 <= self.target_decay < 1, f"lcm.target_decay = {self.target_decay}: use [0, 1)")
-        _choice("lcm.loss", self.loss, ("pseudo_huber", "l2"))
-        _require(self.huber_c > 0, f"lcm.huber_c = {self.huber_c}: use > 0")
-        _require(self.sigma_data > 0, f"lcm.sigma_data = {self.sigma_data}: use > 0")
-        _require(
+        require(0 <= self.target_decay < 1, f"lcm.target_decay = {self.target_decay}: use [0, 1)")
+        choice("lcm.loss", self.loss, ("pseudo_huber", "l2"))
+        require(self.huber_c > 0, f"lcm.huber_c = {self.huber_c}: use > 0")
+        require(self.sigma_data > 0, f"lcm.sigma_data = {self.sigma_data}: use > 0")
+        require(
             self.timestep_scaling > 0,
             f"lcm.timestep_scaling = {self.timestep_scaling}: use > 0",
         )
-        _require(1 <= self.steps <= 1000, f"lcm.steps = {self.steps}: use 1 … 1000")
+        require(1 <= self.steps <= 1000, f"lcm.steps = {self.steps}: use 1 … 1000")
 
 
 class ConsistencyPair(nn.Module):
@@ -127,7 +127,7 @@ class LCMTask(DistillationTask):
         scale = c.timestep_scaling * t.process.num_timesteps
         self.consistency = ConsistencyTarget(t.target, c.sigma_data, scale)
         self.teacher_denoiser = Denoiser(t.network, t.process, t.target)
-        self.pipeline = self._pipeline(self.model)
+        self.pipeline = self._pipeline(self.trainable)
 
     def _network(self, channels: int, side: int, device: torch.device) -> nn.Module:
         return ConsistencyPair(
@@ -153,7 +153,7 @@ class LCMTask(DistillationTask):
         cond = self.conditioning(batch["caption"], device)
         uncond = self.conditioning(torch.zeros_like(batch["caption"]), device)
         x_hi = noisy(x0, noise, sigma_hi)
-        pair = self.model
+        pair = self.trainable
         with torch.no_grad():
             d_w = guided_denoise(self.teacher_denoiser, x_hi, sigma_hi, cond, uncond, w)
             x_lo = euler_step(x_hi, d_w, sigma_hi, sigma_lo)
@@ -162,7 +162,7 @@ class LCMTask(DistillationTask):
         return x_hi, target, {**cond, "guidance": w, "sigma": sigma_hi}
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-        self.model.update_target(self.step, self.cfg.lcm.target_decay)
+        self.trainable.update_target(self.step, self.cfg.lcm.target_decay)
         x_hi, target, inputs = self.targets(batch, device)
         sigma = inputs.pop("sigma")
         f = Denoiser(model, self.teacher.process, self.consistency)
@@ -173,9 +173,9 @@ class LCMTask(DistillationTask):
         c = self.cfg.lcm.huber_c * math.sqrt(diff.shape[1])
         return (diff.pow(2).sum(1) + c * c).sqrt() - c
 
-    def _pipeline(self, weights: nn.Module) -> Pipeline:
+    def _pipeline(self, trainable: nn.Module) -> Pipeline:
         t, c = self.teacher, self.cfg.lcm
         defaults = student_defaults("lcm", c.steps, c.guidance_min, c.guidance_max, self.cfg.sample)
         return Pipeline(
-            weights.student, t.autoencoder, t.text_encoder, t.process, self.consistency, defaults
+            trainable.student, t.autoencoder, t.text_encoder, t.process, self.consistency, defaults
         )

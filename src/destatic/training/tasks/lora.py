@@ -35,7 +35,7 @@ from destatic.models.lora import AdapterWeights, LoraError, LoraSpec, add_lora, 
 from destatic.models.mmdit import MMDiT
 from destatic.pipelines import load
 from destatic.sampling import SAMPLERS
-from destatic.training.config import Config, ConfigError, _choice, _require
+from destatic.training.config import Config, ConfigError, choice, require
 from destatic.training.data import CaptionBank, LatentCache, load_training_images, pixels
 from destatic.training.objectives import OBJECTIVES
 from destatic.training.tasks.base import Batch, register
@@ -65,24 +65,24 @@ class LoraTrainConfig:
     class_dir: str = ""  # where they are cached ("" = <output.dir>/class_images)
 
     def check(self) -> None:
-        _require(1 <= self.rank <= 1024, f"lora.rank = {self.rank}: use 1 … 1024")
-        _require(self.alpha >= 0, f"lora.alpha = {self.alpha}: use > 0 (0 = the rank)")
-        _require(len(self.targets) >= 1, "lora.targets needs at least one module name")
-        _require(0 <= self.dropout < 1, f"lora.dropout = {self.dropout}: use [0, 1)")
-        _require(
+        require(1 <= self.rank <= 1024, f"lora.rank = {self.rank}: use 1 … 1024")
+        require(self.alpha >= 0, f"lora.alpha = {self.alpha}: use > 0 (0 = the rank)")
+        require(len(self.targets) >= 1, "lora.targets needs at least one module name")
+        require(0 <= self.dropout < 1, f"lora.dropout = {self.dropout}: use [0, 1)")
+        require(
             not self.class_prompt or bool(self.instance_prompt),
             "lora.class_prompt (prior preservation) needs lora.instance_prompt",
         )
-        _require(
+        require(
             self.num_class_images >= 1,
             f"lora.num_class_images = {self.num_class_images}: use a positive integer",
         )
-        _require(self.prior_weight >= 0, f"lora.prior_weight = {self.prior_weight}: use ≥ 0")
-        _require(
+        require(self.prior_weight >= 0, f"lora.prior_weight = {self.prior_weight}: use ≥ 0")
+        require(
             1 <= self.class_steps <= 1000, f"lora.class_steps = {self.class_steps}: use 1 … 1000"
         )
-        _choice("lora.class_sampler", self.class_sampler, tuple(SAMPLERS))
-        _require(self.class_guidance >= 0, f"lora.class_guidance = {self.class_guidance}: use ≥ 0")
+        choice("lora.class_sampler", self.class_sampler, tuple(SAMPLERS))
+        require(self.class_guidance >= 0, f"lora.class_guidance = {self.class_guidance}: use ≥ 0")
 
 
 _CLASS_INFO = "class_images.json"
@@ -254,7 +254,7 @@ class LoraTask(DenoiserTask):
             add_lora(network, spec, name="default")
         except LoraError as e:
             raise ConfigError(f"[lora]: {e}") from e
-        self.model = AdapterWeights(network, "default")
+        self.trainable = AdapterWeights(network, "default")
         self.pipeline = self.base
 
     @property
@@ -298,27 +298,27 @@ class LoraTask(DenoiserTask):
         )
         return per[:b] + self.cfg.lora.prior_weight * per[b:]
 
-    def export(self, weights: nn.Module, folder: Path) -> None:
+    def export(self, trainable: nn.Module, folder: Path) -> None:
         """The adapter file (``pytorch_lora_weights.safetensors`` + ``lora_config.json``)."""
         lc = self.cfg.lora
-        assert isinstance(weights, AdapterWeights)
-        weights.save(
+        assert isinstance(trainable, AdapterWeights)
+        trainable.save(
             folder,
             base=lc.base,
             instance_prompt=lc.instance_prompt,
             class_prompt=lc.class_prompt,
         )
 
-    def sample_grid(self, weights: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """The adapted model on the sample prompts (DreamBooth: the instance and class prompts
         on four seeds each)."""
-        assert isinstance(weights, AdapterWeights)
+        assert isinstance(trainable, AdapterWeights)
         s, lc = cfg.sample, cfg.lora
         if lc.instance_prompt:
             prompts = [lc.instance_prompt] * 4 + ([lc.class_prompt] * 4 if lc.class_prompt else [])
             seeds = [s.seed + i % 4 for i in range(len(prompts))]
         else:
             prompts, seeds = list(s.prompts), [s.seed + i for i in range(len(s.prompts))]
-        with applied(weights):
-            images = self.base.generate(prompts, **s.settings(), seed=seeds)
+        with applied(trainable):
+            images = self.base.run(s.request(prompt=prompts, seed=seeds))
         return images.cpu(), prompts

@@ -27,7 +27,7 @@ from destatic.io import CheckpointError, atomic_file, load_safetensors, write_at
 from destatic.pipelines import Pipeline
 from destatic.process import Denoiser, RectifiedFlow
 from destatic.sampling import GRIDS, SAMPLER_INFO, make_sigmas, sample
-from destatic.training.config import Config, ConfigError, _choice, _require
+from destatic.training.config import Config, ConfigError, choice, require
 from destatic.training.data import hash_module
 from destatic.training.tasks.base import Batch, register
 from destatic.training.tasks.distillation import (
@@ -58,22 +58,22 @@ class ReflowTrainConfig:
     steps: int = 2  # the exported pipeline's default number of (euler) steps
 
     def check(self) -> None:
-        _require(self.pairs >= 1, f"reflow.pairs = {self.pairs}: use a positive integer")
-        _require(self.chunk >= 1, f"reflow.chunk = {self.chunk}: use a positive integer")
-        _choice("reflow.sampler", self.sampler, tuple(SAMPLER_INFO))
-        _require(
+        require(self.pairs >= 1, f"reflow.pairs = {self.pairs}: use a positive integer")
+        require(self.chunk >= 1, f"reflow.chunk = {self.chunk}: use a positive integer")
+        choice("reflow.sampler", self.sampler, tuple(SAMPLER_INFO))
+        require(
             not SAMPLER_INFO[self.sampler].stochastic,
             f"reflow.sampler = {self.sampler!r} draws fresh noise: reflow pairs need a "
             "deterministic ODE solver (euler, heun, dpmpp_2m, …)",
         )
-        _require(
+        require(
             1 <= self.sampler_steps <= 1000,
             f"reflow.sampler_steps = {self.sampler_steps}: use 1 … 1000",
         )
         if self.grid:
-            _choice("reflow.grid", self.grid, tuple(GRIDS))
+            choice("reflow.grid", self.grid, tuple(GRIDS))
         check_student_options("reflow", self.guidance_min, self.guidance_max, self.embedding_dim)
-        _require(1 <= self.steps <= 1000, f"reflow.steps = {self.steps}: use 1 … 1000")
+        require(1 <= self.steps <= 1000, f"reflow.steps = {self.steps}: use 1 … 1000")
 
 
 @torch.no_grad()
@@ -176,7 +176,7 @@ class ReflowTask(DistillationTask):
             )
         self.device = device
         self.pairs = self._pairs(progress)
-        self.pipeline = self._pipeline(self.model)
+        self.pipeline = self._pipeline(self.trainable)
 
     def _network(self, channels: int, side: int, device: torch.device) -> nn.Module:
         self.shape = (channels, side, side)
@@ -264,9 +264,9 @@ class ReflowTask(DistillationTask):
             model, batch["x0"].to(device), cond, sigma=batch["sigma"], noise=batch["noise"]
         )
 
-    def _pipeline(self, weights: nn.Module) -> Pipeline:
+    def _pipeline(self, trainable: nn.Module) -> Pipeline:
         t, r = self.teacher, self.cfg.reflow
         defaults = student_defaults(
             "euler", r.steps, r.guidance_min, r.guidance_max, self.cfg.sample
         )
-        return Pipeline(weights, t.autoencoder, t.text_encoder, t.process, t.target, defaults)
+        return Pipeline(trainable, t.autoencoder, t.text_encoder, t.process, t.target, defaults)
