@@ -110,8 +110,8 @@ class GenerationRequest:
     def negatives(self) -> list[str]:
         """One negative prompt per image."""
         batch = len(self.prompts)
-        texts = [self.negative_prompt] if isinstance(self.negative_prompt, str) else None
-        texts = texts or list(self.negative_prompt)
+        negative = self.negative_prompt
+        texts = [negative] if isinstance(negative, str) else list(negative)
         if len(texts) == 1:
             return texts * batch
         if len(texts) * self.num_images == batch:
@@ -120,6 +120,7 @@ class GenerationRequest:
 
     @property
     def has_negative(self) -> bool:
+        """Whether any image has a non-empty negative prompt."""
         return any(self.negatives)
 
     @property
