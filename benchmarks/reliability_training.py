@@ -327,7 +327,7 @@ class Damage:
 
 
 S, J, W = "state.safetensors", "state.json", "diffusion_pytorch_model.safetensors"
-CKPTS, LATEST, RECORD = "checkpoints", "checkpoints/latest", "model/export.json"
+CKPTS, LATEST, RECORD = "checkpoints", "checkpoints/latest", "export.json"
 
 
 def _ckpt(name: str, fn: Callable[[Path], object]) -> Damage:
