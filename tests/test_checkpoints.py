@@ -19,6 +19,7 @@ from destatic.models.autoencoder import AutoencoderKL
 from destatic.models.mmdit import MMDiT
 from destatic.models.registry import COMPONENT_CLASSES, load_component, load_into, save_component
 from destatic.process import RectifiedFlow, VPDiscrete
+from destatic.process.flow import ResolutionShift
 from destatic.process.schedulers import process_from_scheduler_config, scheduler_config_from_process
 from tests import tiny_sd
 
@@ -238,8 +239,8 @@ def test_corrupt_safetensors(saved, tmp_path, damage) -> None:
 def test_unknown_class(saved, tmp_path) -> None:
     folder = _copy(saved["vae"][1], tmp_path / "vae")
     cfg = read_json(folder / "config.json")
-    (folder / "config.json").write_text(json.dumps(dict(cfg, _class_name="FluxTransformer2DModel")))
-    with pytest.raises(CheckpointError, match="FluxTransformer2DModel") as e:
+    (folder / "config.json").write_text(json.dumps(dict(cfg, _class_name="HunyuanDiT2DModel")))
+    with pytest.raises(CheckpointError, match="HunyuanDiT2DModel") as e:
         load_component(folder)
     assert "UNet2DConditionModel" in _one_line(e)
 
@@ -319,12 +320,14 @@ def test_flow_match_and_round_trip() -> None:
     ref = diffusers.FlowMatchEulerDiscreteScheduler.from_config(out)
     assert ref.config.shift == 3.0
     dynamic = dict(cfg, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-    assert process_from_scheduler_config(dynamic) == (RectifiedFlow(), "flow")
+    flux = RectifiedFlow(resolution=ResolutionShift(base_shift=0.5, max_shift=1.15))
+    assert process_from_scheduler_config(dynamic) == (flux, "flow")  # the shift follows the size
 
 
 def test_unsupported_schedulers() -> None:
-    with pytest.raises(CheckpointError, match="unsupported scheduler class 'LCMScheduler'") as e:
-        process_from_scheduler_config(dict(SD1_SCHEDULER, _class_name="LCMScheduler"))
+    # (LCMScheduler and TCDScheduler load since issue 15: tests/test_lcm_scheduler.py)
+    with pytest.raises(CheckpointError, match="unsupported scheduler class 'IPNDMScheduler'") as e:
+        process_from_scheduler_config(dict(SD1_SCHEDULER, _class_name="IPNDMScheduler"))
     assert "DDIMScheduler" in _one_line(e)
     with pytest.raises(CheckpointError, match="trained_betas"):
         process_from_scheduler_config(dict(SD1_SCHEDULER, trained_betas=[0.1] * 1000))

@@ -51,8 +51,8 @@ def test_fresh_model_outputs_zero_and_is_trainable():
 
 
 def test_unsupported_options_raise():
-    with pytest.raises(ValueError, match="dual_attention_layers"):
-        MMDiTConfig.from_diffusers({**TINY, "dual_attention_layers": (0, 1)})
+    with pytest.raises(ValueError, match="dual_attention_layers"):  # block 2 of 2 blocks
+        MMDiTConfig.from_diffusers({**TINY, "dual_attention_layers": (0, 2)})
     with pytest.raises(ValueError, match="qk_norm"):
         MMDiTConfig.from_diffusers({**TINY, "qk_norm": "layer_norm"})
     with pytest.raises(ValueError, match="bogus"):

@@ -139,15 +139,3 @@ def test_with_t5_encoder_same_embedding_and_image(tmp_path):
     np.testing.assert_allclose(image.permute(0, 2, 3, 1).numpy(), expected, atol=1e-5, rtol=0)
     save(ours, tmp_path / "ours")
     assert destatic.load(tmp_path / "ours").text_encoder.t5 is not None
-
-
-def test_sdxl_folder_is_a_clear_error(tmp_path):
-    import json
-
-    from destatic.io import CheckpointError
-
-    (tmp_path / "model_index.json").write_text(
-        json.dumps({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder_2": ["a", "b"]})
-    )
-    with pytest.raises(CheckpointError, match="SDXL"):
-        destatic.load(tmp_path)

@@ -145,6 +145,7 @@ def test_http_api_generates_pngs_with_parameters(server):
     health = httpx.get(f"{server}/api/health").json()
     assert health["status"] == "ok" and health["default_size"] == 32
     assert "euler" in httpx.get(f"{server}/api/samplers").json()["samplers"]
+    assert httpx.get(f"{server}/api/samplers").json()["a1111"]["Euler a"] == "euler_ancestral"
     r = httpx.post(
         f"{server}/api/generate",
         json={"prompt": "red heart", "steps": 3, "num_images": 2, "seed": 5},
@@ -157,6 +158,13 @@ def test_http_api_generates_pngs_with_parameters(server):
     assert image.size == (32, 32) and "Seed: 5" in image.text["parameters"]
     png = httpx.post(f"{server}/api/generate.png", json={"prompt": "pizza", "steps": 2})
     assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    labelled = {"prompt": "pizza", "steps": 2, "sampler": "Euler a", "grid": "Normal"}
+    r = httpx.post(f"{server}/api/generate", json=labelled, timeout=60)
+    assert r.status_code == 200, r.text
+    assert (r.json()["parameters"][0]["sampler"], r.json()["parameters"][0]["grid"]) == (
+        "euler_ancestral",
+        "normal",
+    )
 
     rng = np.random.default_rng(0)
     source = png_b64(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))

@@ -133,15 +133,20 @@ def test_clip_skip_uses_penultimate_layer_plus_final_norm(clip_dirs, clip):
 
 
 def test_clip_truncates_with_warning(clip):
+    """Without A1111's prompt handling (diffusers' behaviour) a long prompt is truncated with a
+    warning; with it (the default) the prompt is encoded in 75-token chunks instead."""
+    plain = CLIPTextEncoder(clip.model, clip.tokenizer, prompt_weighting=False)
     long = "ab " * 60  # 120 tokens (a + b</w> per word) + BOS + EOS
     with pytest.warns(UserWarning, match=r"dropped prompt 0: 45 tokens"):
-        emb = clip.encode([long, "the"])
+        emb = plain.encode([long, "the"])
     assert emb.mask[0].all() and emb.tokens.shape == (2, 77, 32)
     ids = clip.tokenizer([long], truncation=True, max_length=77).input_ids[0]
     assert ids[-1] == clip.tokenizer.eos_token_id  # truncation keeps the EOS token
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        clip.encode(["the cat"])  # short prompts: no warning
+        plain.encode(["the cat"])  # short prompts: no warning
+        chunked = clip.encode([long, "the"])  # no truncation, so no warning either
+    assert chunked.tokens.shape == (2, 154, 32) and chunked.mask[0].sum() == 77 + 47
 
 
 def test_clip_with_projection_pools_text_embeds(clip, tmp_path):

@@ -87,11 +87,21 @@ def lab(
 def samplers() -> None:
     """List the samplers and grids."""
     from destatic.sampling import GRIDS, SAMPLER_INFO
+    from destatic.sampling.aliases import SAMPLER_LABELS, SCHEDULE_LABELS
 
+    labels: dict[str, list[str]] = {}
+    for label, name in SAMPLER_LABELS.items():
+        labels.setdefault(name, []).append(label)
     for name, info in sorted(SAMPLER_INFO.items()):
         kind = "stochastic" if info.stochastic else "deterministic"
-        typer.echo(f"{name:20s} order {info.order}  {info.evals_per_step} eval/step  {kind}")
+        a1111 = f"  A1111: {', '.join(labels[name])}" if name in labels else ""
+        typer.echo(f"{name:20s} order {info.order}  {info.evals_per_step} eval/step  {kind}{a1111}")
     typer.echo("grids: " + ", ".join(GRIDS))
+    typer.echo(
+        "A1111 labels (any case) may end in a schedule type: "
+        + ", ".join(label for label in SCHEDULE_LABELS if label != "Automatic")
+        + " (e.g. 'DPM++ 2M Karras')"
+    )
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Build the training datasets (cached locally).")
@@ -202,6 +212,7 @@ NEEDS = {
     "control_start": "control",
     "control_end": "control",
     "variation_seed": "variation_strength",
+    "hires_strength": "hires",
 }
 # generate options that --from replaces by the PNG's stored parameters
 FROM_REPLACES = (
@@ -213,6 +224,9 @@ FROM_REPLACES = (
     "guidance",
     "seed",
     "size",
+    "width",
+    "height",
+    "prompts_file",
     "image",
     "strength",
     "mask",
@@ -223,6 +237,8 @@ FROM_REPLACES = (
     "control_start",
     "control_end",
     "lora",
+    "hires",
+    "hires_strength",
 )
 
 
@@ -264,7 +280,11 @@ def _check_combinations(ctx: typer.Context) -> None:
     if "from_" in given:
         if ctx.params.get("prompt"):
             raise ValueError("give either prompts or --from, not both")
-        replaced = [_flag(ctx, name) for name in given if name in FROM_REPLACES]
+        a1111 = "model" in given and not _has_destatic_chunk(ctx.params["from_"])
+        allowed = ("model",) if a1111 else ()
+        replaced = [
+            _flag(ctx, name) for name in given if name in FROM_REPLACES and name not in allowed
+        ]
         if replaced:
             raise ValueError(
                 f"--from regenerates with the PNG's stored parameters, so {', '.join(replaced)} "
@@ -275,19 +295,49 @@ def _check_combinations(ctx: typer.Context) -> None:
     for name, needed in NEEDS.items():
         if name in given and needed not in given:
             raise ValueError(f"{_flag(ctx, name)} needs {_flag(ctx, needed)}")
-    if "size" in given and "image" in given:
-        raise ValueError("--image sets the size; drop --size (or resize the input image)")
+    sides = [_flag(ctx, name) for name in ("size", "width", "height") if name in given]
+    if sides and "image" in given:
+        raise ValueError(f"--image sets the size; drop {sides[0]} (or resize the input image)")
+    if "size" in given and len(sides) > 1:
+        raise ValueError(f"give --size or --width/--height, not both ({', '.join(sides)})")
+    if "hires" in given and ("image" in given or "control" in given):
+        raise ValueError("--hires is for text → image; drop --image/--control or --hires")
 
 
-def _check_side(size: int | None, multiple: int) -> None:
-    """``--size`` is a positive multiple of the model's ``size_multiple``, else a ValueError
-    that suggests the nearest valid side."""
+def _has_destatic_chunk(path: Path) -> bool:
+    """Whether the PNG holds destatic's request (else A1111's text, which names no model
+    folder: --model then says which model draws it)."""
+    from destatic.pipelines.inputs import open_image
+    from destatic.pipelines.request import CHUNK
+
+    return CHUNK in open_image(path, "RGB").info
+
+
+def _check_side(size: int | None, multiple: int, flag: str = "--size") -> None:
+    """``--size`` (or ``flag``) is a positive multiple of the model's ``size_multiple``, else
+    a ValueError that suggests the nearest valid side."""
     if size is not None and (size < multiple or size % multiple):
         nearest = max(multiple, round(size / multiple) * multiple)
         raise ValueError(
-            f"--size {size} must be a positive multiple of {multiple} for this model "
-            f"(e.g. --size {nearest})"
+            f"{flag} {size} must be a positive multiple of {multiple} for this model "
+            f"(e.g. {flag} {nearest})"
         )
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    """The prompts of ``--prompts-file``: one a line, blank lines and ``#`` comments skipped."""
+    if path is None:
+        return []
+    from destatic.pipelines.output import describe_os_error
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"--prompts-file {path}: {describe_os_error(err)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts-file {path} is not UTF-8 text") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def _slug(prompt: str) -> str:
@@ -384,10 +434,11 @@ def _request_from_options(o: dict) -> GenerationRequest:
     options stay unset: the model's defaults fill them)."""
     from destatic.pipelines import GenerationRequest
 
-    if not o["prompt"]:
-        raise ValueError("give at least one prompt (or --from image.png)")
+    prompts = [*(o["prompt"] or []), *_read_prompts(o["prompts_file"])]
+    if not prompts:
+        raise ValueError("give at least one prompt (or --prompts-file, or --from image.png)")
     return GenerationRequest(
-        prompt=list(o["prompt"]),
+        prompt=prompts,
         negative_prompt=o["negative"],
         steps=o["steps"],
         sampler=o["sampler"],
@@ -395,8 +446,8 @@ def _request_from_options(o: dict) -> GenerationRequest:
         guidance=o["guidance"],
         seed=o["seed"],
         num_images=o["num_images"],
-        width=o["size"],
-        height=o["size"],
+        width=o["width"] or o["size"],
+        height=o["height"] or o["size"],
         model=_path(o["model"]) or "",
         image=_path(o["image"]),
         strength=o["strength"],
@@ -411,6 +462,9 @@ def _request_from_options(o: dict) -> GenerationRequest:
         control_start=o["control_start"],
         control_end=o["control_end"],
         loras=[list(_lora_option(text)) for text in o["lora"] or []],
+        hires_scale=o["hires"] or 1.0,
+        hires_strength=o["hires_strength"],
+        vae_tiling=o["vae_tiling"],
     )
 
 
@@ -422,6 +476,9 @@ def _request_from_png(o: dict) -> GenerationRequest:
     from destatic.pipelines import GenerationRequest
 
     stored = GenerationRequest.from_png(o["from_"])
+    if o["model"] is not None:  # an A1111 PNG (_check_combinations refuses it otherwise)
+        stored = dataclasses.replace(stored, model=str(o["model"]))
+    stored = dataclasses.replace(stored, vae_tiling=stored.vae_tiling or o["vae_tiling"])
     if not o["variation_strength"]:
         return stored
     n, first = o["num_images"], o["variation_seed"]
@@ -438,9 +495,11 @@ def _draw(ctx: typer.Context, out: Path, sheet: Path | None, preview: Path | Non
     """Build, route and resolve the request; check the outputs; sample. Returns the images,
     the request of each and their paths."""
     from destatic.pipelines import load, to_pil
+    from destatic.pipelines.devices import pick_device
 
     _check_combinations(ctx)
     o = ctx.params
+    device, dtype = pick_device(o["device"], o["dtype"])
     request = _request_from_png(o) if o["from_"] is not None else _request_from_options(o)
     request = request.with_companions()
     if (request.controlnet is None) != (request.control_image is None):
@@ -448,12 +507,13 @@ def _draw(ctx: typer.Context, out: Path, sheet: Path | None, preview: Path | Non
     todo = [request.for_image(i) for i in range(len(request.prompts))]
     paths = _output_paths(out, todo)
     _check_outputs(paths, sheet, preview)
-    pipe = load(request.model or None)
-    _check_side(o["size"], pipe.size_multiple)
+    pipe = load(request.model or None).to(device, dtype)
+    for name in ("size", "width", "height"):
+        _check_side(o[name], pipe.size_multiple, _flag(ctx, name))
     request = request.resolved(pipe)
     live = {"progress": o["progress"], "preview": _preview_writer(preview, todo)}
     images = to_pil(pipe.run(request, **live))
-    todo = [request.for_image(i, im.width, im.height) for i, im in enumerate(images)]
+    todo = request.for_images([im.size for im in images], pipe.default_size)
     return images, todo, paths
 
 
@@ -499,13 +559,50 @@ Side = Annotated[
         help="Image side in pixels, a multiple of the model's (default: the model's).",
     ),
 ]
+Width = Annotated[
+    int | None, typer.Option(min=1, max=MAX_SIDE, help="Image width (instead of --size).")
+]
+Height = Annotated[
+    int | None, typer.Option(min=1, max=MAX_SIDE, help="Image height (instead of --size).")
+]
+PromptsFile = Annotated[
+    Path | None,
+    typer.Option(help="Also read prompts from this file: one a line; blank and # lines skipped."),
+]
+Hires = Annotated[
+    float | None,
+    typer.Option(
+        min=1.0,
+        max=8.0,
+        callback=_finite,
+        help="Hires fix: enlarge each image by this factor (Lanczos), then redraw it image → "
+        "image at --hires-strength.",
+    ),
+]
+HiresStrength = Annotated[
+    float, typer.Option(min=0.01, max=1.0, help="Hires fix: share of the steps redrawn.")
+]
+VaeTiling = Annotated[
+    bool, typer.Option(help="Run the VAE in overlapping 512-pixel tiles (large images).")
+]
+DeviceName = Annotated[
+    str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
+]
+DtypeName = Annotated[
+    str,
+    typer.Option(help="auto (fp16/bf16 on CUDA, fp32 on CPU), fp32, fp16, bf16 or fp64."),
+]
 Upscale = Annotated[int, typer.Option(min=1, max=16, help="Also enlarge the PNG (nearest).")]
 SheetPath = Annotated[
     Path | None, typer.Option(help="Also write all images as one labelled PNG sheet.")
 ]
 FromPng = Annotated[
     Path | None,
-    typer.Option("--from", help="Regenerate a PNG written by destatic from its stored request."),
+    typer.Option(
+        "--from",
+        help="Regenerate a PNG from its stored request (destatic's, or A1111's parameters "
+        "text: then --model names the model).",
+    ),
 ]
 ImagePath = Annotated[
     Path | None, typer.Option(help="Image → image: the input image (sets the size).")
@@ -561,6 +658,9 @@ def generate(
     seed: Seed = 0,
     num_images: Count = 1,
     size: Side = None,
+    width: Width = None,
+    height: Height = None,
+    prompts_file: PromptsFile = None,
     upscale: Upscale = 1,
     sheet: SheetPath = None,
     from_: FromPng = None,
@@ -578,6 +678,11 @@ def generate(
     progress: Progress = True,
     preview: PreviewDir = None,
     lora: Loras = None,
+    hires: Hires = None,
+    hires_strength: HiresStrength = 0.7,
+    vae_tiling: VaeTiling = False,
+    device: DeviceName = "auto",
+    dtype: DtypeName = "auto",
 ) -> None:
     """Text → image (or image → image, inpainting, control) with any sampler; writes one PNG
     per image, with the request that draws it in the PNG's text chunks (A1111's "parameters"
@@ -699,18 +804,24 @@ def train(
 EVAL_METRICS = ("retrieval", "clip", "fid", "kid", "pr")
 
 
-def _check_eval_choices(metrics: list[str], grid: str | None) -> None:
-    """Known metrics (at least one) and a known grid, checked before any model is loaded."""
-    from destatic.sampling import GRIDS
-
+def _check_eval_choices(metrics: list[str]) -> None:
+    """Known metrics (at least one), checked before any model is loaded."""
     choices = f"choose from {', '.join(EVAL_METRICS)}"
     unknown = [m for m in metrics if m not in EVAL_METRICS]
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r}; {choices}")
     if not metrics:
         raise ValueError(f"--metrics names no metric; {choices}")
-    if grid is not None and grid not in GRIDS:
-        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+
+
+def _eval_settings(samplers: str, steps: list[int], scales: list[float], grid: str | None):
+    """Every comma-separated sampler (destatic's names or A1111 labels such as "DPM++ 2M
+    Karras", whose schedule sets the grid) × steps × guidance scale, as sweep settings."""
+    from destatic.metrics.sweep import Setting
+    from destatic.sampling.aliases import resolve_sampler
+
+    names = [resolve_sampler(name.strip(), grid) for name in samplers.split(",") if name.strip()]
+    return [Setting(s, k, g, sg) for s, sg in names for k in steps for g in scales]
 
 
 @app.command("eval")
@@ -741,6 +852,8 @@ def eval_(
     ),
     batch_size: int = typer.Option(64, min=1, help="Images generated per batch."),
     out: Path = typer.Option(Path("runs/eval"), "-o", "--out", help="Report folder."),
+    device: DeviceName = "auto",
+    dtype: DtypeName = "auto",
 ) -> None:
     """Quality against steps per sampler and against guidance, on the held-out prompts: a table,
     results.json and plots (quality_vs_nfe.png, quality_vs_guidance.png) in --out."""
@@ -748,27 +861,23 @@ def eval_(
     from destatic.io import CheckpointError
     from destatic.metrics.evaluator import load_evaluator
     from destatic.metrics.inception import InceptionFeatures, MissingInceptionError
-    from destatic.metrics.sweep import Setting, evaluate, reference_set, write_report
+    from destatic.metrics.sweep import evaluate, reference_set, write_report
+    from destatic.pipelines.devices import pick_device
     from destatic.pipelines.output import check_writable, describe_os_error
-    from destatic.sampling import NonFiniteError, sampler_info
+    from destatic.sampling import NonFiniteError
 
     wanted = [m.strip() for m in metrics.split(",") if m.strip()]
     try:
-        _check_eval_choices(wanted, grid)
-        names = [s.strip() for s in samplers.split(",") if s.strip()]
-        for name in [*names, guidance_sampler]:
-            sampler_info(name)
-        check_writable(out, "-o")
-        step_counts = _numbers(steps, maximum=MAX_STEPS)
-        step_settings = [Setting(s, k, guidance, grid) for s in names for k in step_counts]
+        _check_eval_choices(wanted)
+        counts = _numbers(steps, maximum=MAX_STEPS)
+        step_settings = _eval_settings(samplers, counts, [guidance], grid)
         sweep = guidance_sweep.strip()
         scales = _numbers(sweep, float, 0, MAX_GUIDANCE) if sweep else []
-        guide_settings = [Setting(guidance_sampler, guidance_steps, g, grid) for g in scales]
-        pipe = destatic.load(model)
+        guide_settings = _eval_settings(guidance_sampler, [guidance_steps], scales, grid)
+        check_writable(out, "-o")
+        pipe = destatic.load(model).to(*pick_device(device, dtype))
         reference = reference_set(data, pipe.default_size, data_path, n=n, seed=seed)
-        scorer = None
-        if {"retrieval", "clip"} & set(wanted):
-            scorer = load_evaluator(evaluator)
+        scorer = load_evaluator(evaluator) if {"retrieval", "clip"} & set(wanted) else None
         inception = InceptionFeatures() if {"fid", "kid", "pr"} & set(wanted) else None
         common = dict(evaluator=scorer, inception=inception, metrics=wanted, seed=seed)
         real, by_steps = evaluate(pipe, step_settings, reference, **common, batch_size=batch_size)
@@ -817,9 +926,12 @@ def serve(
     cors: list[str] = typer.Option(
         None, help="Another site (e.g. https://app.example) whose pages may call the API."
     ),
+    device: DeviceName = "auto",
+    dtype: DtypeName = "auto",
 ) -> None:
     """Web UI (text → image, image → image, inpainting) and HTTP API on one local server."""
     from destatic.io import CheckpointError
+    from destatic.pipelines.devices import pick_device
     from destatic.serve import Access, Limits, create_app
     from destatic.serve import serve as run_server
     from destatic.serve.security import exposure_warning
@@ -835,7 +947,10 @@ def serve(
         max_side=max_side, max_images=max_images, max_steps=max_steps, max_waiting=queue
     )
     try:
-        app_ = create_app(model, limits, controlnet=controlnet, access=access)
+        where, precision = pick_device(device, dtype)
+        app_ = create_app(
+            model, limits, controlnet=controlnet, access=access, device=where, dtype=precision
+        )
     except (CheckpointError, ValueError, ImportError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

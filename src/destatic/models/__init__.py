@@ -20,6 +20,7 @@ from destatic.models.text import (
     CLIPTextEncoder,
     MiniLMTextEncoder,
     SD3TextEncoder,
+    SDXLTextEncoder,
     TextEmbedding,
     TextEncoder,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "MiniLMTextEncoder",
     "ResnetBlock",
     "SD3TextEncoder",
+    "SDXLTextEncoder",
     "SpatialTransformer",
     "TextEmbedding",
     "TextEncoder",

@@ -50,7 +50,7 @@ class AutoencoderConfig(JsonConfig):
     sample_size: int = 32
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
-    force_upcast: bool = True  # stored only; this module runs in whatever dtype it is cast to
+    force_upcast: bool = True  # fp16 weights decode in fp32 (SDXL's VAE overflows fp16 and bf16)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
@@ -504,8 +504,9 @@ class AutoencoderKL(nn.Module):
         fly for this call only (``torch.func.functional_call``; the module itself stays fp16)
         with autocast disabled, and the image is returned in the input's dtype. An explicit
         ``dtype`` forces the compute dtype the same way (e.g. ``torch.float32`` everywhere, or
-        ``torch.float16`` to opt back into plain fp16). For any other parameter dtype and
-        ``dtype=None`` the decoder runs as is.
+        ``torch.float16`` to opt back into plain fp16). With ``config.force_upcast`` (diffusers'
+        flag, set in SDXL's VAE config) fp16 weights decode in fp32 everywhere, as diffusers' SDXL
+        pipelines do. For any other parameter dtype and ``dtype=None`` the decoder runs as is.
 
         Tiling: ``tile`` (latent pixels) decodes overlapping ``tile``×``tile`` latent crops and
         blends the images with linear ramps over the overlap (``overlap``, a fraction of the
@@ -516,6 +517,8 @@ class AutoencoderKL(nn.Module):
         tile, overlap = self._resolve_tile(tile, overlap, latent=True)
         param_dtype = next(self.decoder.parameters()).dtype
         run_dtype = _safe_decode_dtype(param_dtype, z.device) if dtype is None else dtype
+        if dtype is None and param_dtype == torch.float16 and self.config.force_upcast:
+            run_dtype = torch.float32
         if run_dtype == param_dtype:
             fn: Callable[[torch.Tensor], torch.Tensor] = self._decode_plain
             in_dtype = z.dtype

@@ -5,6 +5,17 @@ Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Imag
 concatenated sequence. Both streams are modulated by the timestep + pooled-text embedding with
 adaLN-Zero, from Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (DiT).
 
+SD3.5 adds two options. ``qk_norm="rms_norm"`` RMS-normalises every head's queries and keys
+(Dehghani et al. 2023, ViT-22B) to keep attention logits bounded. ``dual_attention_layers``
+(SD3.5 Medium, "MMDiT-X") gives the listed blocks a second attention ``attn2`` over the image
+tokens alone; its adaLN-Zero emits nine vectors instead of six, and both attentions read the
+same LayerNorm of x, each under its own modulation:
+
+    h = LN(x),  x ← x + g₁·Attn([h(1+a₁)+b₁; ctx]) + g₂·Attn₂(h(1+a₂)+b₂),
+    x ← x + g_mlp·MLP(LN(x)(1+a_mlp)+b_mlp)
+
+(the second residual is added after the first, as in diffusers' ``JointTransformerBlock``).
+
 The attribute names are those of diffusers' ``SD3Transformer2DModel``, so a diffusers checkpoint
 loads with ``load_state_dict(strict=True)``; the code is written from the papers, not copied.
 ``forward(x, timestep, context, pooled)`` follows diffusers' convention: ``timestep`` is a float
@@ -13,14 +24,14 @@ tensor ``[B]`` holding t·1000, and the output is the rectified-flow velocity.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from destatic.models.config import check_positive, check_sample_size
+from destatic.models.config import JsonConfig, check_positive, check_sample_size
 from destatic.models.layers import TimestepEmbedding, timestep_embedding
 
 __all__ = [
@@ -45,7 +56,7 @@ STREAM_CTX = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
 @dataclass
-class MMDiTConfig:
+class MMDiTConfig(JsonConfig):
     """Hyper-parameters; the names are those of diffusers' SD3Transformer2DModel config."""
 
     sample_size: int = 128  # latent side the positional embedding is centred for
@@ -60,8 +71,10 @@ class MMDiTConfig:
     out_channels: int | None = None  # latent channels out; None: in_channels
     pos_embed_max_size: int = 96  # side of the sin-cos grid that is cropped to the input
     qk_norm: str | None = None  # None, or "rms_norm" (SD3.5) on per-head queries and keys
+    dual_attention_layers: tuple[int, ...] = ()  # blocks with a 2nd image self-attention (3.5M)
 
     def __post_init__(self) -> None:
+        self.dual_attention_layers = tuple(self.dual_attention_layers)  # JSON gives a list
         if self.caption_projection_dim is None:
             self.caption_projection_dim = self.hidden_size
         if self.out_channels is None:
@@ -110,19 +123,11 @@ class MMDiTConfig:
                 f"num_attention_heads · attention_head_dim = {self.hidden_size} must be a "
                 "multiple of 4 (the 2-D sin-cos positions)"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MMDiTConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown MMDiTConfig option(s): {', '.join(unknown)}")
-        config = cls(**d)
-        config.validate()
-        return config
+        dual = self.dual_attention_layers
+        if any(type(i) is not int or not 0 <= i < self.num_layers for i in dual):
+            raise ValueError(
+                f"dual_attention_layers={dual} must hold block indices in [0, {self.num_layers})"
+            )
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> MMDiTConfig:
@@ -132,12 +137,6 @@ class MMDiTConfig:
         this model does not implement raises a ValueError naming it.
         """
         d = {k: v for k, v in d.items() if not k.startswith("_")}
-        dual = d.pop("dual_attention_layers", ())
-        if dual:
-            raise ValueError(
-                f"dual_attention_layers={tuple(dual)} (SD3.5 MMDiT-X) is not supported; "
-                "only dual_attention_layers=() (SD3 / SD3.5-Large) is"
-            )
         if d.get("qk_norm") not in QK_NORMS:
             raise ValueError(f"qk_norm={d['qk_norm']!r} is not supported; use one of {QK_NORMS}")
         return cls.from_dict(d)
@@ -228,6 +227,23 @@ class AdaLayerNormZero(nn.Module):
         return modulate(self.norm(x), shift, scale), gate, shift_mlp, scale_mlp, gate_mlp
 
 
+class AdaLayerNormZeroX(nn.Module):
+    """adaLN-Zero of a dual-attention block: the six DiT vectors plus (shift, scale, gate) of
+    the second attention, whose input is the same LayerNorm of x under its own modulation."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 9 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor):
+        *six, shift2, scale2, gate2 = self.linear(F.silu(c)).chunk(9, 1)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = six
+        h = self.norm(x)  # (B, N, D)
+        mods = modulate(h, shift, scale), gate, shift_mlp, scale_mlp, gate_mlp
+        return *mods, modulate(h, shift2, scale2), gate2
+
+
 class AdaLayerNormContinuous(nn.Module):
     """LayerNorm modulated by c, without a gate (final layer; last block's context stream)."""
 
@@ -255,19 +271,31 @@ class RMSNorm(nn.Module):
 
 
 class JointAttention(nn.Module):
-    """One softmax attention over [image; context] tokens, with per-stream projections."""
+    """One softmax attention over [image; context] tokens, with per-stream projections.
 
-    def __init__(self, dim: int, heads: int, qk_norm: str | None, pre_only: bool):
+    ``joint=False`` is the image-only self-attention ``attn2`` of a dual-attention block: no
+    context projections, and ``forward(x)`` returns the image output alone.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, qk_norm: str | None, pre_only: bool, joint: bool = True
+    ):
         super().__init__()
-        self.heads = heads
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
-        self.to_add_out = None if pre_only else nn.Linear(dim, dim)  # pre-only: no context out
+        self.heads, self.joint = heads, joint
         head_dim = dim // heads
         norm = (lambda: RMSNorm(head_dim)) if qk_norm == "rms_norm" else (lambda: None)
-        self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (norm() for _ in range(4))
-
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        if joint:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (
+                nn.Linear(dim, dim) for _ in range(3)
+            )
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        # pre-only: no context out
+        self.to_add_out = nn.Linear(dim, dim) if joint and not pre_only else None
+        self.norm_q, self.norm_k = norm(), norm()
+        if joint:
+            self.norm_added_q, self.norm_added_k = norm(), norm()
+        self.streams = self._STREAMS[: 2 if joint else 1]  # (fused name, layer names)
         self.fused = False
 
     _STREAMS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", STREAM_CTX))
@@ -278,7 +306,7 @@ class JointAttention(nn.Module):
         by float rounding. Call :meth:`unfuse_projections` before saving diffusers keys."""
         if self.fused:
             return
-        for fname, names in self._STREAMS:
+        for fname, names in self.streams:
             layers = [getattr(self, n) for n in names]
             w = torch.cat([m.weight.detach() for m in layers])
             b = torch.cat([m.bias.detach() for m in layers])
@@ -295,7 +323,7 @@ class JointAttention(nn.Module):
         """Undo :meth:`fuse_projections` (keeping any training done while fused)."""
         if not self.fused:
             return
-        for fname, names in self._STREAMS:
+        for fname, names in self.streams:
             fused = getattr(self, fname)
             parts = zip(fused.weight.detach().chunk(3), fused.bias.detach().chunk(3), strict=True)
             for n, (w, b) in zip(names, parts, strict=True):
@@ -317,11 +345,14 @@ class JointAttention(nn.Module):
         q, k = (t if n is None else n(t) for t, n in zip((q, k), norms, strict=True))
         return q, k, v  # (B, H, N, d) each
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor):
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None):
         n = x.shape[1]
         fx = self.to_qkv if self.fused else None
-        fc = self.to_added_qkv if self.fused else None
         xs = self._qkv(x, (self.to_q, self.to_k, self.to_v), fx, (self.norm_q, self.norm_k))
+        if not self.joint:  # image-only self-attention (attn2)
+            out = F.scaled_dot_product_attention(*xs).transpose(1, 2).flatten(2)  # (B, N, D)
+            return self.to_out[1](self.to_out[0](out))
+        fc = self.to_added_qkv if self.fused else None
         added = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
         cs = self._qkv(ctx, added, fc, (self.norm_added_q, self.norm_added_k))  # (B, H, L, d)
         q, k, v = (torch.cat(pair, dim=2) for pair in zip(xs, cs, strict=True))  # (B, H, N+L, d)
@@ -362,16 +393,19 @@ class JointBlock(nn.Module):
     """An MMDiT block: two adaLN-Zero streams sharing one attention (Esser et al., Fig. 2).
 
     ``pre_only`` (the last block) keeps only the context's input side: its context output
-    would never be read, so it has no gate, output projection or MLP.
+    would never be read, so it has no gate, output projection or MLP. ``dual`` adds the
+    image-only second attention of SD3.5 Medium (module doc).
     """
 
-    def __init__(self, cfg: MMDiTConfig, pre_only: bool = False):
+    def __init__(self, cfg: MMDiTConfig, pre_only: bool = False, dual: bool = False):
         super().__init__()
         d = cfg.hidden_size
-        self.pre_only = pre_only
-        self.norm1 = AdaLayerNormZero(d)
+        self.pre_only, self.dual = pre_only, dual
+        heads = cfg.num_attention_heads
+        self.norm1 = AdaLayerNormZeroX(d) if dual else AdaLayerNormZero(d)
         self.norm1_context = AdaLayerNormContinuous(d) if pre_only else AdaLayerNormZero(d)
-        self.attn = JointAttention(d, cfg.num_attention_heads, cfg.qk_norm, pre_only)
+        self.attn = JointAttention(d, heads, cfg.qk_norm, pre_only)
+        self.attn2 = JointAttention(d, heads, cfg.qk_norm, True, joint=False) if dual else None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(d)
         if not pre_only:
@@ -379,13 +413,16 @@ class JointBlock(nn.Module):
             self.ff_context = FeedForward(d)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor):
-        h, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, c)  # (B, N, D)
+        h, gate, shift_mlp, scale_mlp, gate_mlp, *second = self.norm1(x, c)  # (B, N, D)
         if self.pre_only:
             h_ctx = self.norm1_context(ctx, c)  # (B, L, D)
         else:
             h_ctx, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(ctx, c)
         a, a_ctx = self.attn(h, h_ctx)  # (B, N, D), (B, L, D) or None
         x = x + gate[:, None] * a  # (B, N, D)
+        if self.dual:
+            h2, gate2 = second
+            x = x + gate2[:, None] * self.attn2(h2)  # (B, N, D)
         x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
         if self.pre_only:
             return x, None
@@ -408,7 +445,10 @@ class MMDiT(nn.Module):
         self.time_text_embed = TimestepTextEmbed(d, cfg.pooled_projection_dim)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
         self.transformer_blocks = nn.ModuleList(
-            [JointBlock(cfg, pre_only=i == cfg.num_layers - 1) for i in range(cfg.num_layers)]
+            [
+                JointBlock(cfg, i == cfg.num_layers - 1, i in cfg.dual_attention_layers)
+                for i in range(cfg.num_layers)
+            ]
         )
         self.norm_out = AdaLayerNormContinuous(d)
         self.proj_out = nn.Linear(d, p * p * cfg.out_channels)

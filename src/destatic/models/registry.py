@@ -30,6 +30,7 @@ from destatic.io import (
 from destatic.io.weights import FLOAT_DTYPES, declared_tensors, load_safetensors
 from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from destatic.models.controlnet import ControlNet, ControlNetConfig
+from destatic.models.flux import Flux, FluxConfig
 from destatic.models.mmdit import MMDiT, MMDiTConfig
 from destatic.models.unet import UNet2DCondition, UNetConfig
 
@@ -102,6 +103,7 @@ COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "UNet2DCondition": (UNet2DCondition, UNetConfig),
     "SD3Transformer2DModel": (MMDiT, MMDiTConfig),
     "MMDiT": (MMDiT, MMDiTConfig),
+    "FluxTransformer2DModel": (Flux, FluxConfig),
     "AutoencoderKL": (AutoencoderKL, AutoencoderConfig),
     "ControlNetModel": (ControlNet, ControlNetConfig),
     "ControlNet": (ControlNet, ControlNetConfig),

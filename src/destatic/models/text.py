@@ -11,6 +11,9 @@ from the Hugging Face hub at run time.
   mean pooling, handy for training small text-conditioned models from scratch.
 * :class:`SD3TextEncoder` reproduces diffusers' ``StableDiffusion3Pipeline.encode_prompt``:
   CLIP-L + CLIP-G (+ optional T5) into one ``[B, 77 + max_sequence_length, D]`` context.
+* :class:`SDXLTextEncoder` reproduces diffusers' ``StableDiffusionXLPipeline.encode_prompt``:
+  CLIP-L and CLIP-G penultimate states side by side (the refiner: CLIP-G alone), CLIP-G's
+  projected pooled vector.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from torch import nn
 
 __all__ = [
     "CLIPTextEncoder",
+    "FluxTextEncoder",
     "MiniLMTextEncoder",
     "SD3TextEncoder",
+    "SDXLTextEncoder",
     "TextEmbedding",
     "TextEncoder",
 ]
@@ -182,9 +187,16 @@ class CLIPTextEncoder(TextEncoder):
     ``-(clip_skip + 1)`` passed through ``final_layer_norm``, diffusers' semantics); ``pooled``
     is ``pooler_output`` for ``CLIPTextModel`` and ``text_embeds`` for
     ``CLIPTextModelWithProjection``. The pooled vector never depends on ``clip_skip``.
+
+    With ``prompt_weighting`` (the default) prompts take AUTOMATIC1111's syntax — ``(word:1.3)``,
+    ``(word)``, ``[word]``, ``BREAK`` — and prompts over ``max_length`` tokens are encoded in
+    chunks rather than truncated (:mod:`destatic.models.prompt_weights`); a plain prompt that
+    fits is encoded exactly as before (as diffusers does).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, clip_skip: int = 0):
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, clip_skip: int = 0, prompt_weighting: bool = True
+    ):
         super().__init__()
         if clip_skip < 0:
             raise ValueError(f"clip_skip must be >= 0, got {clip_skip}")
@@ -194,6 +206,7 @@ class CLIPTextEncoder(TextEncoder):
         self.model = model
         self.tokenizer = tokenizer
         self.clip_skip = clip_skip
+        self.prompt_weighting = prompt_weighting
         self.dim = int(model.config.hidden_size)
         self.with_projection = hasattr(model, "text_projection")
         self.pooled_dim = int(
@@ -240,10 +253,18 @@ class CLIPTextEncoder(TextEncoder):
         return cls(model, tokenizer, **kw)
 
     def _encode(self, prompts: list[str]) -> TextEmbedding:
+        """Plain prompts that fit as diffusers encodes them; prompts with A1111's weights,
+        ``BREAK`` or over ``max_length`` tokens as A1111 does (:meth:`_encode_weighted`)."""
+        if self.prompt_weighting and self._needs_chunks(prompts):
+            return self._encode_weighted(prompts)
         batch = _tokenize(self.tokenizer, prompts, self.max_length)
         device = self.device
-        input_ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device).bool()
+        tokens, pooled = self._states(batch["input_ids"].to(device), mask)
+        return TextEmbedding(tokens=tokens, pooled=pooled, mask=mask)
+
+    def _states(self, input_ids: torch.Tensor, mask: torch.Tensor):
+        """(per-token states, pooled vector) of token ids [N, T]."""
         use_mask = getattr(self.model.config, "use_attention_mask", False)
         out = self.model(
             input_ids,
@@ -259,7 +280,38 @@ class CLIPTextEncoder(TextEncoder):
         else:
             tokens = out.last_hidden_state
         pooled = out.text_embeds if self.with_projection else out.pooler_output
-        return TextEmbedding(tokens=tokens, pooled=pooled, mask=mask)
+        return tokens, pooled
+
+    def _needs_chunks(self, prompts: list[str]) -> bool:
+        from destatic.models.prompt_weights import is_plain
+
+        if not all(is_plain(p) for p in prompts):
+            return True
+        ids = self.tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
+        return any(len(x) > self.max_length for x in ids)
+
+    def _encode_weighted(self, prompts: list[str]) -> TextEmbedding:
+        """A1111's prompt weighting and long prompts (:mod:`destatic.models.prompt_weights`):
+        each prompt in chunks of ``max_length`` tokens (a batch padded to its longest prompt
+        with chunks of the empty prompt, as A1111 does), each chunk encoded alone and weighted,
+        the chunks' states concatenated; the pooled vector is the first chunk's."""
+        from destatic.models.prompt_weights import apply_weights, chunk_prompt
+
+        chunked = [chunk_prompt(p, self.tokenizer, self.max_length) for p in prompts]
+        count = max(len(c) for c in chunked)
+        empty = chunk_prompt("", self.tokenizer, self.max_length)[0]
+        rows = [c + [empty] * (count - len(c)) for c in chunked]
+        flat = [chunk for row in rows for chunk in row]
+        device, n, length = self.device, len(prompts), self.max_length
+        ids = torch.tensor([c.ids for c in flat], device=device)
+        mask = torch.tensor([c.mask for c in flat], device=device)
+        tokens, pooled = self._states(ids, mask)
+        tokens = apply_weights(tokens, torch.tensor([c.weights for c in flat], device=device))
+        return TextEmbedding(
+            tokens=tokens.reshape(n, count * length, -1),
+            pooled=pooled.reshape(n, count, -1)[:, 0],
+            mask=mask.reshape(n, count * length),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,11 +489,7 @@ class SD3TextEncoder(TextEncoder):
         )
 
     def _clip(self, enc: CLIPTextEncoder, prompts: list[str]):
-        batch = _tokenize(enc.tokenizer, prompts, self.clip_length)
-        device = enc.device
-        out = enc.model(batch["input_ids"].to(device), output_hidden_states=True)
-        hidden = out.hidden_states[-(self.clip_skip + 2)]
-        return hidden, out.text_embeds, batch["attention_mask"].to(device).bool()
+        return _clip_hidden(enc, prompts, self.clip_length, self.clip_skip)
 
     def _encode(self, prompts: list[str]) -> TextEmbedding:
         tokens_l, pooled_l, mask = self._clip(self.clip_l, prompts)
@@ -466,3 +514,170 @@ class SD3TextEncoder(TextEncoder):
         tokens = torch.cat([clip_tokens.to(t5_tokens.dtype), t5_tokens], dim=-2)
         pooled = torch.cat([pooled_l, pooled_g.to(pooled_l.device)], dim=-1)
         return TextEmbedding(tokens=tokens, pooled=pooled, mask=torch.cat([mask, t5_mask], dim=1))
+
+
+def _clip_hidden(
+    enc: CLIPTextEncoder, prompts: list[str], length: int, clip_skip: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden state ``-(clip_skip + 2)`` without the final layer norm, pooled vector, mask) of a
+    CLIP: the per-token input SD3 and SDXL take from each CLIP; the pooled vector is
+    ``text_embeds`` with a projection, ``pooler_output`` without."""
+    batch = _tokenize(enc.tokenizer, prompts, length)
+    device = enc.device
+    out = enc.model(batch["input_ids"].to(device), output_hidden_states=True)
+    hidden = out.hidden_states[-(clip_skip + 2)]
+    pooled = out.text_embeds if enc.with_projection else out.pooler_output
+    return hidden, pooled, batch["attention_mask"].to(device).bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable Diffusion XL (CLIP-L + CLIP-G; the refiner: CLIP-G only)
+
+
+class SDXLTextEncoder(TextEncoder):
+    """The text towers of SDXL (Podell et al. 2023, §2.1), as diffusers'
+    ``StableDiffusionXLPipeline.encode_prompt`` combines them.
+
+    Each CLIP gives hidden state ``-(clip_skip + 2)`` (the penultimate layer by default, without
+    the final layer norm), tokenized by its own tokenizer to its own ``model_max_length``; the
+    states are concatenated on channels, ``tokens = [h_L, h_G]`` (768 + 1280 = 2048 for SDXL).
+    ``pooled`` is CLIP-G's projected ``text_embeds``. The refiner has CLIP-G alone
+    (``clip_l=None``): ``tokens = h_G``.
+
+    Pipeline settings of SDXL folders ride along for the family's conditioning
+    (:mod:`destatic.pipelines.families.sdxl`): ``force_zeros_for_empty_prompt`` (an empty
+    negative prompt is all zeros, tokens and pooled, rather than the encoding of "") and
+    ``requires_aesthetics_score`` (the refiner's time ids end with an aesthetic score,
+    ``aesthetic_score`` for the prompt, ``negative_aesthetic_score`` for the negative).
+    """
+
+    def __init__(
+        self,
+        clip_l: CLIPTextEncoder | None,
+        clip_g: CLIPTextEncoder,
+        *,
+        clip_skip: int = 0,
+        force_zeros_for_empty_prompt: bool = True,
+        requires_aesthetics_score: bool = False,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+    ):
+        super().__init__()
+        encoders = [("clip_g", clip_g)] + ([] if clip_l is None else [("clip_l", clip_l)])
+        for name, enc in encoders:
+            if not isinstance(enc, CLIPTextEncoder):
+                raise TypeError(f"{name} must be a CLIPTextEncoder")
+            if clip_skip + 2 > enc.model.config.num_hidden_layers + 1:
+                raise ValueError(f"clip_skip={clip_skip} but {name} has too few layers")
+        if not clip_g.with_projection:
+            raise TypeError("clip_g must be a CLIPTextEncoder on CLIPTextModelWithProjection")
+        if clip_skip < 0:
+            raise ValueError(f"clip_skip must be >= 0, got {clip_skip}")
+        self.clip_l = clip_l
+        self.clip_g = clip_g
+        self.clip_skip = int(clip_skip)
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        self.requires_aesthetics_score = bool(requires_aesthetics_score)
+        self.aesthetic_score = float(aesthetic_score)
+        self.negative_aesthetic_score = float(negative_aesthetic_score)
+        self.dim = clip_g.dim + (0 if clip_l is None else clip_l.dim)
+        self.pooled_dim = clip_g.pooled_dim
+        lengths = {enc.max_length for _, enc in encoders}
+        if len(lengths) != 1:
+            raise ValueError(f"the two CLIP tokenizers pad to different lengths {sorted(lengths)}")
+        self.max_length = lengths.pop()
+
+    @classmethod
+    def from_folders(
+        cls, folder: str | Path, *, torch_dtype: torch.dtype | None = None, **kw: Any
+    ) -> SDXLTextEncoder:
+        """Load ``text_encoder_2``/``tokenizer_2`` (CLIP-G) and, unless the folder is a refiner
+        without one, ``text_encoder``/``tokenizer`` (CLIP-L) from a diffusers SDXL folder, with
+        ``local_files_only=True`` only. Other keywords go to ``__init__``."""
+        folder = Path(folder)
+        clip_l = None
+        if (folder / "text_encoder").is_dir():
+            clip_l = CLIPTextEncoder.from_folders(
+                folder / "text_encoder", folder / "tokenizer", torch_dtype=torch_dtype
+            )
+        clip_g = CLIPTextEncoder.from_folders(
+            folder / "text_encoder_2", folder / "tokenizer_2", torch_dtype=torch_dtype
+        )
+        return cls(clip_l, clip_g, **kw)
+
+    def _encode(self, prompts: list[str]) -> TextEmbedding:
+        encoders = [self.clip_g] if self.clip_l is None else [self.clip_l, self.clip_g]
+        states, mask = [], None
+        for enc in encoders:
+            hidden, pooled, enc_mask = _clip_hidden(enc, prompts, self.max_length, self.clip_skip)
+            mask = enc_mask if mask is None else mask
+            states.append(hidden.to(encoders[0].device))
+        tokens = torch.cat(states, dim=-1)  # [B, T, 768 + 1280]
+        return TextEmbedding(tokens=tokens, pooled=pooled, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flux (CLIP-L pooled + T5 tokens)
+
+
+def _load_t5(
+    model_dir: Path, tokenizer_dir: Path, torch_dtype: torch.dtype | None = None
+) -> tuple[nn.Module, Any]:
+    """(T5EncoderModel, its tokenizer) from local diffusers-layout folders, offline."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    te_dir = _check_dir(model_dir, "T5 text encoder", _WEIGHTS)
+    tok_dir = _check_dir(tokenizer_dir, "T5 tokenizer", [["tokenizer.json"], ["spiece.model"]])
+    return _load_local(T5EncoderModel, te_dir, AutoTokenizer, tok_dir, torch_dtype)
+
+
+class FluxTextEncoder(TextEncoder):
+    """The two text towers of FLUX.1, as diffusers' ``FluxPipeline.encode_prompt`` uses them.
+
+    ``tokens`` is T5's last hidden state over ``max_sequence_length`` tokens (padded, never
+    masked: the transformer attends to the padding too, as in diffusers); ``pooled`` is CLIP-L's
+    ``pooler_output`` (``CLIPTextModel``, 77 tokens) — CLIP's token states are not used.
+    ``mask`` marks T5's real tokens.
+    """
+
+    def __init__(
+        self, clip: CLIPTextEncoder, t5: nn.Module, t5_tokenizer: Any, max_sequence_length: int
+    ):
+        super().__init__()
+        if not isinstance(clip, CLIPTextEncoder) or clip.with_projection:
+            raise TypeError("clip must be a CLIPTextEncoder on a CLIPTextModel (no projection)")
+        if not 1 <= max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
+        self.clip = clip
+        self.t5 = t5
+        self.t5_tokenizer = t5_tokenizer
+        self.max_length = self.max_sequence_length = int(max_sequence_length)
+        self.dim = int(t5.config.d_model)
+        self.pooled_dim = clip.pooled_dim
+
+    @classmethod
+    def from_folders(
+        cls,
+        folder: str | Path,
+        *,
+        max_sequence_length: int = 512,
+        torch_dtype: torch.dtype | None = None,
+    ) -> FluxTextEncoder:
+        """Load ``text_encoder``/``tokenizer`` (CLIP-L) and ``text_encoder_2``/``tokenizer_2``
+        (T5) from a diffusers Flux pipeline folder, with ``local_files_only=True`` only."""
+        folder = Path(folder)
+        clip = CLIPTextEncoder.from_folders(
+            folder / "text_encoder", folder / "tokenizer", torch_dtype=torch_dtype
+        )
+        t5, t5_tokenizer = _load_t5(
+            folder / "text_encoder_2", folder / "tokenizer_2", torch_dtype=torch_dtype
+        )
+        return cls(clip, t5, t5_tokenizer, max_sequence_length)
+
+    def _encode(self, prompts: list[str]) -> TextEmbedding:
+        pooled = self.clip.encode(prompts).pooled  # [B, 768]
+        batch = _tokenize(self.t5_tokenizer, prompts, self.max_sequence_length)
+        device = next(self.t5.parameters()).device
+        tokens = self.t5(batch["input_ids"].to(device))[0]  # [B, max_sequence_length, d_model]
+        mask = batch["attention_mask"].to(device).bool()
+        return TextEmbedding(tokens=tokens, pooled=pooled.to(device), mask=mask)

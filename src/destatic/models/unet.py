@@ -3,6 +3,16 @@ Latent Diffusion Models"): an ε- or v-predicting U-Net on VAE latents, conditio
 (sinusoidal embedding → MLP, added inside every residual block) and on text tokens (cross-attention
 in ``SpatialTransformer``s).
 
+SDXL's U-Net (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution
+Image Synthesis", §2.2) is the same network with deeper transformers
+(``transformer_layers_per_block`` 1/2/10), 2048-wide text tokens, and *micro-conditioning*
+(``addition_embed_type="text_time"``): the image's size and crop ``time_ids`` (six numbers, or
+five with the refiner's aesthetic score) each get the sinusoidal embedding of width
+``addition_time_embed_dim``; concatenated with the pooled text vector ``text_embeds`` they pass an
+MLP (``add_embedding``) whose output is added to the timestep embedding,
+
+    temb = MLP_t(sin(t)) + MLP_add([text_embeds, sin(time_ids_1), …, sin(time_ids_k)]).
+
 Config field names and ``state_dict`` keys are those of diffusers' ``UNet2DConditionModel``, so a
 diffusers checkpoint loads with ``UNet2DCondition(UNetConfig.from_diffusers(cfg))`` and
 ``load_state_dict(weights, strict=True)``, with no key mapping.
@@ -81,6 +91,11 @@ class UNetConfig(JsonConfig):
     # width of the guidance-scale embedding added to the timestep embedding (LCM's
     # w-conditioning; None = the network takes no guidance input)
     time_cond_proj_dim: int | None = None
+    # SDXL micro-conditioning: "text_time" adds MLP([text_embeds, sin(time_ids)]) to the time
+    # embedding; its sinusoid width per time id and the MLP's input width
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # not used by the model
 
     def __post_init__(self) -> None:
@@ -107,6 +122,19 @@ class UNetConfig(JsonConfig):
         for b in self.up_block_types:
             if b not in UP_BLOCKS:
                 raise ValueError(f"unsupported up_block_types entry {b!r}; supported: {UP_BLOCKS}")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(
+                f"unsupported addition_embed_type {self.addition_embed_type!r}; "
+                "supported: None, 'text_time'"
+            )
+        if self.addition_embed_type == "text_time" and None in (
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ):
+            raise ValueError(
+                "addition_embed_type='text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim"
+            )
 
     def validate(self) -> None:
         """Raise a ValueError naming the first field that cannot build a working U-Net: sizes
@@ -123,6 +151,8 @@ class UNetConfig(JsonConfig):
             norm_num_groups=self.norm_num_groups,
             cross_attention_dim=self.cross_attention_dim,
             time_cond_proj_dim=self.time_cond_proj_dim,
+            addition_time_embed_dim=self.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim,
         )
         check_positive_float(norm_eps=self.norm_eps)
         check_sample_size(self.sample_size)
@@ -153,8 +183,9 @@ class UNetConfig(JsonConfig):
     def from_diffusers(cls, cfg: dict[str, Any]) -> UNetConfig:
         """Read a diffusers ``UNet2DConditionModel`` config.json dict.
 
-        Options SD 1.x/2.x do not use (class/addition embeddings, other block types, ...) must be
-        absent or at their diffusers default, otherwise a ValueError names the option.
+        Options SD 1.x/2.x/XL do not use (class embeddings, other addition embeddings, other
+        block types, ...) must be absent or at their diffusers default, otherwise a ValueError
+        names the option.
         """
         cfg, private = cls._read_diffusers(cfg, _UNSUPPORTED_DEFAULTS, "UNet")
         if isinstance(cfg.get("cross_attention_dim"), list | tuple):
@@ -176,8 +207,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
@@ -188,12 +217,11 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "timestep_post_act": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": (None,),
-    "addition_embed_type_num_heads": (64,),  # only read with addition_embed_type
+    "addition_embed_type_num_heads": (64,),  # only read with addition_embed_type="text"
 }
 
 
@@ -354,6 +382,10 @@ class UNet2DCondition(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch, cfg.time_cond_proj_dim)
+        if cfg.addition_embed_type == "text_time":  # SDXL micro-conditioning (module docstring)
+            self.add_embedding = TimestepEmbedding(
+                cfg.projection_class_embeddings_input_dim, temb_ch
+            )
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
@@ -413,6 +445,21 @@ class UNet2DCondition(nn.Module):
             # a new guidance input starts silent: a student copied from its teacher is the teacher
             nn.init.zeros_(self.time_embedding.cond_proj.weight)
 
+    def micro_embedding(
+        self, added_cond: dict[str, torch.Tensor], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """SDXL's added embedding ``MLP_add([text_embeds, sin(time_ids)])`` (B, 4·C0): each of
+        the k time ids (original size, crop corner, target size or aesthetic score) gets the
+        sinusoidal embedding of width ``addition_time_embed_dim`` with the timestep's
+        ``flip_sin_to_cos`` and ``freq_shift``."""
+        cfg = self.config
+        text, ids = added_cond["text_embeds"], added_cond["time_ids"]
+        sin = timestep_embedding(
+            ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+        )  # (B·k, addition_time_embed_dim)
+        sin = sin.reshape(text.shape[0], -1)  # (B, k·addition_time_embed_dim)
+        return self.add_embedding(torch.cat([text, sin], dim=-1).to(dtype))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -420,13 +467,17 @@ class UNet2DCondition(nn.Module):
         context: torch.Tensor,
         control: Any = None,
         guidance: torch.Tensor | float | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents; timestep: scalar or (B,), fractional allowed;
         context: (B, tokens, cross_attention_dim). Returns (B, out_channels, H, W).
         ``control`` (a :class:`~destatic.models.controlnet.ControlResiduals`) adds a ControlNet's
         residuals to the skip connections and the mid block's output. ``guidance`` (scalar or
         (B,)): the classifier-free guidance scale w a guidance-distilled network
-        (``time_cond_proj_dim``) was taught to reproduce, see :func:`guidance_embedding`."""
+        (``time_cond_proj_dim``) was taught to reproduce, see :func:`guidance_embedding`.
+        ``added_cond`` (SDXL, ``addition_embed_type="text_time"``; diffusers'
+        ``added_cond_kwargs``): ``{"text_embeds": (B, P), "time_ids": (B, k)}``, see
+        :meth:`micro_embedding`."""
         cfg = self.config
         t = torch.as_tensor(timestep, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t  # (B,)
@@ -443,6 +494,15 @@ class UNet2DCondition(nn.Module):
             w = w.expand(x.shape[0]) if w.numel() == 1 else w  # (B,)
             wemb = guidance_embedding(w, cfg.time_cond_proj_dim)  # (B, time_cond_proj_dim)
         temb = self.time_embedding(temb.to(x.dtype), wemb)  # (B, 4·C0)
+        if (added_cond is None) != (cfg.addition_embed_type is None):
+            raise ValueError(
+                "this U-Net is micro-conditioned (SDXL): pass added_cond={'text_embeds', "
+                "'time_ids'}"
+                if added_cond is None
+                else "this U-Net takes no added_cond (addition_embed_type is None)"
+            )
+        if added_cond is not None:
+            temb = temb + self.micro_embedding(added_cond, temb.dtype)  # (B, 4·C0)
 
         if cfg.center_input_sample:
             x = 2 * x - 1

@@ -15,7 +15,7 @@ from torch import nn
 
 from destatic.models.autoencoder import AutoencoderKL
 from destatic.models.text import TextEncoder
-from destatic.pipelines.families import Family, default_family
+from destatic.pipelines.families import ConditioningContext, Family, default_family
 from destatic.pipelines.inputs import Inputs
 from destatic.process import Process, Target
 
@@ -23,6 +23,14 @@ __all__ = ["SAMPLING", "PipelineBase"]
 
 #: The sampling fields a model folder or family gives defaults for.
 SAMPLING = ("steps", "sampler", "grid", "guidance")
+
+
+def _to(cond: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Every tensor of a (nested) conditioning dict on ``device`` in ``dtype``."""
+    return {
+        k: _to(v, device, dtype) if isinstance(v, dict) else v.to(device, dtype)
+        for k, v in cond.items()
+    }
 
 
 @dataclass
@@ -68,8 +76,10 @@ class PipelineBase:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE factor (× the patch size of a DiT)."""
-        return self.latent_factor * int(getattr(self.network.config, "patch_size", 1))
+        """Image sides must be multiples of this: the VAE factor (× the patch size of a DiT, or
+        the token packing of Flux: ``network.latent_patch``)."""
+        patch = getattr(self.network, "latent_patch", None)
+        return self.latent_factor * int(patch or getattr(self.network.config, "patch_size", 1))
 
     @property
     def default_size(self) -> int:
@@ -97,14 +107,29 @@ class PipelineBase:
         """Whether classifier-free guidance is folded into the network (a distilled student
         that takes the scale w as an input): ``guidance`` is then passed to the network, one
         call per step, and never applied again on top."""
-        return getattr(self.network.config, "time_cond_proj_dim", None) is not None
+        config = self.network.config  # LCM students: time_cond_proj_dim; Flux dev: guidance_embeds
+        return getattr(config, "time_cond_proj_dim", None) is not None or bool(
+            getattr(config, "guidance_embeds", False)
+        )
 
     # -- what the stages ask of it ---------------------------------------------------------------
-    def conditioning(self, prompts: list[str]) -> dict:
-        """The denoiser's keyword inputs for ``prompts``, as the family builds them."""
+    def conditioning(
+        self,
+        prompts: list[str],
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        negative: bool = False,
+    ) -> dict:
+        """The denoiser's keyword inputs for ``prompts`` (the ``negative`` branch of guidance or
+        not) at an image size (default :attr:`default_size`), as the family builds them."""
         embedding = self.text_encoder.encode(prompts)
-        cond = self.family.conditioning(self.network, embedding)
-        return {k: v.to(self.device, self.dtype) for k, v in cond.items()}
+        size = self.default_size
+        context = ConditioningContext(
+            tuple(prompts), width or size, height or size, negative, self.text_encoder
+        )
+        cond = self.family.conditioning(self.network, embedding, context)
+        return _to(cond, self.device, self.dtype)
 
     def latent_shape(
         self, batch: int, width: int, height: int, frames: int | None = None
@@ -183,7 +208,7 @@ class PipelineBase:
             return lo + tol < t <= hi + tol
 
         window = None if (on[0] == 0 and on[-1] == n - 1) else active
-        net = inputs.controlnet.to(self.device)
+        net = inputs.controlnet.to(self.device, self.dtype)
         return ControlledUNet(self.network, [(net, inputs.control, scale, window)])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,15 @@ from pathlib import Path
 
 from destatic.bundled import resolve
 from destatic.io import read_model_index
+from destatic.models.flux import Flux
 from destatic.models.mmdit import MMDiT
 from destatic.models.registry import save_component
-from destatic.models.text import CLIPTextEncoder, SD3TextEncoder
+from destatic.models.text import (
+    CLIPTextEncoder,
+    FluxTextEncoder,
+    SD3TextEncoder,
+    SDXLTextEncoder,
+)
 from destatic.pipelines.families import family_of
 from destatic.pipelines.pipeline import Pipeline
 from destatic.process.schedulers import scheduler_config_from_process
@@ -47,9 +53,11 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else None
-    is_dit = isinstance(pipeline.network, MMDiT)
+    is_dit = isinstance(pipeline.network, MMDiT | Flux)
     network_key = "transformer" if is_dit else "unet"
     network_class = "MMDiT" if is_dit else "UNet2DCondition"
+    if isinstance(pipeline.network, Flux):
+        network_class = "FluxTransformer2DModel"  # the flux family matches diffusers' name
     save_component(
         pipeline.network,
         folder / network_key,
@@ -65,30 +73,7 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
             config=pipeline.autoencoder.config.to_dict(),
             dtype=dtype,
         )
-    extra: dict = {}
-    if isinstance(encoder, SD3TextEncoder):
-        text_entry = ["transformers", type(encoder.clip_l.model).__name__]
-        parts = [("", encoder.clip_l.model, encoder.clip_l.tokenizer)]
-        parts.append(("_2", encoder.clip_g.model, encoder.clip_g.tokenizer))
-        if encoder.t5 is not None:
-            parts.append(("_3", encoder.t5, encoder.t5_tokenizer))
-        for suffix, model, tokenizer in parts:
-            model.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
-            tokenizer.save_pretrained(folder / f"tokenizer{suffix}")
-            extra[f"text_encoder{suffix}"] = ["transformers", type(model).__name__]
-            extra[f"tokenizer{suffix}"] = ["transformers", type(tokenizer).__name__]
-        if encoder.t5 is None:
-            extra["text_encoder_3"] = [None, None]
-            extra["tokenizer_3"] = [None, None]
-        if encoder.max_sequence_length != 256:
-            extra["destatic_max_sequence_length"] = encoder.max_sequence_length
-    elif isinstance(encoder, CLIPTextEncoder):
-        encoder.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
-        encoder.tokenizer.save_pretrained(folder / "tokenizer")
-        text_entry = ["transformers", type(encoder.model).__name__]
-    else:
-        text_entry = ["destatic", type(encoder).__name__]
-        extra["destatic_text_max_length"] = encoder.max_length
+    text_entry, extra = _save_text_encoder(encoder, folder)
     from destatic.process import ConsistencyTarget
 
     target = pipeline.target
@@ -111,3 +96,46 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
         index["tokenizer"] = ["transformers", type(encoder.tokenizer).__name__]
     index.update(extra)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _save_text_encoder(encoder, folder: Path) -> tuple[list, dict]:
+    """Write the text towers (and tokenizers) of ``encoder`` under ``folder``: its
+    ``model_index.json`` entry for ``text_encoder`` and the other keys it adds there."""
+    if isinstance(encoder, CLIPTextEncoder):
+        encoder.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        encoder.tokenizer.save_pretrained(folder / "tokenizer")
+        return ["transformers", type(encoder.model).__name__], {}
+    extra: dict = {}
+    if isinstance(encoder, SD3TextEncoder):
+        parts = [("", encoder.clip_l.model, encoder.clip_l.tokenizer)]
+        parts.append(("_2", encoder.clip_g.model, encoder.clip_g.tokenizer))
+        if encoder.t5 is not None:
+            parts.append(("_3", encoder.t5, encoder.t5_tokenizer))
+        else:
+            extra["text_encoder_3"] = extra["tokenizer_3"] = [None, None]
+        if encoder.max_sequence_length != 256:
+            extra["destatic_max_sequence_length"] = encoder.max_sequence_length
+    elif isinstance(encoder, SDXLTextEncoder):
+        if encoder.clip_skip:
+            raise ValueError("saving an SDXLTextEncoder with clip_skip > 0 is not supported")
+        parts = [("_2", encoder.clip_g.model, encoder.clip_g.tokenizer)]
+        if encoder.clip_l is None:  # the refiner
+            extra["text_encoder"] = extra["tokenizer"] = [None, None]
+        else:
+            parts.insert(0, ("", encoder.clip_l.model, encoder.clip_l.tokenizer))
+        extra["force_zeros_for_empty_prompt"] = encoder.force_zeros_for_empty_prompt
+        extra["requires_aesthetics_score"] = encoder.requires_aesthetics_score
+    elif isinstance(encoder, FluxTextEncoder):
+        parts = [("", encoder.clip.model, encoder.clip.tokenizer)]
+        parts.append(("_2", encoder.t5, encoder.t5_tokenizer))
+        extra["destatic_max_sequence_length"] = encoder.max_sequence_length
+    else:
+        return ["destatic", type(encoder).__name__], {
+            "destatic_text_max_length": encoder.max_length
+        }
+    for suffix, model, tokenizer in parts:  # (suffix, model, tokenizer) of each text tower
+        model.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
+        tokenizer.save_pretrained(folder / f"tokenizer{suffix}")
+        extra[f"text_encoder{suffix}"] = ["transformers", type(model).__name__]
+        extra[f"tokenizer{suffix}"] = ["transformers", type(tokenizer).__name__]
+    return extra["text_encoder"], extra

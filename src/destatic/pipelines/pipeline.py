@@ -8,14 +8,16 @@ stages of :mod:`destatic.pipelines.stages`; ``pipe.generate(prompt, **fields)`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from destatic.pipelines.base import PipelineBase
+from destatic.pipelines.prompt_chunks import same_token_count
 from destatic.pipelines.request import GenerationRequest
 from destatic.pipelines.stages import (
     encode_conditioning,
@@ -26,7 +28,7 @@ from destatic.pipelines.stages import (
 )
 from destatic.sampling import StepInfo, sample, sampler_info
 
-__all__ = ["Pipeline", "to_pil"]
+__all__ = ["Pipeline", "lanczos", "to_pil"]
 
 _REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
 _RUN_OPTIONS = {"noise", "sigmas", "callback", "progress", "preview"}
@@ -55,14 +57,27 @@ class Pipeline(PipelineBase):
 
         ``noise`` replaces the seeded initial noise (unit variance, latent shape); ``sigmas``
         the request's grid; ``callback(StepInfo)`` sees every step; ``progress`` shows a bar;
-        ``preview(i, images)`` receives the decoded estimate x̂0 after step i."""
+        ``preview(i, images)`` receives the decoded estimate x̂0 after step i. A request with
+        ``hires_scale`` > 1 runs a second pass on its enlarged images (:meth:`hires_request`;
+        ``noise`` and ``sigmas`` are the first pass's), and ``vae_tiling`` runs the
+        autoencoder in overlapping tiles."""
         r = request.resolved(self)
-        sampler_info(r.sampler)  # unknown names fail before any work
+        live = {"callback": callback, "progress": progress, "preview": preview}
+        with self._tiling(r.vae_tiling):
+            images = self._draw(r, noise, sigmas, **live)
+            if r.hires_scale != 1:
+                images = self._draw(self.hires_request(r, images), None, None, **live)
+        return images
+
+    def _draw(self, r: GenerationRequest, noise, sigmas, *, callback, progress, preview):
+        """One pass of the stages for a resolved request (see :meth:`run`)."""
+        info = sampler_info(r.sampler)  # unknown names fail before any work
         self.use_loras(r.loras)
         inputs = prepare_inputs(r, self.default_size, len(r.prompts))
         self.check_size(inputs.width, inputs.height)
-        conditioning = encode_conditioning(self, r)
-        sigmas = sigma_grid(self, r, sigmas)
+        conditioning = encode_conditioning(self, r, inputs)
+        conditioning = same_token_count(self, conditioning, inputs.width, inputs.height)
+        sigmas = sigma_grid(self, r, sigmas, inputs)
         state = initial_state(self, r, inputs, sigmas, noise)
         denoiser = wrap_denoiser(self, r, inputs, conditioning, sigmas, state.known)
         from tqdm.auto import tqdm
@@ -84,9 +99,43 @@ class Pipeline(PipelineBase):
                 sigmas,
                 generator=state.generators,
                 callback=report,
+                **({"process": self.process} if info.needs_process else {}),
                 **r.sampler_options,
             )
         return self.decode(latents)
+
+    def hires_request(self, r: GenerationRequest, images: torch.Tensor) -> GenerationRequest:
+        """The hires fix's second pass (A1111's): the first pass's ``images`` enlarged by
+        ``r.hires_scale`` with Lanczos (sides rounded to the model's multiple), redrawn image →
+        image at ``r.hires_strength`` with the same prompts and seeds."""
+        if r.hires_scale < 1:
+            raise ValueError(f"hires_scale must be at least 1, got {r.hires_scale:g}")
+        if r.image is not None or r.controlnet is not None:
+            raise ValueError("the hires pass is for text → image: drop the input or control image")
+        m = self.size_multiple
+        height, width = (max(m, round(side * r.hires_scale / m) * m) for side in images.shape[-2:])
+        return dataclasses.replace(
+            r,
+            image=lanczos(images, width, height),
+            strength=r.hires_strength,
+            width=None,
+            height=None,
+            hires_scale=1.0,
+        )
+
+    @contextlib.contextmanager
+    def _tiling(self, on: bool) -> Iterator[None]:
+        """The autoencoder tiled (512-pixel tiles) inside the block when ``on``; a pixel-space
+        model has nothing to tile, and tiling enabled by the caller stays as it is."""
+        vae = self.autoencoder
+        if not on or vae is None or vae.tile_pixels is not None:
+            yield
+            return
+        vae.enable_tiling()
+        try:
+            yield
+        finally:
+            vae.disable_tiling()
 
     def generate(self, prompt: str | Sequence[str], **kwargs) -> torch.Tensor:
         """:meth:`run` on a request built from keywords: every :class:`GenerationRequest`
@@ -107,6 +156,26 @@ class Pipeline(PipelineBase):
     def __call__(self, prompt: str | Sequence[str], **kwargs):
         """``generate`` as a list of ``PIL.Image`` (the docs/architecture.md contract)."""
         return to_pil(self.generate(prompt, **kwargs))
+
+    # -- device and precision --------------------------------------------------------------------
+    def to(
+        self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    ) -> Pipeline:
+        """Move every component — network, autoencoder, text encoder — to ``device`` and cast
+        it to ``dtype`` (either None: unchanged; names as ``--device``/``--dtype``, ``auto``
+        included: :func:`~destatic.pipelines.devices.pick_device`). An fp16 pipeline keeps an
+        autoencoder whose config says ``force_upcast`` in fp32. Returns the pipeline."""
+        from destatic.pipelines.devices import pick_device, pick_dtype, upcast_dtype
+
+        if device is not None:
+            device, _ = pick_device(device, "fp32")
+        if dtype is not None:
+            dtype = pick_dtype(dtype, device or self.device)
+        self.network.to(device=device, dtype=dtype)
+        self.text_encoder.to(device=device, dtype=dtype)
+        if self.autoencoder is not None:
+            self.autoencoder.to(device=device, dtype=upcast_dtype(self.autoencoder.config, dtype))
+        return self
 
     # -- LoRA adapters on the network (destatic.models.lora) ---------------------------------
 
@@ -156,3 +225,14 @@ def to_pil(images: torch.Tensor) -> list:
 
     arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in arrays]
+
+
+def lanczos(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Images [B, C, H, W] in [0, 1] resized to ``width`` × ``height`` with Lanczos, through
+    8-bit images as A1111's Lanczos upscaler does (float32, on the CPU)."""
+    import numpy as np
+    from PIL import Image
+
+    resized = [im.resize((width, height), Image.Resampling.LANCZOS) for im in to_pil(images)]
+    arrays = np.stack([np.asarray(im, np.float32).reshape(height, width, -1) for im in resized])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 255

@@ -40,6 +40,8 @@ _TEXT = ("negative_prompt", "model", "sampler", "grid")
 _INTS = ("steps", "width", "height", "num_images", "num_frames")
 _FLOATS = (
     "guidance",
+    "hires_scale",
+    "hires_strength",
     "guidance_rescale",
     "strength",
     "variation_strength",
@@ -48,7 +50,7 @@ _FLOATS = (
     "control_end",
     "seconds",
 )
-_FLAGS = ("keep_unmasked", "control_canny")
+_FLAGS = ("keep_unmasked", "control_canny", "vae_tiling")
 _INPUTS = ("image", "mask", "control_image", "controlnet")  # a path, or an object in memory
 
 
@@ -98,6 +100,11 @@ class GenerationRequest:
     # other media: frames of a video model, seconds of an audio model
     num_frames: int | None = None
     seconds: float | None = None
+    # large images: a hires-fix pass (draw, enlarge by hires_scale with Lanczos, then image →
+    # image at hires_strength; 1 = off) and a VAE run in overlapping tiles (bounded memory)
+    hires_scale: float = 1.0
+    hires_strength: float = 0.7
+    vae_tiling: bool = False
 
     # -- shape of the batch ----------------------------------------------------------------------
     @property
@@ -148,6 +155,17 @@ class GenerationRequest:
             height=height or self.height,
         )
 
+    def for_images(
+        self, sizes: list[tuple[int, int]], default_size: int
+    ) -> list[GenerationRequest]:
+        """The request of each output image (what its PNG stores), given the images' sizes:
+        its own prompt and seed, and the size it was drawn at — the model's ``default_size``
+        when unset, and the size before the hires pass when there is one."""
+        if self.hires_scale == 1:
+            return [self.for_image(i, w, h) for i, (w, h) in enumerate(sizes)]
+        w, h = self.width or default_size, self.height or default_size
+        return [self.for_image(i, w, h) for i in range(len(sizes))]
+
     # -- defaults ------------------------------------------------------------------------------
     def with_companions(self) -> GenerationRequest:
         """Routed to the bundled companions of the bundled default model
@@ -162,17 +180,35 @@ class GenerationRequest:
             routed = dataclasses.replace(routed, controlnet=str(found["control"]))
         return routed
 
+    def canonical(self) -> GenerationRequest:
+        """This request with its sampler and grid in destatic's names: an A1111 label such as
+        ``"DPM++ 2M Karras"`` becomes ``sampler="dpmpp_2m", grid="karras"``
+        (:mod:`destatic.sampling.aliases`); an unknown name is a :class:`RequestError` that
+        lists the valid ones."""
+        from destatic.sampling.aliases import resolve_grid, resolve_sampler
+
+        try:
+            if self.sampler is None:
+                sampler, grid = None, resolve_grid(self.grid)
+            else:
+                sampler, grid = resolve_sampler(self.sampler, self.grid)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        return dataclasses.replace(self, sampler=sampler, grid=grid)
+
     def resolved(self, pipe: PipelineBase) -> GenerationRequest:
-        """This request with every unset sampling field filled: the model folder's stored
-        defaults, else the family's (:attr:`Family.defaults`); the grid last falls back to the
-        process's (``karras``, or ``sgm_uniform`` for a flow starting at σ = ∞)."""
+        """This request in canonical names (:meth:`canonical`) with every unset sampling field
+        filled: the model folder's stored defaults, else the family's (:attr:`Family.defaults`);
+        the grid last falls back to the process's (``karras``, or ``sgm_uniform`` for a flow
+        starting at σ = ∞)."""
         d = pipe.sampling_defaults
+        r = self.canonical()
         return dataclasses.replace(
-            self,
-            steps=int(self.steps if self.steps is not None else d["steps"]),
-            sampler=self.sampler or d["sampler"],
-            grid=self.grid or d["grid"],
-            guidance=float(self.guidance if self.guidance is not None else d["guidance"]),
+            r,
+            steps=int(r.steps if r.steps is not None else d["steps"]),
+            sampler=r.sampler or d["sampler"],
+            grid=r.grid or d["grid"],
+            guidance=float(r.guidance if r.guidance is not None else d["guidance"]),
         )
 
     # -- JSON and PNG metadata -----------------------------------------------------------------
@@ -222,19 +258,41 @@ class GenerationRequest:
 
     @classmethod
     def from_png(cls, path: str | Path) -> GenerationRequest:
-        """The request a destatic PNG was generated with; a :class:`RequestError` otherwise."""
+        """The request a PNG was generated with: destatic's own chunk, else AUTOMATIC1111's
+        ``parameters`` text (:meth:`from_a1111`); a :class:`RequestError` otherwise."""
         from destatic.pipelines.inputs import open_image
 
-        text = open_image(path, "RGB").info.get(CHUNK)
+        info = open_image(path, "RGB").info
+        text = info.get(CHUNK)
+        if text is None and isinstance(info.get("parameters"), str):
+            try:
+                return cls.from_a1111(info["parameters"])
+            except RequestError as e:
+                raise RequestError(f"{path}: its A1111 parameters cannot be used ({e})") from None
         if text is None:
             raise RequestError(
-                f"{path} carries no destatic generation parameters (only PNGs written by "
-                "destatic generate do)"
+                f"{path} carries no destatic generation parameters (nor A1111's parameters "
+                "text): only PNGs written by destatic generate or A1111 do"
             )
         try:
             return cls.from_json(text)
         except RequestError as e:
             raise RequestError(f"{path}: its destatic parameters are damaged ({e})") from None
+
+    @classmethod
+    def from_a1111(cls, text: str) -> GenerationRequest:
+        """The request an AUTOMATIC1111 ``parameters`` text describes (prompt, negative
+        prompt, steps, sampler label and schedule type, CFG scale, seed, size, variation seed,
+        hires upscale): sampler and grid in destatic's names (:meth:`canonical`); the model is
+        left to the caller (an A1111 model name is no folder here)."""
+        from destatic.pipelines.a1111 import parse_parameters, request_fields
+
+        try:
+            fields = request_fields(parse_parameters(text))
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        _check_types(fields)
+        return cls(**fields).canonical()
 
     def a1111(self) -> str:
         """AUTOMATIC1111's ``parameters`` text, which other tools and image viewers show."""
@@ -255,6 +313,12 @@ class GenerationRequest:
             fields.append(f"Variation seed strength: {self.variation_strength:g}")
         if self.image is not None:
             fields.append(f"Denoising strength: {self.strength:g}")
+        if self.hires_scale != 1:
+            fields.append(f"Denoising strength: {self.hires_strength:g}")
+            fields.append(f"Hires upscale: {self.hires_scale:g}")
+            fields.append("Hires upscaler: Lanczos")
+        if self.vae_tiling:
+            fields.append("Tiled VAE: True")
         if self.controlnet is not None:
             name = Path(self.controlnet).name if isinstance(self.controlnet, str) else "controlnet"
             fields.append(

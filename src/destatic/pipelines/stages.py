@@ -112,14 +112,20 @@ class Conditioning:
     guidance: float
 
 
-def encode_conditioning(pipe: Pipeline, r: GenerationRequest) -> Conditioning:
-    """Prompts and negative prompts → the denoiser's keyword inputs, as the family builds them.
+def encode_conditioning(
+    pipe: Pipeline, r: GenerationRequest, inputs: Inputs | None = None
+) -> Conditioning:
+    """Prompts and negative prompts → the denoiser's keyword inputs, as the family builds them
+    (at the size of ``inputs``, else the request's: SDXL conditions on it).
 
     A guidance-distilled network (:attr:`Pipeline.guidance_embedded`) takes the scale w as an
     input: one call per step, no unconditional branch, no negative prompt."""
     prompts = r.prompts
     negatives = r.negatives  # checks their count
-    cond = pipe.conditioning(prompts)
+    size = {"width": r.width, "height": r.height}
+    if inputs is not None:
+        size = {"width": inputs.width, "height": inputs.height}
+    cond = pipe.conditioning(prompts, **size)
     guidance = float(r.guidance)
     if pipe.guidance_embedded:
         if r.has_negative:
@@ -136,7 +142,7 @@ def encode_conditioning(pipe: Pipeline, r: GenerationRequest) -> Conditioning:
             )
         cond["guidance"] = torch.full((len(prompts),), guidance, device=pipe.device)
         return Conditioning(cond, None, 1.0)  # folded in: one call is the guided model
-    uncond = pipe.conditioning(negatives) if guidance != 1 else None
+    uncond = pipe.conditioning(negatives, negative=True, **size) if guidance != 1 else None
     return Conditioning(cond, uncond, guidance)
 
 
@@ -155,12 +161,20 @@ def strength_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
 
 
 def sigma_grid(
-    pipe: Pipeline, r: GenerationRequest, sigmas: torch.Tensor | None = None
+    pipe: Pipeline,
+    r: GenerationRequest,
+    sigmas: torch.Tensor | None = None,
+    inputs: Inputs | None = None,
 ) -> torch.Tensor:
     """The request's grid (or the given ``sigmas``), cut to its tail when an input image is
-    noised only part of the way (SDEdit strength)."""
+    noised only part of the way (SDEdit strength). The grid follows the process the family
+    picks for the image size of ``inputs`` (else the request's; Flux shifts with it)."""
     if sigmas is None:
-        sigmas = make_sigmas(r.grid, r.steps, process=pipe.process)
+        size = pipe.default_size
+        width, height = (inputs.width, inputs.height) if inputs else (r.width, r.height)
+        shape = pipe.latent_shape(1, width or size, height or size, r.num_frames)
+        process = pipe.family.process_for(pipe.process, shape)
+        sigmas = make_sigmas(r.grid, r.steps, process=process)
     return strength_sigmas(sigmas, r.strength) if r.image is not None else sigmas
 
 

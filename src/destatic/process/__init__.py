@@ -1,7 +1,11 @@
 """Noise processes and prediction targets: the σ-space core (docs/architecture.md, "One core")."""
 
 from destatic.process.base import Process
-from destatic.process.consistency import ConsistencyTarget, consistency_coefficients
+from destatic.process.consistency import (
+    ConsistencyTarget,
+    LCMTarget,
+    consistency_coefficients,
+)
 from destatic.process.edm import EDM
 from destatic.process.flow import RectifiedFlow, resolution_shift
 from destatic.process.targets import (
@@ -27,6 +31,7 @@ __all__ = [
     "EDMTarget",
     "EpsilonTarget",
     "FlowTarget",
+    "LCMTarget",
     "Process",
     "RectifiedFlow",
     "SampleTarget",

@@ -27,6 +27,23 @@ line in the network output,
 so :class:`ConsistencyTarget` is an ordinary :class:`~destatic.process.Target` and
 ``Denoiser(net, process, ConsistencyTarget(base))`` *is* the consistency function: any sampler
 (in particular ``lcm``, multistep consistency sampling) runs it unchanged.
+
+**Checkpoints saved with diffusers' ``LCMScheduler``** (LCM-distilled SD, LCM-LoRA) define the
+boundary condition on the *discrete timestep* instead: ``LCMScheduler.step`` at timestep t
+(the current one, not the next) computes, in VP variables x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·n,
+
+    s = timestep_scaling·t,   c_skip = σ_d²/(s² + σ_d²),   c_out = s/√(s² + σ_d²),
+    denoised = c_out·x̂0_base + c_skip·x_t.
+
+In σ-space t = t(σ) is the process's timestep (``sigma_to_t``, exact on the trained timesteps)
+and x_t = c_in(σ)·x with c_in = 1/√(1+σ²), so with x̂0_base = b_skip·x + b_out·F,
+
+    D = (c_skip(t(σ))·c_in(σ) + c_out(t(σ))·b_skip(σ))·x + c_out(t(σ))·b_out(σ)·F,
+
+again affine in F: :class:`LCMTarget`. At σ = 0, t = 0 and D = x (the boundary condition); at
+t = 259 (the last of 4 LCM steps) c_skip ≈ 4·10⁻⁸, so the skip term is nearly invisible, but it
+is kept exactly. It differs from :class:`ConsistencyTarget` (s = k·σ, continuous, finite at
+σ = ∞) only by that tiny skip weight; it exists so diffusers' LCM folders reproduce bit-for-bit.
 """
 
 from __future__ import annotations
@@ -35,9 +52,10 @@ from dataclasses import dataclass
 
 import torch
 
+from destatic.process.base import Process
 from destatic.process.targets import Target, get_target
 
-__all__ = ["ConsistencyTarget", "consistency_coefficients"]
+__all__ = ["ConsistencyTarget", "LCMTarget", "consistency_coefficients"]
 
 
 def consistency_coefficients(
@@ -71,6 +89,41 @@ class ConsistencyTarget(Target):
         return c_skip + c_out * b_skip, c_out * b_out
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        c_skip, c_out = self.coefficients(torch.as_tensor(sigma, dtype=torch.float64))
-        c_skip, c_out = c_skip.to(x0.dtype), c_out.to(x0.dtype)
-        return (x0 - c_skip * (x0 + sigma * noise)) / c_out
+        return _affine_target(self, x0, noise, sigma)
+
+
+def _affine_target(target: Target, x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The network output F with ``c_skip·x + c_out·F = x0`` at ``x = x0 + σ·noise``."""
+    c_skip, c_out = target.coefficients(torch.as_tensor(sigma, dtype=torch.float64))
+    c_skip, c_out = c_skip.to(x0.dtype), c_out.to(x0.dtype)
+    return (x0 - c_skip * (x0 + sigma * noise)) / c_out
+
+
+@dataclass(frozen=True)
+class LCMTarget(Target):
+    """diffusers' ``LCMScheduler`` boundary condition over a network that predicts ``base``, on
+    the discrete timesteps of ``process`` (see the module doc for the σ-space derivation)."""
+
+    base: Target
+    process: Process
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    name = "lcm"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base", get_target(self.base))
+        if not (self.sigma_data > 0 and self.timestep_scaling > 0):
+            raise ValueError(
+                f"sigma_data and timestep_scaling must be positive, got {self.sigma_data}, "
+                f"{self.timestep_scaling}"
+            )
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        t = self.process.sigma_to_t(sigma)  # the current timestep, as LCMScheduler.step
+        c_skip, c_out = consistency_coefficients(t, self.sigma_data, self.timestep_scaling)
+        b_skip, b_out = self.base.coefficients(sigma)
+        return c_skip * self.process.c_in(sigma) + c_out * b_skip, c_out * b_out
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return _affine_target(self, x0, noise, sigma)

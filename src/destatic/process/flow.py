@@ -12,18 +12,28 @@ so the network sees ``x_t = x/(1+σ)`` and its flow velocity ``v = dx_t/dt = n -
 is the same with ``s = exp(μ)``, μ linear in the number of image tokens
 (:func:`resolution_shift`). The shift changes where a grid spends its steps, not the model: the
 network always receives the true t of its input.
+
+**Flux's dynamic shift is SD3's shift with s = e^μ.** diffusers' ``FlowMatchEulerDiscrete
+Scheduler.time_shift`` (``time_shift_type="exponential"``, exponent 1) maps a flow time t to
+
+    t' = e^μ / (e^μ + (1/t - 1)) = e^μ·t / (e^μ·t + 1 - t) = s·t / (1 + (s-1)·t),   s = e^μ,
+
+so σ' = t'/(1-t') = e^μ·t/(1-t) = e^μ·σ. A scheduler config with ``use_dynamic_shifting`` keeps
+its μ-line as :class:`ResolutionShift`; :meth:`RectifiedFlow.at_resolution` is then the process
+for a given number of image tokens (``tests/test_pipeline_flux.py`` checks it against
+diffusers' ``time_shift``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from destatic.process.base import Process
 
-__all__ = ["RectifiedFlow", "resolution_shift"]
+__all__ = ["RectifiedFlow", "ResolutionShift", "resolution_shift"]
 
 
 def resolution_shift(
@@ -41,15 +51,48 @@ def resolution_shift(
 
 
 @dataclass(frozen=True)
+class ResolutionShift:
+    """The line μ(image tokens) of a ``use_dynamic_shifting`` scheduler (diffusers' names;
+    defaults: FLUX.1): μ = base_shift at base_seq_len tokens, max_shift at max_seq_len."""
+
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    def __post_init__(self) -> None:
+        if not self.max_seq_len > self.base_seq_len > 0:
+            raise ValueError(
+                f"need 0 < base_seq_len < max_seq_len, got {self.base_seq_len}, {self.max_seq_len}"
+            )
+
+    def shift(self, image_seq_len: int) -> float:
+        """s = exp(μ) for ``image_seq_len`` image tokens."""
+        return resolution_shift(
+            image_seq_len, self.base_seq_len, self.max_seq_len, self.base_shift, self.max_shift
+        )
+
+
+@dataclass(frozen=True)
 class RectifiedFlow(Process):
-    """Rectified flow with a timestep shift (1 = none; SD3 uses 3)."""
+    """Rectified flow with a timestep shift (1 = none; SD3 uses 3), or with a shift that
+    follows the image size (``resolution``, Flux: see :meth:`at_resolution`)."""
 
     shift: float = 1.0  # s in t' = s·t/(1+(s-1)·t), i.e. σ' = s·σ
     num_timesteps: int = 1000  # the network's timestep is t·num_timesteps (diffusers convention)
+    resolution: ResolutionShift | None = None  # dynamic shifting: s = exp(μ(image tokens))
 
     def __post_init__(self) -> None:
         if not self.shift > 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
+
+    def at_resolution(self, image_seq_len: int) -> RectifiedFlow:
+        """The process a grid for ``image_seq_len`` image tokens follows: the shift set to
+        exp(μ) under dynamic shifting (``resolution``), else this process unchanged. Only the
+        grid moves; the network's input scale and timestep do not depend on the shift."""
+        if self.resolution is None:
+            return self
+        return replace(self, shift=self.resolution.shift(image_seq_len))
 
     @classmethod
     def for_resolution(cls, image_seq_len: int, **kwargs: float) -> RectifiedFlow:

@@ -1,6 +1,7 @@
 """diffusers scheduler configs ↔ our processes and targets: which noise process and prediction
 target a ``scheduler_config.json`` describes (VP β-schedules with ε / v / x0, flow matching with
-its shift, EDM), and the config that writes ours back for diffusers to read."""
+its shift, EDM, LCM's consistency boundary condition), the config that writes ours back for
+diffusers to read, and the sampling defaults a scheduler class implies (few-step LCM / TCD)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,24 @@ import math
 from typing import Any
 
 from destatic.io import CheckpointError
-from destatic.process import EDM, EDMTarget, RectifiedFlow, Target, VPDiscrete, get_target
+from destatic.process import (
+    EDM,
+    EDMTarget,
+    LCMTarget,
+    RectifiedFlow,
+    Target,
+    VPDiscrete,
+    get_target,
+)
 from destatic.process.base import Process
+from destatic.process.flow import ResolutionShift
 from destatic.process.vp import BETA_SCHEDULES
 
-__all__ = ["process_from_scheduler_config", "scheduler_config_from_process"]
+__all__ = [
+    "process_from_scheduler_config",
+    "scheduler_config_from_process",
+    "scheduler_sampling_defaults",
+]
 
 # diffusers scheduler classes that run on a discrete VP (β-schedule) process.
 VP_SCHEDULERS = (
@@ -29,6 +43,8 @@ VP_SCHEDULERS = (
     "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler",
     "DEISMultistepScheduler",
+    "LCMScheduler",  # + LCM's boundary condition (LCMTarget)
+    "TCDScheduler",  # the base target; its sampling is the ``tcd`` sampler
 )
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
@@ -40,9 +56,12 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str | T
 
     β-schedule schedulers (DDIM, PNDM, Euler, DPM-Solver, LMS, UniPC, Heun, DDPM, …) give a
     :class:`VPDiscrete`; ``FlowMatchEulerDiscreteScheduler`` gives a :class:`RectifiedFlow` with
-    its static ``shift`` and target ``"flow"``. A ``use_dynamic_shifting`` scheduler (Flux) is
-    accepted: the resolution-dependent shift is chosen at generation time
-    (``RectifiedFlow.for_resolution``), nothing extra is stored here.
+    its static ``shift`` and target ``"flow"``. A ``use_dynamic_shifting`` scheduler (Flux)
+    keeps its μ-line (``RectifiedFlow.resolution``); the grid stage picks the shift for the
+    image size (``RectifiedFlow.at_resolution``). ``LCMScheduler`` gives
+    the VP process and an :class:`~destatic.process.LCMTarget` over its ``prediction_type``
+    (the consistency function of an LCM-distilled network or LCM-LoRA); ``TCDScheduler`` the
+    VP process and the plain target (TCD applies no boundary condition).
     """
     name = cfg.get("_class_name")
     steps = int(cfg.get("num_train_timesteps", 1000))
@@ -65,7 +84,20 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str | T
         shift = float(cfg.get("shift", 1.0))
         if not (math.isfinite(shift) and shift > 0):
             raise CheckpointError(f"scheduler shift={shift!r} must be positive; fix config.json")
-        return RectifiedFlow(shift=shift, num_timesteps=steps), "flow"
+        dynamic = None
+        if cfg.get("use_dynamic_shifting", False):  # Flux: s = exp(μ(image tokens))
+            if cfg.get("time_shift_type", "exponential") != "exponential":
+                raise CheckpointError(f"{name} time_shift_type must be 'exponential' (Flux's)")
+            try:
+                dynamic = ResolutionShift(
+                    int(cfg.get("base_image_seq_len", 256)),
+                    int(cfg.get("max_image_seq_len", 4096)),
+                    float(cfg.get("base_shift", 0.5)),
+                    float(cfg.get("max_shift", 1.15)),
+                )
+            except ValueError as e:
+                raise CheckpointError(f"{name} dynamic shifting: {e}; fix config.json") from e
+        return RectifiedFlow(shift=shift, num_timesteps=steps, resolution=dynamic), "flow"
     if name not in VP_SCHEDULERS:
         raise CheckpointError(
             f"unsupported scheduler class {name!r}; supported: "
@@ -95,7 +127,36 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str | T
         num_timesteps=steps,
         zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
     )
+    if name == "LCMScheduler":
+        scaling = float(cfg.get("timestep_scaling", 10.0))
+        if not (math.isfinite(scaling) and scaling > 0):
+            raise CheckpointError(f"LCMScheduler timestep_scaling={scaling!r} must be positive")
+        return process, LCMTarget(target, process, timestep_scaling=scaling)
     return process, target
+
+
+def scheduler_sampling_defaults(cfg: dict[str, Any], guidance_embedded: bool) -> dict[str, Any]:
+    """The generation defaults a scheduler class implies, under a folder's stored ones.
+
+    Few-step students: ``LCMScheduler`` → 4 steps of the ``lcm`` sampler on the ``lcm`` grid
+    (LCMScheduler.set_timesteps' timesteps); ``TCDScheduler`` → 4 steps of ``tcd`` on the same
+    grid. Guidance: a network that embeds the scale (``time_cond_proj_dim``, an LCM-distilled
+    U-Net) defaults to diffusers' LatentConsistencyModelPipeline's 8.5; otherwise (LCM-LoRA, TCD
+    LoRA on a plain U-Net) to 1, no classifier-free guidance, as those adapters are used. Other
+    schedulers imply nothing (the family's defaults apply).
+    """
+    name = cfg.get("_class_name")
+    if name not in ("LCMScheduler", "TCDScheduler"):
+        return {}
+    original = cfg.get("original_inference_steps", 50)
+    if original != 50:
+        raise CheckpointError(
+            f"{name} original_inference_steps={original!r} is not supported; the lcm grid "
+            "picks from LCM's 50-step schedule"
+        )
+    sampler = "lcm" if name == "LCMScheduler" else "tcd"
+    guidance = 8.5 if guidance_embedded else 1.0
+    return {"steps": 4, "sampler": sampler, "grid": "lcm", "guidance": guidance}
 
 
 def scheduler_config_from_process(process: Process, target: str | Target) -> dict[str, Any]:
@@ -103,6 +164,22 @@ def scheduler_config_from_process(process: Process, target: str | Target) -> dic
     config (``EulerDiscreteScheduler`` for VP, ``FlowMatchEulerDiscreteScheduler`` for flow,
     ``EDMEulerScheduler`` for EDM)."""
     target_obj = get_target(target)
+    if isinstance(target_obj, LCMTarget):
+        if target_obj.process != process or target_obj.sigma_data != 0.5:
+            raise CheckpointError(
+                "an LCMTarget saves as LCMScheduler only over its own process, sigma_data 0.5"
+            )
+        config = scheduler_config_from_process(process, target_obj.base)
+        for key in ("interpolation_type", "use_karras_sigmas"):  # not LCMScheduler options
+            del config[key]
+        config.update(
+            _class_name="LCMScheduler",
+            original_inference_steps=50,
+            timestep_scaling=target_obj.timestep_scaling,
+            timestep_spacing="leading",
+            steps_offset=0,
+        )
+        return config
     target = target_obj.name
     if isinstance(process, EDM):
         if not isinstance(target_obj, EDMTarget) or target_obj.sigma_data != process.sigma_data:
@@ -129,7 +206,8 @@ def scheduler_config_from_process(process: Process, target: str | Target) -> dic
             "_class_name": "FlowMatchEulerDiscreteScheduler",
             "num_train_timesteps": process.num_timesteps,
             "shift": process.shift,
-            "use_dynamic_shifting": False,
+            "use_dynamic_shifting": process.resolution is not None,
+            **_dynamic_shift_config(process.resolution),
         }
     if isinstance(process, VPDiscrete):
         if target not in VP_TARGETS:
@@ -154,3 +232,15 @@ def scheduler_config_from_process(process: Process, target: str | Target) -> dic
         f"{type(process).__name__} has no diffusers scheduler; only VPDiscrete and "
         "RectifiedFlow processes are saved"
     )
+
+
+def _dynamic_shift_config(resolution: ResolutionShift | None) -> dict[str, Any]:
+    """diffusers' keys for a dynamic (resolution-dependent) shift; none for a static one."""
+    if resolution is None:
+        return {}
+    return {
+        "base_image_seq_len": resolution.base_seq_len,
+        "max_image_seq_len": resolution.max_seq_len,
+        "base_shift": resolution.base_shift,
+        "max_shift": resolution.max_shift,
+    }

@@ -1,6 +1,6 @@
 """σ grids, samplers and guidance (docs/architecture.md, "Layers"). Imports nothing from models."""
 
-from destatic.sampling import ancestral, dpmpp, ode, unipc  # noqa: F401  (fill the registry)
+from destatic.sampling import ancestral, dpmpp, dpmpp_sde, ode, tcd, unipc  # noqa: F401  (fill the registry)
 from destatic.sampling.base import SAMPLER_INFO, SAMPLERS, SamplerInfo, StepInfo, ancestral_step
 from destatic.sampling.grids import GRIDS, make_sigmas
 from destatic.sampling.guidance import ClassifierFreeGuidance

@@ -54,6 +54,7 @@ class SamplerInfo:
     evals_per_step: int = 1  # model calls per step, except a last step to σ = 0 which takes one
     stochastic: bool = False  # draws fresh noise (needs ``noise``)
     defaults: dict = field(default_factory=dict)  # fixed options of this named variant
+    needs_process: bool = False  # a pipeline passes the model's ``process=`` (``tcd``)
 
     def nfe(self, steps: int) -> int:
         """Model evaluations for a grid of ``steps`` steps ending at σ = 0."""
@@ -76,6 +77,7 @@ def register(
     evals_per_step: int = 1,
     stochastic: bool = False,
     defaults: dict | None = None,
+    needs_process: bool = False,
 ) -> None:
     """Add ``fn`` to the registry as ``name``; ``defaults`` fix options of a named variant
     (``ddim`` is ``euler_ancestral`` with ``eta=0``)."""
@@ -87,7 +89,9 @@ def register(
     call.__name__ = name
     call.__doc__ = fn.__doc__
     SAMPLERS[name] = call if defaults else fn
-    SAMPLER_INFO[name] = SamplerInfo(name, fn, order, evals_per_step, stochastic, defaults)
+    SAMPLER_INFO[name] = SamplerInfo(
+        name, fn, order, evals_per_step, stochastic, defaults, needs_process
+    )
 
 
 # --- helpers ---------------------------------------------------------------------------------

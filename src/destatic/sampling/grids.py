@@ -9,7 +9,8 @@ Every grid is ``steps + 1`` decreasing σ values ending in 0. Two kinds:
 * **time grids** read the model's own schedule and need ``process=``: ``normal`` (alias
   ``linspace``) and ``sgm_uniform`` are uniform in the process's schedule time; ``leading`` and
   ``trailing`` are diffusers' timestep spacings (Lin et al. 2024, Table 2); ``simple`` and
-  ``beta`` (Lee et al. 2024, α = β = 0.6) pick entries of the training σ table, as ComfyUI does.
+  ``beta`` (Lee et al. 2024, α = β = 0.6) pick entries of the training σ table, as ComfyUI does;
+  ``lcm`` is LCMScheduler's (and TCDScheduler's) pick from a 50-step schedule (:func:`_lcm`).
 
 ``snap=True`` moves each σ to the nearest trained timestep of a discrete model (round t(σ)), as
 diffusers does for its multistep schedulers; repeated values are merged.
@@ -122,6 +123,23 @@ def _trailing(steps, sigma_min, sigma_max, *, process: Process, **_):
     return table[torch.from_numpy(idx)]
 
 
+def _lcm(steps, sigma_min, sigma_max, *, process: Process, original_steps: int = 50, **_):
+    """diffusers' ``LCMScheduler.set_timesteps`` (Luo et al. 2023): the distillation schedule is
+    every k-th timestep, ``t_j = j·k - 1`` for j = 1 … N_orig (k = T // N_orig), and ``steps``
+    of them are taken from its reversed list at the indices ⌊i·N_orig/steps⌋, i = 0 … steps-1.
+    Four steps of SD's T = 1000 give timesteps 999, 759, 499, 259."""
+    table = _table(process, sigma_min, sigma_max)
+    if not 1 <= steps <= original_steps <= len(table):
+        raise ValueError(
+            f"the lcm grid takes 1 … {original_steps} steps of its {original_steps}-step "
+            f"schedule (and at most {len(table)} timesteps), got {steps}"
+        )
+    k = len(table) // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    pick = np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)
+    return table[torch.from_numpy(origin[pick].copy())]
+
+
 def _simple(steps, sigma_min, sigma_max, *, process: Process, **_):
     table = _table(process, sigma_min, sigma_max)
     stride = len(table) / steps
@@ -153,8 +171,18 @@ GRIDS: dict[str, GridFn] = {
     "trailing": _trailing,
     "simple": _simple,
     "beta": _beta,
+    "lcm": _lcm,
 }
-_NEEDS_PROCESS = {"normal", "linspace", "sgm_uniform", "leading", "trailing", "simple", "beta"}
+_NEEDS_PROCESS = {
+    "normal",
+    "linspace",
+    "sgm_uniform",
+    "leading",
+    "trailing",
+    "simple",
+    "beta",
+    "lcm",
+}
 
 
 def _snap(sigmas: torch.Tensor, process: Process) -> torch.Tensor:

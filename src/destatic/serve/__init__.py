@@ -14,9 +14,13 @@ arguments).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from destatic.serve.security import Access
 from destatic.serve.service import GenerationService, Limits, RequestError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Access",
@@ -36,9 +40,13 @@ def create_app(
     concurrency: int = 1,
     controlnet: str | os.PathLike | None = None,
     access: Access | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ):
     """A FastAPI app with the UI at ``/`` and the API at ``/api``; ``controlnet`` (a folder;
-    default: the bundled emoji ControlNet when the model is the bundled one) adds control."""
+    default: the bundled emoji ControlNet when the model is the bundled one) adds control;
+    ``device`` and ``dtype`` (names as ``--device``/``--dtype``, e.g. ``"auto"``) move the
+    pipelines (None: as loaded)."""
     try:
         import gradio as gr
         from fastapi import FastAPI
@@ -53,7 +61,7 @@ def create_app(
 
     upload_dir, made_here = private_upload_dir()  # before any gradio component exists
     access = access or Access()
-    service = _service(model, limits or Limits(), pipeline, controlnet)
+    service = _service(model, limits or Limits(), pipeline, controlnet, (device, dtype))
     limits = service.limits
     app = FastAPI(title="destatic")
     add_api_routes(app, service)
@@ -74,10 +82,11 @@ def create_app(
     return app
 
 
-def _service(model, limits: Limits, pipeline, controlnet) -> GenerationService:
+def _service(model, limits: Limits, pipeline, controlnet, where=(None, None)) -> GenerationService:
     """The service on ``model`` (or ``pipeline``) with its companions: the bundled default
     model gets its inpainting variant for masked requests and its ControlNet
-    (:func:`destatic.bundled.companions`); ``controlnet`` names another."""
+    (:func:`destatic.bundled.companions`); ``controlnet`` names another. ``where`` is the
+    (device, dtype) of every pipeline (None: as loaded)."""
     from destatic.bundled import companions
     from destatic.models.registry import load_component
     from destatic.pipelines import load
@@ -87,14 +96,18 @@ def _service(model, limits: Limits, pipeline, controlnet) -> GenerationService:
         pipeline = load(model)
     controlnet = controlnet or found.get("control")
     inpainter = found.get("inpaint")
+    inpainter = None if inpainter is None else load(inpainter)
+    for pipe in (pipeline, inpainter):
+        if pipe is not None and where != (None, None):
+            pipe.to(*where)
     return GenerationService(
         pipeline,
         limits,
         model_name=str(model) if model else "",
         controlnet=None if controlnet is None else load_component(controlnet),
         controlnet_name=str(controlnet or ""),
-        inpainter=None if inpainter is None else load(inpainter),
-        inpainter_name=str(inpainter or ""),
+        inpainter=inpainter,
+        inpainter_name=str(found.get("inpaint") or ""),
     )
 
 

@@ -1,7 +1,7 @@
 """The HTTP API: JSON in, PNGs (base64, with their parameters in the PNG text chunks) out.
 
     GET  /api/health      {"status": "ok", "model": …, "default_size": …, "limits": {…}}
-    GET  /api/samplers    {"samplers": […], "grids": […]}
+    GET  /api/samplers    {"samplers": […], "grids": […], "a1111": {label: sampler, …}}
     POST /api/generate    {"prompt": …, "steps": …, …, "image": base64 PNG?, "mask": …?}
                           → {"images": [base64 PNG…], "parameters": [{…}…], "warnings": […]}
     POST /api/generate.png  the same request → the first image as image/png
@@ -113,7 +113,10 @@ def add_api_routes(app, service: GenerationService) -> None:
 
     @app.get("/api/samplers")
     def samplers() -> dict:
-        return {"samplers": sorted(SAMPLERS), "grids": list(GRIDS)}
+        from destatic.sampling.aliases import SAMPLER_LABELS
+
+        labels = {k: v for k, v in SAMPLER_LABELS.items() if v in SAMPLERS}
+        return {"samplers": sorted(SAMPLERS), "grids": list(GRIDS), "a1111": labels}
 
     async def run_request(http: HttpRequest) -> tuple[Generated | None, JSONResponse | None]:
         try:

@@ -69,6 +69,9 @@ CLIENT_FIELDS = (
     "control_scale",
     "control_start",
     "control_end",
+    "hires_scale",
+    "hires_strength",
+    "vae_tiling",
 )
 _SERVER_FIELDS = ("model", "controlnet", "loras", "sampler_options", "keep_unmasked")
 
@@ -176,10 +179,11 @@ class GenerationService:
                 raise RequestError(f"{name} is set by the server, not by a request")
         _text("prompt", r.prompt, lim.max_prompt_chars)
         _text("negative_prompt", r.negative_prompt, lim.max_prompt_chars)
-        if r.sampler is not None:
-            _choice("sampler", r.sampler, SAMPLERS)
-        if r.grid is not None:
-            _choice("grid", r.grid, GRIDS)
+        for name, options in (("sampler", SAMPLERS), ("grid", GRIDS)):
+            value = getattr(r, name)
+            if value is not None and not isinstance(value, str):
+                _choice(name, value, options)
+        r.canonical()  # A1111 labels ("DPM++ 2M Karras") resolve; unknown names fail
         _optional_number("steps", r.steps, int, 1, lim.max_steps)
         _number("num_images", r.num_images, int, 1, lim.max_images)
         _optional_number("guidance", r.guidance, float, 0, 50)
@@ -195,6 +199,9 @@ class GenerationService:
         _number("control_start", r.control_start, float, 0, 1)
         _number("control_end", r.control_end, float, 0, 1)
         _flag("control_canny", r.control_canny)
+        _flag("vae_tiling", r.vae_tiling)
+        _number("hires_scale", r.hires_scale, float, 1, 4)
+        _number("hires_strength", r.hires_strength, float, 0.01, 1)
         for name in ("image", "mask", "control_image"):
             _image(name, getattr(r, name))
         self._check_sizes(r)
@@ -208,6 +215,8 @@ class GenerationService:
             _number(name, side, int, m, lim.max_side)
             if side % m:
                 raise RequestError(f"{name} = {side} must be a multiple of {m} for this model")
+        if r.hires_scale != 1:
+            self._check_hires(r)
         if r.image is not None:
             w, h = r.image.size
             if w > lim.max_side or h > lim.max_side:
@@ -226,6 +235,17 @@ class GenerationService:
             raise RequestError("strength needs an image (image → image)")
         if r.control_image is not None:
             self._check_control(r)
+
+    def _check_hires(self, r: GenerationRequest) -> None:
+        if r.image is not None or r.control_image is not None:
+            raise RequestError("hires_scale is for text → image (no image or control image)")
+        default = self.pipeline.default_size
+        largest = max(r.width or default, r.height or default) * r.hires_scale
+        if largest > self.limits.max_side:
+            raise RequestError(
+                f"hires_scale {r.hires_scale:g} makes a {largest:g}-pixel side; the limit is "
+                f"{self.limits.max_side}"
+            )
 
     def _check_control(self, r: GenerationRequest) -> None:
         if self.controlnet is None:
@@ -278,7 +298,7 @@ class GenerationService:
             self._slots.release()
         shown = (self.controlnet_name or "controlnet") if r.control_image is not None else None
         requests = [
-            dataclasses.replace(routed.for_image(i, im.width, im.height), controlnet=shown)
-            for i, im in enumerate(images)
+            dataclasses.replace(drawn, controlnet=shown)
+            for drawn in routed.for_images([im.size for im in images], pipe.default_size)
         ]
         return Generated(images, requests, notes)

@@ -90,8 +90,15 @@ class _Tabs:
         d, lim = self.service.defaults, self.lim
         with gr.Accordion("Settings", open=False):
             with gr.Row():
-                sampler = gr.Dropdown(sorted(SAMPLERS), value=d["sampler"], label="Sampler")
-                grid = gr.Dropdown(["default", *GRIDS], value="default", label="σ grid")
+                sampler = gr.Dropdown(
+                    sorted(SAMPLERS),
+                    value=d["sampler"],
+                    label="Sampler (or an A1111 name: DPM++ 2M Karras, …)",
+                    allow_custom_value=True,
+                )
+                grid = gr.Dropdown(
+                    ["default", *GRIDS], value="default", label="σ grid", allow_custom_value=True
+                )
             with gr.Row():
                 steps = gr.Slider(1, lim.max_steps, value=d["steps"], step=1, label="Steps")
                 guidance = gr.Slider(0, 15, value=d["guidance"], step=0.5, label="Guidance")

@@ -5,7 +5,10 @@ A family declares, in one small file, everything the generic pipeline must not h
 * ``matches(index)``: whether a folder's ``model_index.json`` is one of its models;
 * ``text_encoder(folder, index, network)``: how its text encoder(s) load;
 * ``defaults``: its generation defaults (steps, sampler, guidance) when the folder stores none;
-* ``conditioning(network, embedding)``: the keyword inputs its denoiser takes;
+* ``conditioning(network, embedding, context)``: the keyword inputs its denoiser takes
+  (``context``: the prompts, which guidance branch, the image size — SDXL's micro-conditioning);
+* ``process_for(process, latent_shape)``: the process its σ grid follows at a latent size (Flux's
+  resolution-dependent shift; the folder's process unchanged for the others);
 * ``latent_shape(...)``: the shape of its latents — ``(B, C, H, W)`` for images; a video family
   adds a frame axis ``(B, C, F, H, W)``, an audio family has ``(B, C, T)``.
 
@@ -28,11 +31,15 @@ from destatic.io import CheckpointError, read_json
 from destatic.models.registry import load_component
 from destatic.models.text import TextEmbedding, TextEncoder
 from destatic.process import Process, Target
-from destatic.process.schedulers import process_from_scheduler_config
+from destatic.process.schedulers import (
+    process_from_scheduler_config,
+    scheduler_sampling_defaults,
+)
 
 __all__ = [
     "FAMILIES",
     "Components",
+    "ConditioningContext",
     "Family",
     "family_of",
     "load_components",
@@ -62,13 +69,33 @@ def _image_latents(
     return (batch, channels, height // factor, width // factor)
 
 
-def _token_conditioning(network: nn.Module, embedding: TextEmbedding) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ConditioningContext:
+    """What a family's conditioning may read besides the text embedding: the prompts encoded,
+    whether they are the negative (unconditional) branch of guidance, the image size in pixels
+    and the pipeline's text encoder (its settings, e.g. SDXL's)."""
+
+    prompts: tuple[str, ...]
+    width: int
+    height: int
+    negative: bool = False
+    text_encoder: TextEncoder | None = None
+
+
+def _token_conditioning(
+    network: nn.Module, embedding: TextEmbedding, context: ConditioningContext | None = None
+) -> dict[str, Any]:
     """Cross-attention tokens, plus the pooled vector for networks that take it (a DiT's
     adaLN conditioning: ``network.takes_pooled``)."""
     cond = {"context": embedding.tokens}
     if getattr(network, "takes_pooled", False):
         cond["pooled"] = embedding.pooled
     return cond
+
+
+def _same_process(process: Process, latent_shape: tuple[int, ...]) -> Process:
+    """The folder's process at every size (a static schedule)."""
+    return process
 
 
 @dataclass(frozen=True)
@@ -80,9 +107,12 @@ class Family:
     matches: Callable[[Mapping[str, Any]], bool]
     text_encoder: Callable[[Path, Mapping[str, Any], nn.Module], TextEncoder]
     defaults: Mapping[str, Any]  # "steps", "sampler", "guidance"
-    conditioning: Callable[[nn.Module, TextEmbedding], dict[str, Any]] = _token_conditioning
+    conditioning: Callable[[nn.Module, TextEmbedding, ConditioningContext], dict[str, Any]] = (
+        _token_conditioning
+    )
     latent_shape: Callable[..., tuple[int, ...]] = _image_latents
     media: str = "image"
+    process_for: Callable[[Process, tuple[int, ...]], Process] = _same_process
 
     def load(self, folder: Path, index: Mapping[str, Any]) -> Components:
         """The components of ``folder`` (its ``model_index.json`` is ``index``)."""
@@ -117,11 +147,7 @@ def family_of(folder: str | os.PathLike, index: Mapping[str, Any]) -> Family:
 def _looks_like(index: Mapping[str, Any]) -> str:
     """A hint at what an unsupported folder is, from its class names and components."""
     name = str(index.get("_class_name") or "")
-    if name:
-        return f"; a {name}"
-    if "unet" in index and "text_encoder_2" in index:
-        return "; a UNet with two text encoders: SDXL"
-    return ""
+    return f"; a {name}" if name else ""
 
 
 def entry(index: Mapping[str, Any], key: str) -> str | None:
@@ -175,7 +201,9 @@ def load_components(
     A distilled model keeps two more keys in ``model_index.json``: ``destatic_defaults`` (its
     generation defaults, e.g. ``{"sampler": "lcm", "steps": 4, "guidance": 3.0,
     "guidance_range": [1, 6]}``) and ``destatic_consistency`` (``{"sigma_data": …, "scale":
-    …}``: the network is a consistency function over the scheduler's target)."""
+    …}``: the network is a consistency function over the scheduler's target). A few-step
+    scheduler class (LCM, TCD) fills the defaults the folder does not store
+    (:func:`~destatic.process.schedulers.scheduler_sampling_defaults`)."""
     where = folder / "model_index.json"
     network_key = next((k for k in NETWORK_FOLDERS if k in index), None)
     if network_key is None:
@@ -188,7 +216,8 @@ def load_components(
     scheduler = folder / "scheduler" / "scheduler_config.json"
     if not scheduler.exists():
         raise CheckpointError(f"{scheduler} is missing: a pipeline folder needs its scheduler")
-    process, target = process_from_scheduler_config(read_json(scheduler))
+    scheduler_config = read_json(scheduler)
+    process, target = process_from_scheduler_config(scheduler_config)
     consistency = index.get("destatic_consistency")
     if consistency is not None:
         from destatic.process import ConsistencyTarget
@@ -198,5 +227,7 @@ def load_components(
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: destatic_consistency is invalid ({e})") from e
     defaults = _stored_defaults(index.get("destatic_defaults", {}), where)
+    embedded = getattr(network.config, "time_cond_proj_dim", None) is not None
+    defaults = {**scheduler_sampling_defaults(scheduler_config, embedded), **defaults}
     encoder = text_encoder(folder, index, network)
     return Components(network, autoencoder, encoder, process, target, dict(defaults))
