@@ -71,7 +71,9 @@ def test_config_json_round_trip_and_bad_indices():
             MMDiTConfig.from_diffusers({**SD35, "dual_attention_layers": bad})
 
 
-def test_sd35_folder_same_image_as_diffusers(tmp_path):
+def sd35_pipeline(tmp_path):
+    """The tiny SD3 pipeline with an SD3.5 Medium transformer (dual attention in block 0, RMS
+    q/k norms), saved by diffusers to ``tmp_path / "pipeline"``; returns the diffusers pipeline."""
     from diffusers import SD3Transformer2DModel
 
     reference = tiny_sd.sd3_pipeline(tmp_path)
@@ -80,6 +82,11 @@ def test_sd35_folder_same_image_as_diffusers(tmp_path):
     transformer = tiny_sd.perturb(SD3Transformer2DModel(**config)).eval()
     reference.register_modules(transformer=transformer)
     reference.save_pretrained(tmp_path / "pipeline", safe_serialization=True)
+    return reference
+
+
+def test_sd35_folder_same_image_as_diffusers(tmp_path):
+    reference = sd35_pipeline(tmp_path)
 
     ours = destatic.load(tmp_path / "pipeline")
     assert ours.network.config.dual_attention_layers == (0,)

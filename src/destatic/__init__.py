@@ -26,10 +26,12 @@ __all__ = [
 ]
 
 
-def load(path: str | os.PathLike | None = None):
-    """A :class:`destatic.pipelines.Pipeline` from a destatic or diffusers-layout folder, or a
-    bundled pipeline by name (``emoji``, ``emoji_inpaint``, ``emoji_lcm``); without a path,
-    the bundled default model."""
+def load(path: str | os.PathLike | None = None, **options):
+    """A :class:`destatic.pipelines.Pipeline` from a destatic or diffusers-layout folder, a
+    bundled pipeline by name (``emoji``, ``emoji_inpaint``, ``emoji_lcm``), a repo id in the
+    local Hugging Face cache or a single-file ``.safetensors`` checkpoint (SD 1.x/2.x); without a
+    path, the bundled default model. ``options``: ``vae=`` (another autoencoder), ``config=``
+    and ``tokenizer=`` for single files (:func:`destatic.pipelines.load.load`)."""
     from destatic.pipelines import load as load_pipeline
 
-    return load_pipeline(path)
+    return load_pipeline(path, **options)

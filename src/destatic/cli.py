@@ -164,7 +164,11 @@ def data_clipart(
     _build_data(clipart.build_clipart, clipart.cache_paths, size, out, summary)
 
 
-MODEL_HELP = "Pipeline folder, or a bundled one by name (emoji, emoji_inpaint, emoji_lcm)."
+MODEL_HELP = (
+    "Pipeline folder, a bundled one by name (emoji, emoji_inpaint, emoji_lcm), a repo id in "
+    "the local Hugging Face cache (org/name; never downloaded) or a single-file SD 1.x "
+    ".safetensors checkpoint."
+)
 ModelPath = Annotated[Path | None, typer.Option(help=MODEL_HELP)]
 
 
@@ -507,7 +511,8 @@ def _draw(ctx: typer.Context, out: Path, sheet: Path | None, preview: Path | Non
     todo = [request.for_image(i) for i in range(len(request.prompts))]
     paths = _output_paths(out, todo)
     _check_outputs(paths, sheet, preview)
-    pipe = load(request.model or None).to(device, dtype)
+    options = {"vae": o["vae"], "config": o["model_config"], "tokenizer": o["tokenizer"]}
+    pipe = load(request.model or None, **options).to(device, dtype)
     for name in ("size", "width", "height"):
         _check_side(o[name], pipe.size_multiple, _flag(ctx, name))
     request = request.resolved(pipe)
@@ -587,6 +592,25 @@ VaeTiling = Annotated[
 ]
 DeviceName = Annotated[
     str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
+]
+VaePath = Annotated[
+    Path | None,
+    typer.Option(
+        help="Another autoencoder: a vae/ folder or a .safetensors file (LDM names, e.g. "
+        "vae-ft-mse-840000-ema-pruned.safetensors, or diffusers' names)."
+    ),
+]
+TokenizerPath = Annotated[
+    Path | None,
+    typer.Option(help="Tokenizer folder for a single-file --model (CLIP vocab.json + merges.txt)."),
+]
+ModelConfig = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Diffusers folder (or cached repo id) whose configs and tokenizer a single-file "
+        "--model uses instead of the shipped SD 1.x ones.",
+    ),
 ]
 DtypeName = Annotated[
     str,
@@ -681,6 +705,9 @@ def generate(
     hires: Hires = None,
     hires_strength: HiresStrength = 0.7,
     vae_tiling: VaeTiling = False,
+    vae: VaePath = None,
+    tokenizer: TokenizerPath = None,
+    model_config: ModelConfig = None,
     device: DeviceName = "auto",
     dtype: DtypeName = "auto",
 ) -> None:

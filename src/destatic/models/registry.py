@@ -30,8 +30,10 @@ from destatic.io import (
 from destatic.io.weights import FLOAT_DTYPES, declared_tensors, load_safetensors
 from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from destatic.models.controlnet import ControlNet, ControlNetConfig
+from destatic.models.dit import DiT, DiTConfig
 from destatic.models.flux import Flux, FluxConfig
 from destatic.models.mmdit import MMDiT, MMDiTConfig
+from destatic.models.pixart import PixArt, PixArtConfig
 from destatic.models.unet import UNet2DCondition, UNetConfig
 
 __all__ = ["COMPONENT_CLASSES", "load_component", "load_into", "save_component"]
@@ -98,12 +100,29 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, where: str) 
     module.load_state_dict(cast, strict=True)
 
 
+class _Transformer2DConfig:
+    """diffusers' generic ``Transformer2DModel``, the name the hub's DiT and PixArt-α folders
+    still write: a DiT (adaLN-Zero) or a PixArt (adaLN-single), told by ``norm_type``."""
+
+    @staticmethod
+    def from_diffusers(cfg: dict[str, Any]) -> DiTConfig | PixArtConfig:
+        single = cfg.get("norm_type") == "ada_norm_single"
+        return (PixArtConfig if single else DiTConfig).from_diffusers(cfg)
+
+
+def _transformer_2d(config: DiTConfig | PixArtConfig) -> nn.Module:
+    return PixArt(config) if isinstance(config, PixArtConfig) else DiT(config)
+
+
 COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "UNet2DConditionModel": (UNet2DCondition, UNetConfig),
     "UNet2DCondition": (UNet2DCondition, UNetConfig),
     "SD3Transformer2DModel": (MMDiT, MMDiTConfig),
     "MMDiT": (MMDiT, MMDiTConfig),
     "FluxTransformer2DModel": (Flux, FluxConfig),
+    "DiTTransformer2DModel": (DiT, DiTConfig),
+    "PixArtTransformer2DModel": (PixArt, PixArtConfig),
+    "Transformer2DModel": (_transformer_2d, _Transformer2DConfig),  # the hub's DiT, PixArt-α
     "AutoencoderKL": (AutoencoderKL, AutoencoderConfig),
     "ControlNetModel": (ControlNet, ControlNetConfig),
     "ControlNet": (ControlNet, ControlNetConfig),

@@ -14,16 +14,21 @@ from the Hugging Face hub at run time.
 * :class:`SDXLTextEncoder` reproduces diffusers' ``StableDiffusionXLPipeline.encode_prompt``:
   CLIP-L and CLIP-G penultimate states side by side (the refiner: CLIP-G alone), CLIP-G's
   projected pooled vector.
+* :class:`T5TextEncoder` reproduces diffusers' ``PixArtAlphaPipeline.encode_prompt``: T5 tokens
+  over 120 positions and their padding mask (no caption cleaning).
+* :class:`ClassLabelEncoder` maps prompts to the class ids of a class-conditional network (DiT
+  on ImageNet: "golden retriever" or "207"), as diffusers' ``DiTPipeline.get_label_ids``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +38,12 @@ from torch import nn
 
 __all__ = [
     "CLIPTextEncoder",
+    "ClassLabelEncoder",
     "FluxTextEncoder",
     "MiniLMTextEncoder",
     "SD3TextEncoder",
     "SDXLTextEncoder",
+    "T5TextEncoder",
     "TextEmbedding",
     "TextEncoder",
 ]
@@ -681,3 +688,121 @@ class FluxTextEncoder(TextEncoder):
         tokens = self.t5(batch["input_ids"].to(device))[0]  # [B, max_sequence_length, d_model]
         mask = batch["attention_mask"].to(device).bool()
         return TextEmbedding(tokens=tokens, pooled=pooled.to(device), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# class labels
+
+
+class ClassLabelEncoder(TextEncoder):
+    """Prompts → class ids, for class-conditional networks (DiT on ImageNet).
+
+    A prompt is one class: its id (``"207"``) or one of its names (``"golden retriever"``; an
+    ImageNet class has several, comma-separated in ``id2label``, split as diffusers'
+    ``DiTPipeline`` splits them, and a name two classes share names the later one, as there).
+    A name matches exactly, else ignoring case; an unknown one is a one-line ValueError with the
+    closest names. The empty prompt is the null class (id ``num_classes``): the unconditional
+    branch of guidance (the empty negative prompt), or an unconditional sample.
+
+    Nothing is embedded here — the network embeds the id itself — so :meth:`encode` returns the
+    ids as ``tokens`` [B, 1] (int64), an empty ``pooled`` [B, 0] and an all-true ``mask``.
+    """
+
+    dim = 1
+    pooled_dim = 0
+    max_length = 1
+
+    def __init__(self, id2label: Mapping[int | str, str] | None, num_classes: int):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.labels: dict[str, int] = {}  # name → id
+        for key, value in sorted((id2label or {}).items(), key=lambda kv: int(kv[0])):
+            ident = int(key)
+            if not 0 <= ident < self.num_classes:
+                raise ValueError(
+                    f"id2label names class {ident} but the network has classes "
+                    f"0 … {self.num_classes - 1}"
+                )
+            for name in str(value).split(","):
+                if name.strip():
+                    self.labels[name.strip()] = ident
+        self._folded = {name.casefold(): ident for name, ident in self.labels.items()}
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def label_id(self, prompt: str) -> int:
+        """The class id of one prompt (class docstring)."""
+        text = prompt.strip()
+        if not text:
+            return self.null_class
+        last = self.num_classes - 1
+        if text.isdigit():
+            if int(text) <= last:
+                return int(text)
+            raise ValueError(f"class {text} is beyond this model's classes 0 … {last}")
+        ident = self.labels.get(text, self._folded.get(text.casefold()))
+        if ident is not None:
+            return ident
+        if not self.labels:
+            raise ValueError(
+                f"{text!r}: this model names no classes (no id2label); give a class id 0 … {last}"
+            )
+        close = difflib.get_close_matches(text, list(self.labels), n=3, cutoff=0.5)
+        hint = f"closest: {', '.join(close or list(self.labels)[:3])}"
+        raise ValueError(f"{text!r} is no class of this model ({hint}; or a class id 0 … {last})")
+
+    def _encode(self, prompts: list[str]) -> TextEmbedding:
+        ids = torch.tensor([self.label_id(p) for p in prompts], dtype=torch.long)
+        return TextEmbedding(
+            tokens=ids[:, None],
+            pooled=torch.zeros(len(ids), 0),
+            mask=torch.ones(len(ids), 1, dtype=torch.bool),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# T5 alone
+
+
+class T5TextEncoder(TextEncoder):
+    """One T5 encoder, as diffusers' ``PixArtAlphaPipeline.encode_prompt`` runs it: padded to
+    ``max_sequence_length`` (120) tokens, the padding mask passed to T5 and returned for the
+    network's cross-attention; no pooled vector (``pooled`` is [B, 0]).
+
+    diffusers' ``clean_caption`` (on by default in PixArtAlphaPipeline, when bs4 and ftfy are
+    installed) rewrites prompts before tokenizing (lower case, URLs and some symbols removed);
+    destatic encodes prompts as given, like ``clean_caption=False``."""
+
+    pooled_dim = 0
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_sequence_length: int = 120):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length = int(max_sequence_length)
+        self.dim = int(model.config.d_model)
+
+    @classmethod
+    def from_folders(
+        cls,
+        folder: str | Path,
+        *,
+        max_sequence_length: int = 120,
+        torch_dtype: torch.dtype | None = None,
+    ) -> T5TextEncoder:
+        """Load ``text_encoder``/``tokenizer`` (T5) from a diffusers pipeline folder, with
+        ``local_files_only=True`` only."""
+        folder = Path(folder)
+        model, tokenizer = _load_t5(
+            folder / "text_encoder", folder / "tokenizer", torch_dtype=torch_dtype
+        )
+        return cls(model, tokenizer, max_sequence_length)
+
+    def _encode(self, prompts: list[str]) -> TextEmbedding:
+        batch = _tokenize(self.tokenizer, prompts, self.max_length)
+        device = next(self.model.parameters()).device
+        mask = batch["attention_mask"].to(device)
+        tokens = self.model(batch["input_ids"].to(device), attention_mask=mask)[0]  # [B, T, D]
+        pooled = torch.zeros(len(prompts), 0, device=device, dtype=tokens.dtype)
+        return TextEmbedding(tokens=tokens, pooled=pooled, mask=mask.bool())

@@ -26,9 +26,12 @@ SAMPLING = ("steps", "sampler", "grid", "guidance")
 
 
 def _to(cond: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Every tensor of a (nested) conditioning dict on ``device`` in ``dtype``."""
+    """Every tensor of a (nested) conditioning dict on ``device``, the floating ones in
+    ``dtype`` (integer ones, e.g. a DiT's class ids, keep theirs)."""
     return {
-        k: _to(v, device, dtype) if isinstance(v, dict) else v.to(device, dtype)
+        k: _to(v, device, dtype)
+        if isinstance(v, dict)
+        else v.to(device, dtype if v.is_floating_point() else v.dtype)
         for k, v in cond.items()
     }
 

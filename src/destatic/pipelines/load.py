@@ -14,6 +14,7 @@ from pathlib import Path
 
 from destatic.bundled import resolve
 from destatic.io import read_model_index
+from destatic.io.hub_cache import is_repo_id, resolve_repo_id
 from destatic.models.flux import Flux
 from destatic.models.mmdit import MMDiT
 from destatic.models.registry import save_component
@@ -23,30 +24,62 @@ from destatic.models.text import (
     SD3TextEncoder,
     SDXLTextEncoder,
 )
+from destatic.models.unet import UNet2DCondition
 from destatic.pipelines.families import family_of
 from destatic.pipelines.pipeline import Pipeline
+from destatic.pipelines.single_file import load_single_file, load_vae
 from destatic.process.schedulers import scheduler_config_from_process
 
 __all__ = ["load", "save"]
 
 
-def load(path: str | os.PathLike | None = None) -> Pipeline:
-    """A :class:`Pipeline` from a destatic or diffusers-layout folder on disk, or a bundled
-    model by name (:mod:`destatic.bundled`); ``None``: the bundled default model. The folder's
-    family (:mod:`destatic.pipelines.families`) loads its components."""
-    folder = resolve(path)
-    index = read_model_index(folder)
-    family = family_of(folder, index)
-    c = family.load(folder, index)
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    vae: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+) -> Pipeline:
+    """A :class:`Pipeline` from a destatic or diffusers-layout folder on disk, a bundled model
+    by name (:mod:`destatic.bundled`), a repo id in the local Hugging Face cache
+    (:mod:`destatic.io.hub_cache`; never downloaded) or a single ``.safetensors`` checkpoint
+    (:mod:`destatic.pipelines.single_file`; ``config``: a diffusers folder with its configs,
+    ``tokenizer``: a tokenizer folder); ``None``: the bundled default model. The folder's
+    family (:mod:`destatic.pipelines.families`) loads its components. ``vae``: another
+    autoencoder (a ``vae/`` folder or a ``.safetensors`` file) in place of the model's."""
+    folder = _locate(path)
+    if folder.is_file():
+        c, family = load_single_file(
+            folder, config=None if config is None else _locate(config), tokenizer=tokenizer
+        )
+    else:
+        index = read_model_index(folder)
+        family = family_of(folder, index)
+        c = family.load(folder, index)
+    if vae is not None:
+        c.autoencoder = load_vae(_locate(vae), c.autoencoder)
     return Pipeline(
         c.network, c.autoencoder, c.text_encoder, c.process, c.target, c.defaults, family
     )
+
+
+def _locate(path: str | os.PathLike | None) -> Path:
+    """A bundled name, an existing path, or a repo id found in the local Hugging Face cache."""
+    found = resolve(path)
+    if not found.exists() and is_repo_id(found):
+        return resolve_repo_id(str(found))
+    return found
 
 
 def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> None:
     """Write ``pipeline`` in the diffusers layout (``half``: fp16 weights)."""
     import torch
 
+    if not isinstance(pipeline.network, UNet2DCondition | MMDiT | Flux):
+        raise ValueError(
+            f"saving a {pipeline.family.name} pipeline is not supported yet; copy the folder it "
+            "was loaded from instead"
+        )
     encoder = pipeline.text_encoder
     if isinstance(encoder, SD3TextEncoder) and encoder.clip_skip:
         raise ValueError("saving an SD3TextEncoder with clip_skip > 0 is not supported")

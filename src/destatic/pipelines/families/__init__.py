@@ -1,7 +1,14 @@
 """Model families (:mod:`destatic.pipelines.families.base`): importing this package registers
 every family in :data:`FAMILIES`, in matching order."""
 
-from destatic.models.text import CLIPTextEncoder, SD3TextEncoder, SDXLTextEncoder, TextEncoder
+from destatic.models.text import (
+    ClassLabelEncoder,
+    CLIPTextEncoder,
+    SD3TextEncoder,
+    SDXLTextEncoder,
+    T5TextEncoder,
+    TextEncoder,
+)
 from destatic.pipelines.families.base import (
     FAMILIES,
     Components,
@@ -11,15 +18,19 @@ from destatic.pipelines.families.base import (
     load_components,
     register_family,
 )
+from destatic.pipelines.families.dit import DIT
 from destatic.pipelines.families.flux import FLUX  # noqa: F401 (registers the family)
 from destatic.pipelines.families.own import OWN
+from destatic.pipelines.families.pixart import PIXART
 from destatic.pipelines.families.sd3 import SD3
 from destatic.pipelines.families.sdxl import SDXL
 from destatic.pipelines.families.stable_diffusion import STABLE_DIFFUSION
 
 __all__ = [
+    "DIT",
     "FAMILIES",
     "OWN",
+    "PIXART",
     "SD3",
     "SDXL",
     "STABLE_DIFFUSION",
@@ -38,6 +49,10 @@ def default_family(text_encoder: TextEncoder) -> Family:
     by its text encoder."""
     if isinstance(text_encoder, SD3TextEncoder):
         return SD3
+    if isinstance(text_encoder, ClassLabelEncoder):
+        return DIT
+    if isinstance(text_encoder, T5TextEncoder):
+        return PIXART
     if isinstance(text_encoder, SDXLTextEncoder):
         return SDXL
     if isinstance(text_encoder, CLIPTextEncoder):

@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 NETWORK_FOLDERS = ("unet", "transformer")
+#: The components every family's ``model_index.json`` must name (a class-conditional DiT has no
+#: text encoder: :attr:`Family.required`).
+REQUIRED = ("vae", "scheduler", "text_encoder")
 
 
 @dataclass
@@ -113,10 +116,11 @@ class Family:
     latent_shape: Callable[..., tuple[int, ...]] = _image_latents
     media: str = "image"
     process_for: Callable[[Process, tuple[int, ...]], Process] = _same_process
+    required: tuple[str, ...] = REQUIRED  # components model_index.json must name
 
     def load(self, folder: Path, index: Mapping[str, Any]) -> Components:
         """The components of ``folder`` (its ``model_index.json`` is ``index``)."""
-        return load_components(folder, index, self.text_encoder)
+        return load_components(folder, index, self.text_encoder, self.required)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -193,6 +197,7 @@ def load_components(
     folder: Path,
     index: Mapping[str, Any],
     text_encoder: Callable[[Path, Mapping[str, Any], nn.Module], TextEncoder],
+    required: tuple[str, ...] = REQUIRED,
 ) -> Components:
     """The network (``unet/`` or ``transformer/``), the autoencoder (``vae/``; ``null`` for a
     pixel-space model), the scheduler config as our process and target, and the stored
@@ -208,7 +213,7 @@ def load_components(
     network_key = next((k for k in NETWORK_FOLDERS if k in index), None)
     if network_key is None:
         raise CheckpointError(f"{where} names no 'unet' or 'transformer'")
-    for key in ("vae", "scheduler", "text_encoder"):
+    for key in required:
         if key not in index:
             raise CheckpointError(f"{where} names no {key!r} component")
     network = load_component(folder / network_key)
