@@ -29,6 +29,32 @@ def _flow_sigmas(scheduler) -> torch.Tensor:
     return torch.where(t >= 1, torch.full_like(t, float("inf")), t / (1 - t))
 
 
+def assert_same_image(reference, ours, seed: int) -> float:
+    """4 Euler steps with guidance 4 and a negative prompt from the same latents: ``ours``
+    draws ``reference``'s (a diffusers SD3 pipeline's) image to 1e-5; returns the max gap."""
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    kwargs = {"negative_prompt": "blurry", "height": 16, "width": 16}
+    expected = reference(
+        "a red apple",
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        latents=z,
+        output_type="np",
+        **kwargs,
+    ).images
+    image = ours.generate(
+        "a red apple",
+        sampler="euler",
+        sigmas=_flow_sigmas(reference.scheduler),
+        guidance=4.0,
+        noise=z,
+        **kwargs,
+    )
+    got = image.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    return float(np.abs(got - expected).max())
+
+
 def test_loads_as_mmdit_with_sd3_text_encoder_and_rectified_flow(sd3_folder):
     pipe = destatic.load(sd3_folder[0])
     assert isinstance(pipe.network, MMDiT)
@@ -118,24 +144,6 @@ def test_with_t5_encoder_same_embedding_and_image(tmp_path):
         ours.text_encoder.encode("blurry").tokens, negative, rtol=0, atol=1e-5
     )
 
-    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    kwargs = {"negative_prompt": "blurry", "height": 16, "width": 16}
-    expected = reference(
-        "a red apple",
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        latents=z,
-        output_type="np",
-        **kwargs,
-    ).images
-    image = ours.generate(
-        "a red apple",
-        sampler="euler",
-        sigmas=_flow_sigmas(reference.scheduler),
-        guidance=4.0,
-        noise=z,
-        **kwargs,
-    )
-    np.testing.assert_allclose(image.permute(0, 2, 3, 1).numpy(), expected, atol=1e-5, rtol=0)
+    assert_same_image(reference, ours, seed=2)
     save(ours, tmp_path / "ours")
     assert destatic.load(tmp_path / "ours").text_encoder.t5 is not None

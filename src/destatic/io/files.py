@@ -26,6 +26,7 @@ __all__ = [
     "file_sha256",
     "fsync_dir",
     "fsync_file",
+    "probe_writable",
     "verify_checksums",
     "write_atomic",
     "write_checksums",
@@ -43,6 +44,21 @@ def write_error_reason(e: BaseException) -> str:
     text = str(e)
     found = re.search(r'message: "([^"]*)"', text)
     return found.group(1) if found else (text.splitlines() or [type(e).__name__])[0]
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` (and its parents) if needed and write, fsync and remove one byte
+    there, so a read-only or full disk shows before any work; raises the OSError."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = _temp_name(folder, "write-test")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0")
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def fsync_file(path: Path) -> None:

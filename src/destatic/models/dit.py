@@ -44,6 +44,7 @@ from destatic.models.mmdit import (
     JointAttention,
     modulate,
     sincos_1d,
+    unpatchify,
 )
 
 __all__ = [
@@ -314,13 +315,6 @@ class DiT(nn.Module):
         """The label id of the unconditional branch (the last row of the label tables)."""
         return self.config.num_classes
 
-    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, h·w, p·p·C) → (B, C, h·p, w·p)."""
-        p, c = self.config.patch_size, self.config.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c)  # (B, h, w, p, p, C)
-        x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, p)
-        return x.reshape(x.shape[0], c, h * p, w * p)  # (B, C, H, W)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -343,7 +337,7 @@ class DiT(nn.Module):
         c = self.transformer_blocks[0].norm1.emb(t, labels, x.dtype)  # (B, D)
         shift, scale = self.proj_out_1(F.silu(c)).chunk(2, dim=1)  # note: shift first
         x = self.proj_out_2(modulate(self.norm_out(x), shift, scale))  # (B, N, p·p·C_out)
-        out = self.unpatchify(x, h, w)  # (B, C_out, H, W)
+        out = unpatchify(x, h, w, self.config.patch_size)  # (B, C_out, H, W)
         return out if variance else out[:, : self.config.in_channels]
 
 

@@ -432,6 +432,15 @@ class JointBlock(nn.Module):
         return x, ctx
 
 
+def unpatchify(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
+    """Patch tokens back to an image: (B, h·w, p·p·C) → (B, C, h·p, w·p) (DiT's layout, shared
+    by the MMDiT, DiT and PixArt transformers)."""
+    c = x.shape[-1] // (p * p)
+    x = x.reshape(x.shape[0], h, w, p, p, c)  # (B, h, w, p, p, C)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, p)
+    return x.reshape(x.shape[0], c, h * p, w * p)  # (B, C, H, W)
+
+
 class MMDiT(nn.Module):
     """SD3-family MMDiT: latents (B, C, H, W) + text → velocity (B, C_out, H, W)."""
 
@@ -481,13 +490,6 @@ class MMDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, h·w, p·p·C) → (B, C, h·p, w·p)."""
-        p, c = self.config.patch_size, self.config.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c)  # (B, h, w, p, p, C)
-        x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, p)
-        return x.reshape(x.shape[0], c, h * p, w * p)  # (B, C, H, W)
-
     def forward(
         self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor
     ) -> torch.Tensor:
@@ -501,7 +503,7 @@ class MMDiT(nn.Module):
         for block in self.transformer_blocks:
             x, ctx = block(x, ctx, c)  # (B, N, D), (B, L, D)
         x = self.proj_out(self.norm_out(x, c))  # (B, N, p·p·C_out)
-        return self.unpatchify(x, h, w)  # (B, C_out, H, W)
+        return unpatchify(x, h, w, self.config.patch_size)  # (B, C_out, H, W)
 
 
 #################################################################################

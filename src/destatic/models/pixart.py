@@ -38,7 +38,7 @@ from torch import nn
 from destatic.models.config import JsonConfig, check_positive, check_sample_size
 from destatic.models.dit import FREQ_DIM, IGNORED, PatchEmbed
 from destatic.models.layers import TimestepEmbedding, timestep_embedding
-from destatic.models.mmdit import FeedForward, JointAttention
+from destatic.models.mmdit import FeedForward, JointAttention, unpatchify
 
 __all__ = ["PixArt", "PixArtConfig"]
 
@@ -274,13 +274,6 @@ class PixArt(nn.Module):
         self.adaln_single = AdaLayerNormSingle(d, bool(cfg.use_additional_conditions))
         self.caption_projection = CaptionProjection(cfg.caption_channels, d)
 
-    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, h·w, p·p·C) → (B, C, h·p, w·p)."""
-        p, c = self.config.patch_size, self.config.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c)  # (B, h, w, p, p, C)
-        x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, p)
-        return x.reshape(x.shape[0], c, h * p, w * p)  # (B, C, H, W)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -305,5 +298,5 @@ class PixArt(nn.Module):
             x = block(x, t6, ctx, context_mask)  # (B, N, D)
         shift, scale = (self.scale_shift_table[None] + c[:, None]).chunk(2, dim=1)  # (B, 1, D)
         x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)  # (B, N, p·p·C_out)
-        out = self.unpatchify(x, h, w)  # (B, C_out, H, W)
+        out = unpatchify(x, h, w, self.config.patch_size)  # (B, C_out, H, W)
         return out if variance else out[:, : self.config.in_channels]

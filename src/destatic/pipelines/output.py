@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from destatic.io import write_atomic
+from destatic.io import probe_writable, write_atomic
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -46,14 +45,7 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{what} {folder} is a file, not a folder; choose another path")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".destatic-write-test-")
-        try:
-            os.write(fd, b"\0")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
+        probe_writable(folder)
     except FileExistsError:
         raise OutputError(
             f"{what} {folder}: a file stands where a folder is needed; choose another path"

@@ -31,7 +31,6 @@ import contextlib
 import json
 import math
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ from destatic.io import (
     CheckpointError,
     CheckpointWriteError,
     atomic_folder,
+    probe_writable,
     write_atomic,
     write_error_reason,
 )
@@ -524,9 +524,7 @@ def _older(path: Path, than: Path) -> bool:
 def _check_output(out: Path) -> None:
     """Create ``out`` and make sure a file can be written there; else a one-line ConfigError."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        probe_writable(out)
     except OSError as e:
         raise ConfigError(
             f"output.dir = {str(out)!r} is not writable ({write_error_reason(e)}); choose "
