@@ -22,8 +22,10 @@ DEMO_PROMPTS := "grinning face" "red heart" "cat face" "pizza"
 SHEET_PROMPTS := "grinning face" "red heart" "cat face" "flag: japan" "pizza" "rocket" \
 	"thumbs up" "woman technologist: medium skin tone" "sun" "ghost" "green apple" "fire" \
 	"dog face" "star" "birthday cake" "flag: germany"
+VIDEO_PROMPTS := "red heart moves left" "cat face moves right" "rocket moves up" "pizza falls" \
+	"grinning face zooms in" "thumbs up rotates clockwise" "red heart bounces" "sun zooms out"
 
-.PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint bundle-lcm
+.PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint bundle-lcm bundle-video
 demo: $(VENV)/.installed
 	$(BIN)/destatic generate $(DEMO_PROMPTS) --upscale 4 -o out
 
@@ -52,6 +54,12 @@ bundle-inpaint: $(VENV)/.installed
 bundle-lcm: $(VENV)/.installed
 	rm -rf src/destatic/assets/emoji_lcm
 	$(BIN)/destatic export runs/emoji_lcm/model src/destatic/assets/emoji_lcm --half
+
+# Refresh the bundled video model from a finished `destatic train configs/emoji_video.toml`.
+bundle-video: $(VENV)/.installed
+	rm -rf src/destatic/assets/emoji_video
+	$(BIN)/destatic export runs/emoji_video/model src/destatic/assets/emoji_video --half
+	$(BIN)/destatic generate $(VIDEO_PROMPTS) --model emoji_video -o /tmp/destatic-video --sheet docs/emoji_video.png
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

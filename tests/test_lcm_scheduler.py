@@ -74,6 +74,57 @@ def test_lcm_grid_is_lcm_scheduler_timesteps():
         make_sigmas("lcm", 51, process=process)
 
 
+def test_lcm_grid_with_strength_is_lcm_scheduler_timesteps():
+    """Image → image on the lcm grid: LCMScheduler.set_timesteps(steps, strength=s) keeps the
+    first ⌊50·s⌋ distillation timesteps and picks all ``steps`` from them."""
+    process = VPDiscrete()
+    for strength in (0.08, 0.3, 0.5, 0.63, 0.8, 1.0):
+        for steps in (1, 2, 4, 7):
+            if steps > int(50 * strength):
+                with pytest.raises(ValueError, match=r"lcm grid takes 1 … \d+ steps"):
+                    make_sigmas("lcm", steps, process=process, strength=strength)
+                continue
+            scheduler = diffusers.LCMScheduler()
+            scheduler.set_timesteps(steps, strength=strength)
+            sigmas = make_sigmas("lcm", steps, process=process, strength=strength)
+            t = process.sigma_to_t(sigmas[:-1])
+            torch.testing.assert_close(t, scheduler.timesteps.double(), rtol=0, atol=1e-9)
+    t = process.sigma_to_t(make_sigmas("lcm", 4, process=process, strength=0.5)[:-1])
+    assert t.round().tolist() == [499, 379, 259, 139]  # not the full grid's tail [499, 259]
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        make_sigmas("lcm", 4, process=process, strength=1.5)
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.75])
+def test_distilled_img2img_same_image_as_latent_consistency_img2img(distilled, strength):
+    """LatentConsistencyModelImg2ImgPipeline from the same latents and seed: the initial noise
+    and every fresh draw between steps come from the seed's generator in the same order."""
+    from tests.test_image_to_image import picture
+
+    folder, reference = distilled
+    ours = destatic.load(folder)
+    pipe = diffusers.LatentConsistencyModelImg2ImgPipeline(**reference.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = picture(2, 16)
+    expected = pipe(
+        "a red apple",
+        image=ours.encode(image),  # the posterior mean, as latents: no sampled encoding
+        strength=strength,
+        num_inference_steps=4,
+        guidance_scale=6.0,
+        generator=torch.Generator().manual_seed(4),
+        output_type="np",
+    ).images
+    got = ours.generate("a red apple", image=image, strength=strength, guidance=6.0, seed=4)
+    got = got.permute(0, 2, 3, 1).numpy()
+    assert got.shape == expected.shape and expected.std() > 0.01
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    print(f"lcm img2img strength {strength}: max abs diff {np.abs(got - expected).max():.2e}")
+    # other samplers keep the tail of the full grid (diffusers' StableDiffusionImg2ImgPipeline)
+    tail = ours.generate("a red apple", image=image, strength=strength, sampler="euler", seed=4)
+    assert (torch.from_numpy(got).permute(0, 3, 1, 2) - tail).abs().max() > 1e-3
+
+
 def test_lcm_target_is_lcm_scheduler_step():
     """One LCMScheduler.step (denoised, at each grid timestep) = our Denoiser's x̂0, in σ-space:
     the boundary condition uses the current timestep and acts on the VP-scaled sample."""

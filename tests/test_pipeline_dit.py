@@ -1,7 +1,7 @@
 """DiT folders: the class-conditional transformer (learned variance) against diffusers'
 DiTTransformer2DModel, prompts as ImageNet class names or ids, and the same image as diffusers'
 DiTPipeline with DDIM and DPM-Solver++ 2M; unknown classes and unsupported configs fail with one
-line."""
+line; ``save`` writes a DiTPipeline folder that destatic and diffusers both load back."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 import destatic
 from destatic.io import CheckpointError
 from destatic.models.dit import DiT, DiTConfig
+from destatic.models.registry import saved_as
 from destatic.models.text import ClassLabelEncoder
-from destatic.pipelines import Pipeline
+from destatic.pipelines import Pipeline, save
 from tests import tiny_sd
 from tests.test_pipeline import SCHEDULERS, scheduler_sigmas
 
@@ -103,6 +104,17 @@ def test_transformer_matches_diffusers(dit):
     assert wide.shape == (1, 4, 8, 12)
 
 
+def same_latents(scheduler, steps: int, seed: int, shape: tuple[int, ...]):
+    """A VP-state diffusers scheduler's σ grid for ``steps``, the start latents z its pipeline
+    is given (or draws from ``seed``) and destatic's unit noise for them: z is the VP state, so
+    destatic's x = σ₀·noise is √(1+σ₀²)·z."""
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler_sigmas(scheduler)
+    start = float(sigmas[0])
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return sigmas, z, z * math.sqrt(1 + start**2) / start
+
+
 # destatic sampler ↔ diffusers scheduler; both VP-state schedulers (init_noise_sigma 1)
 PAIRS = [("ddim", "DDIMScheduler"), ("dpmpp_2m", "DPMSolverMultistepScheduler")]
 
@@ -123,12 +135,8 @@ def test_same_image_as_diffusers_dit_pipeline(dit, sampler, name):
         generator=torch.Generator().manual_seed(3),
         output_type="np",
     ).images
-    scheduler.set_timesteps(steps)
-    sigmas = scheduler_sigmas(scheduler)
-    start = float(sigmas[0])
-    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigmas, _, noise = same_latents(scheduler, steps, seed=3, shape=(1, 4, 8, 8))
     ours = destatic.load(folder)
-    noise = z * math.sqrt(1 + start**2) / start
     got = ours.generate("golden retriever", sampler=sampler, sigmas=sigmas, noise=noise)
     got = got.permute(0, 2, 3, 1).numpy()
     assert got.shape == expected.shape == (1, 16, 16, 3)
@@ -169,3 +177,39 @@ def test_hub_names_and_unsupported_configs(dit, tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="out_channels=6"):
         DiTConfig.from_diffusers({**cfg, "out_channels": 6})
+
+
+def _diffusers_image(pipe, steps: int, seed: int) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    labels = pipe.get_label_ids(["golden retriever"])
+    return pipe(labels, num_inference_steps=steps, generator=generator, output_type="np").images
+
+
+def test_save_loads_back_in_destatic_and_diffusers(dit, tmp_path):
+    """``save(load(folder))`` is a DiTPipeline folder with ``id2label``: destatic draws the same
+    image from it, and diffusers' DiTPipeline loads it (the same class names) and, with the
+    scheduler saved (DPM-Solver++ on the same β schedule), draws destatic's ``dpmpp_2m``
+    image."""
+    folder, reference = dit
+    pipe = destatic.load(folder)
+    save(pipe, tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["_class_name"] == "DiTPipeline" and "text_encoder" not in index
+    again = destatic.load(tmp_path / "saved")
+    assert again.family.name == "dit" and again.text_encoder.labels == pipe.text_encoder.labels
+    kwargs = {"steps": 3, "seed": 1}
+    assert torch.equal(again.generate("goldfish", **kwargs), pipe.generate("goldfish", **kwargs))
+    loaded = diffusers.DiTPipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.labels == reference.labels
+    assert torch.equal(loaded.scheduler.alphas_cumprod, reference.scheduler.alphas_cumprod)
+    expected = _diffusers_image(loaded, 5, seed=3)
+    assert type(loaded.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    sigmas, _, noise = same_latents(loaded.scheduler, 5, seed=3, shape=(1, 4, 8, 8))
+    got = again.generate("golden retriever", sampler="dpmpp_2m", sigmas=sigmas, noise=noise)
+    np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), expected, atol=1e-5, rtol=0)
+
+
+def test_unsavable_network_is_one_line():
+    with pytest.raises(ValueError, match="saving a Linear is not supported; savable networks: "):
+        saved_as(torch.nn.Linear(2, 2))

@@ -1,12 +1,14 @@
 """A1111's prompt syntax on CLIP: its parser's documented results, 75-token chunks (with its
 comma backtrack) against hand-counted tokens, the weighted states against the formula, and
-plain prompts unchanged."""
+plain prompts unchanged; on SDXL's and SD3's two CLIPs: the weights against A1111's rule per
+tower, long prompts against compel's SDXL mode, and the chunks of a guided batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import destatic
 from destatic.models.prompt_weights import chunk_prompt, is_plain, parse_prompt_attention
 from destatic.models.text import CLIPTextEncoder
 from tests import tiny_sd
@@ -132,3 +134,147 @@ def test_long_prompt_with_short_negative_generates(tmp_path):
     one = pipe.generate(words(40), negative_prompt="blurry", **common)
     two = pipe.generate("(cat:1.2)", negative_prompt=words(40), **common)
     assert torch.isfinite(one).all() and torch.isfinite(two).all()
+
+
+# -- SDXL and SD3: every CLIP tower gets the same parsed, chunked, weighted prompt -------------
+
+
+def a1111_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis written out for one chunk ``z`` [T, D]: the states times
+    their token's weight, then rescaled to the unweighted mean."""
+    weighted = z * weights[:, None]
+    return weighted * (z.mean() / weighted.mean())
+
+
+def red_weights(value: float) -> torch.Tensor:
+    """Per-token weights of ``"a (red:value) cat"``: BOS, "a</w>", then r, e, d</w>."""
+    weights = torch.ones(77)
+    weights[2:5] = value
+    return weights
+
+
+def test_sdxl_weighted_prompt_follows_a1111_per_tower(sdxl):
+    """Each tower's penultimate states (diffusers' encoding of the plain words) weighted and
+    mean-restored on its own, then side by side; pooled: CLIP-G's, unweighted."""
+    folder, reference = sdxl
+    encoder = destatic.load(folder).text_encoder
+    plain, _, pooled, _ = reference.encode_prompt("a red cat", do_classifier_free_guidance=False)
+    got = encoder.encode(["a (red:1.5) cat", "a red cat"])
+    w = red_weights(1.5)
+    towers = [plain[0, :, :32], plain[0, :, 32:]]  # CLIP-L's, CLIP-G's
+    expected = torch.cat([a1111_emphasis(z, w) for z in towers], dim=-1)
+    torch.testing.assert_close(got.tokens[0], expected)
+    assert torch.equal(got.tokens[1], plain[0])  # a plain prompt: diffusers' bits
+    torch.testing.assert_close(got.pooled, pooled.repeat(2, 1))
+    assert (got.tokens[0] - plain[0]).abs().max() > 1e-2  # the weight did something
+
+
+def test_sdxl_break_encodes_chunk_by_chunk(sdxl):
+    """``BREAK``: each chunk is diffusers' encoding of its words; pooled is the first chunk's."""
+    folder, reference = sdxl
+    encoder = destatic.load(folder).text_encoder
+    got = encoder.encode(["a red cat BREAK dog"])
+    assert got.tokens.shape == (1, 154, 64) and got.mask.shape == (1, 154)
+    for i, words in enumerate(["a red cat", "dog"]):
+        plain, _, pooled, _ = reference.encode_prompt(words, do_classifier_free_guidance=False)
+        torch.testing.assert_close(got.tokens[:, 77 * i : 77 * (i + 1)], plain)
+        if i == 0:
+            torch.testing.assert_close(got.pooled, pooled)
+
+
+def test_sdxl_long_prompt_matches_compel(sdxl):
+    """90 tokens in two chunks, cut on a word boundary (compel moves a word that straddles the
+    cut to the next chunk; A1111 cuts at 75 tokens): compel's SDXL mode gives the same states
+    and, for a plain prompt, the same pooled vector."""
+    compel = pytest.importorskip("compel")
+    folder, reference = sdxl
+    prompt = words(30, "abc")  # 90 tokens: 25 words fill the first chunk exactly
+    maker = compel.Compel(
+        tokenizer=[reference.tokenizer, reference.tokenizer_2],
+        text_encoder=[reference.text_encoder, reference.text_encoder_2],
+        returned_embeddings_type=compel.ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+        requires_pooled=[False, True],
+        truncate_long_prompts=False,
+    )
+    with torch.no_grad():
+        expected, pooled = maker(prompt)
+    got = destatic.load(folder).text_encoder.encode([prompt])
+    assert got.tokens.shape == expected.shape == (1, 154, 64)
+    torch.testing.assert_close(got.tokens, expected)
+    torch.testing.assert_close(got.pooled, pooled)
+
+
+def test_sdxl_long_prompt_generates_with_zero_negative(sdxl):
+    """A 2-chunk prompt without a negative: the all-zero negative (force_zeros_for_empty_prompt)
+    is padded with zeros, and the guided batch draws a finite image."""
+    from destatic.pipelines import GenerationRequest
+    from destatic.pipelines.prompt_chunks import same_token_count
+    from destatic.pipelines.stages import encode_conditioning
+
+    pipe = destatic.load(sdxl[0])
+    request = GenerationRequest(prompt=words(40), guidance=5.0, width=16, height=16)
+    c = encode_conditioning(pipe, request.resolved(pipe))
+    padded = same_token_count(pipe, c, 16, 16)
+    assert padded.uncond["context"].shape == (1, 154, 64) and not padded.uncond["context"].any()
+    image = pipe.generate("(red:1.3) " + words(40), steps=2, width=16, height=16, guidance=5.0)
+    assert torch.isfinite(image).all()
+
+
+def test_sd3_weighted_prompt_follows_a1111_per_tower(sd3):
+    folder, reference = sd3
+    encoder = destatic.load(folder).text_encoder
+    plain, _, pooled, _ = reference.encode_prompt(
+        "a red cat", None, None, do_classifier_free_guidance=False
+    )
+    got = encoder.encode(["a (red:0.7) cat"])
+    w = red_weights(0.7)
+    clip = plain[0, :77]  # [CLIP-L 32 | CLIP-G 32 | zero padding to T5's width]
+    expected = torch.cat(
+        [a1111_emphasis(clip[:, :32], w), a1111_emphasis(clip[:, 32:64], w), clip[:, 64:]], -1
+    )
+    torch.testing.assert_close(got.tokens[0, :77], expected)
+    torch.testing.assert_close(got.tokens[0, 77:], plain[0, 77:], rtol=0, atol=0)  # T5's zeros
+    torch.testing.assert_close(got.pooled, pooled)  # both CLIPs', unweighted
+
+
+def test_sd3_long_prompt_chunks_before_t5(sd3):
+    """A 2-chunk prompt: CLIP chunks (154 tokens), then T5's 256; a 1-chunk negative prompt
+    gets the empty prompt's CLIP chunk between its own and T5's; T5 reads the words alone."""
+    from destatic.models.text import SD3TextEncoder
+    from destatic.pipelines.prompt_chunks import same_token_count
+    from destatic.pipelines.stages import Conditioning
+
+    pipe = destatic.load(sd3[0])
+    encoder = pipe.text_encoder
+    got = encoder.encode([words(40)])
+    assert got.tokens.shape == (1, 154 + 256, 64) and encoder.trailing_tokens == 256
+    c = Conditioning(pipe.conditioning([words(40)]), pipe.conditioning(["blurry"]), 4.0)
+    padded = same_token_count(pipe, c, 16, 16).uncond["context"]
+    short, empty = c.uncond["context"], pipe.conditioning([""])["context"]
+    torch.testing.assert_close(padded, torch.cat([short[:, :77], empty[:, :77], short[:, 77:]], 1))
+    image = pipe.generate(words(40), negative_prompt="blurry", steps=2, width=16, height=16)
+    assert torch.isfinite(image).all()
+    t5, t5_tokenizer = tiny_sd.t5_encoder_and_tokenizer(d_model=64)
+    with_t5 = SD3TextEncoder(encoder.clip_l, encoder.clip_g, t5.eval(), t5_tokenizer)
+    weighted, plain = (
+        with_t5.encode(["a (red:1.5) cat BREAK dog"]),
+        with_t5.encode(["a red cat dog"]),
+    )
+    assert torch.equal(weighted.tokens[:, -256:], plain.tokens[:, -256:])
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from tests.test_pipeline_sdxl import _build
+
+    return _build(tmp_path_factory.mktemp("sdxl_weights"), refiner=False)
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    tmp = tmp_path_factory.mktemp("sd3_weights")
+    reference = tiny_sd.sd3_pipeline(tmp)
+    reference.save_pretrained(tmp / "pipeline", safe_serialization=True)
+    return tmp / "pipeline", reference

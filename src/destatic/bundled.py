@@ -62,6 +62,12 @@ BUNDLED: dict[str, BundledModel] = {
             "emoji_lcm", "pipeline", "configs/emoji_lcm.toml", "4-step LCM student, guidance in"
         ),
         BundledModel(
+            "emoji_video",
+            "pipeline",
+            "configs/emoji_video.toml",
+            "text → 8-frame 32×32 emoji clips (motion)",
+        ),
+        BundledModel(
             "emoji_evaluator",
             "component",
             "configs/emoji_evaluator.toml",

@@ -182,6 +182,10 @@ def _preview_writer(folder: Path | None, todo: list):
     labels = [p.prompt for p in todo]
 
     def write(i: int, images) -> None:
+        if images.ndim == 5:  # a video model's clips: frames side by side
+            from destatic.pipelines.output import film_strips
+
+            images = film_strips(images)
         save_grid(images.float().cpu(), labels, folder / f"step-{i:03d}.png")
 
     return write
@@ -221,6 +225,9 @@ NEEDS = {
 # generate options that --from replaces by the PNG's stored parameters
 FROM_REPLACES = (
     "model",
+    "model_config",
+    "tokenizer",
+    "vae",
     "negative",
     "steps",
     "sampler",
@@ -285,7 +292,7 @@ def _check_combinations(ctx: typer.Context) -> None:
         if ctx.params.get("prompt"):
             raise ValueError("give either prompts or --from, not both")
         a1111 = "model" in given and not _has_destatic_chunk(ctx.params["from_"])
-        allowed = ("model",) if a1111 else ()
+        allowed = ("model", "model_config", "tokenizer", "vae") if a1111 else ()
         replaced = [
             _flag(ctx, name) for name in given if name in FROM_REPLACES and name not in allowed
         ]
@@ -354,16 +361,33 @@ def _slug(prompt: str) -> str:
 def _output_paths(out: Path, todo: list) -> list[Path]:
     """Where each image of ``todo`` goes, decided before any sampling: ``out`` itself when it
     is a .png and there is one image; else ``NNN-prompt-seedS.png`` in the folder ``out``."""
+    from destatic.io.video import WRITE_SUFFIXES
     from destatic.pipelines.output import OutputError
 
-    if out.suffix.lower() == ".png" and not out.is_dir():
+    if out.suffix.lower() in {".png", *WRITE_SUFFIXES} and not out.is_dir():
         if len(todo) > 1:
             raise OutputError(
-                f"-o {out} names one PNG but this call makes {len(todo)} images; "
+                f"-o {out} names one {'PNG' if out.suffix.lower() == '.png' else 'video'} "
+                f"but this call makes {len(todo)} images; "
                 f"give a folder instead (e.g. -o {out.with_suffix('')})"
             )
         return [out]
     return [out / f"{i:03d}-{_slug(p.prompt)}-seed{p.seed}.png" for i, p in enumerate(todo)]
+
+
+def _media_paths(paths: list[Path], out: Path, video: bool) -> list[Path]:
+    """``paths`` for what the model draws: in a folder, a video model's clips are ``.mp4``;
+    a file named by ``-o`` must be of the model's kind (one line otherwise)."""
+    from destatic.io.video import WRITE_SUFFIXES
+
+    if paths != [out]:
+        return [p.with_suffix(".mp4") for p in paths] if video else paths
+    if video and out.suffix.lower() not in WRITE_SUFFIXES:
+        kinds = ", ".join(sorted(WRITE_SUFFIXES))
+        raise ValueError(f"-o {out}: this is a video model; name a {kinds} file or a folder")
+    if not video and out.suffix.lower() != ".png":
+        raise ValueError(f"-o {out}: this model draws images; name a .png file or a folder")
+    return paths
 
 
 def _check_outputs(paths: list[Path], sheet: Path | None, preview: Path | None) -> None:
@@ -378,18 +402,33 @@ def _check_outputs(paths: list[Path], sheet: Path | None, preview: Path | None) 
         check_writable(preview, "--preview")
 
 
-def _write_images(images: list, todo: list, paths: list[Path], upscale: int) -> None:
-    """Write each image atomically with the request that draws it and print its path. A failed
-    write (full or read-only disk) leaves no partial file and raises an OutputError naming the
-    images already written."""
-    from destatic.pipelines.output import OutputError, describe_os_error, write_png_atomic
+def _write_one(path: Path, image, request, upscale: int, fps: int) -> None:
+    """One image as a PNG, or one clip (a list of frames) as a video, with its request."""
+    import numpy as np
+
+    from destatic.io.video import write_video
+    from destatic.pipelines.output import write_png_atomic
+
+    frames = image if isinstance(image, list) else [image]
+    if upscale > 1:
+        frames = [f.resize((f.width * upscale, f.height * upscale), 0) for f in frames]
+    if not isinstance(image, list):
+        write_png_atomic(path, frames[0], request.png_info())
+        return
+    clip = np.stack([np.asarray(f.convert("RGB")) for f in frames])
+    write_video(path, clip, fps, comment=request.to_json())
+
+
+def _write_images(images: list, todo: list, paths: list[Path], upscale: int, fps: int) -> None:
+    """Write each image (or clip) atomically with the request that draws it and print its
+    path. A failed write (full or read-only disk) leaves no partial file and raises an
+    OutputError naming the images already written."""
+    from destatic.pipelines.output import OutputError, describe_os_error
 
     written: list[Path] = []
     for image, request, path in zip(images, todo, paths, strict=True):
-        if upscale > 1:
-            image = image.resize((image.width * upscale, image.height * upscale), 0)
         try:
-            write_png_atomic(path, image, request.png_info())
+            _write_one(path, image, request, upscale, fps)
         except OSError as err:
             kept = (
                 f"kept {len(written)} of {len(paths)} images: {', '.join(map(str, written))}"
@@ -412,10 +451,15 @@ def _write_sheet(images: list, todo: list, sheet: Path) -> None:
     from destatic.data.sheets import save_grid
     from destatic.pipelines.output import OutputError, describe_os_error
 
-    arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    clips = isinstance(images[0], list)  # a clip shows as its frames side by side, one a row
+    frames = [im if clips else [im] for im in images]
+    arrays = np.stack(
+        [np.concatenate([np.asarray(f.convert("RGB")) for f in c], 1) for c in frames]
+    )
     tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
+    columns = 1 if clips else min(8, len(images))
     try:
-        save_grid(tensor, [p.prompt for p in todo], sheet, columns=min(8, len(images)))
+        save_grid(tensor, [p.prompt for p in todo], sheet, columns=columns)
     except OSError as err:
         raise OutputError(
             f"could not write --sheet {sheet} ({describe_os_error(err)}); the images are written"
@@ -431,6 +475,12 @@ def _out_of_memory(err: RuntimeError) -> bool:
 
 def _path(value: Path | None) -> str | None:
     return None if value is None else str(value)
+
+
+def _sources(o: dict) -> dict[str, str]:
+    """The model and what a single file is built with, as the request records them."""
+    names = {"model": "model", "config": "model_config", "tokenizer": "tokenizer", "vae": "vae"}
+    return {field: _path(o[option]) or "" for field, option in names.items()}
 
 
 def _request_from_options(o: dict) -> GenerationRequest:
@@ -452,7 +502,7 @@ def _request_from_options(o: dict) -> GenerationRequest:
         num_images=o["num_images"],
         width=o["width"] or o["size"],
         height=o["height"] or o["size"],
-        model=_path(o["model"]) or "",
+        **_sources(o),
         image=_path(o["image"]),
         strength=o["strength"],
         mask=_path(o["mask"]),
@@ -469,19 +519,21 @@ def _request_from_options(o: dict) -> GenerationRequest:
         hires_scale=o["hires"] or 1.0,
         hires_strength=o["hires_strength"],
         vae_tiling=o["vae_tiling"],
+        num_frames=o["frames"],
     )
 
 
-def _request_from_png(o: dict) -> GenerationRequest:
-    """The request stored in the ``--from`` PNG; with ``--variation-strength``, ``-n``
+def _request_from_file(o: dict) -> GenerationRequest:
+    """The request stored in the ``--from`` PNG (or video); with ``--variation-strength``, ``-n``
     variations of it, one per variation seed (the stored seed + 1, … or ``--variation-seed``)."""
     import dataclasses
 
     from destatic.pipelines import GenerationRequest
 
-    stored = GenerationRequest.from_png(o["from_"])
+    stored = GenerationRequest.from_file(o["from_"])
     if o["model"] is not None:  # an A1111 PNG (_check_combinations refuses it otherwise)
-        stored = dataclasses.replace(stored, model=str(o["model"]))
+        stored = dataclasses.replace(stored, **_sources(o))
+    stored.check_sources(o["from_"])
     stored = dataclasses.replace(stored, vae_tiling=stored.vae_tiling or o["vae_tiling"])
     if not o["variation_strength"]:
         return stored
@@ -504,21 +556,24 @@ def _draw(ctx: typer.Context, out: Path, sheet: Path | None, preview: Path | Non
     _check_combinations(ctx)
     o = ctx.params
     device, dtype = pick_device(o["device"], o["dtype"])
-    request = _request_from_png(o) if o["from_"] is not None else _request_from_options(o)
+    request = _request_from_file(o) if o["from_"] is not None else _request_from_options(o)
     request = request.with_companions()
     if (request.controlnet is None) != (request.control_image is None):
         raise ValueError("--controlnet and --control go together")
     todo = [request.for_image(i) for i in range(len(request.prompts))]
     paths = _output_paths(out, todo)
     _check_outputs(paths, sheet, preview)
-    options = {"vae": o["vae"], "config": o["model_config"], "tokenizer": o["tokenizer"]}
-    pipe = load(request.model or None, **options).to(device, dtype)
+    pipe = load(request.model or None, **request.load_options()).to(device, dtype)
+    paths = _media_paths(paths, out, pipe.family.media == "video")
     for name in ("size", "width", "height"):
         _check_side(o[name], pipe.size_multiple, _flag(ctx, name))
     request = request.resolved(pipe)
     live = {"progress": o["progress"], "preview": _preview_writer(preview, todo)}
-    images = to_pil(pipe.run(request, **live))
-    todo = request.for_images([im.size for im in images], pipe.default_size)
+    media = pipe.run(request, **live)
+    # images: one PIL image each; clips: a list of frames each
+    images = [to_pil(c.transpose(0, 1)) for c in media] if media.ndim == 5 else to_pil(media)
+    first = [im[0] if isinstance(im, list) else im for im in images]
+    todo = request.for_images([im.size for im in first], pipe.default_size)
     return images, todo, paths
 
 
@@ -655,6 +710,11 @@ ControlScale = Annotated[
 ControlStart = Annotated[float, typer.Option(min=0.0, max=1.0, help="First share of steps.")]
 ControlEnd = Annotated[float, typer.Option(min=0.0, max=1.0, help="Last share of steps.")]
 Progress = Annotated[bool, typer.Option(help="Show a progress bar over the steps.")]
+Frames = Annotated[
+    int | None,
+    typer.Option(min=1, max=256, help="Frames per clip, for video models (default: the model's)."),
+]
+Fps = Annotated[int, typer.Option(min=1, max=120, help="Frames per second of written videos.")]
 PreviewDir = Annotated[
     Path | None,
     typer.Option(help="Write a sheet of the decoded estimate x̂0 after every step to this folder."),
@@ -705,6 +765,8 @@ def generate(
     hires: Hires = None,
     hires_strength: HiresStrength = 0.7,
     vae_tiling: VaeTiling = False,
+    frames: Frames = None,
+    fps: Fps = 8,
     vae: VaePath = None,
     tokenizer: TokenizerPath = None,
     model_config: ModelConfig = None,
@@ -729,7 +791,7 @@ def generate(
 
         _fail(f"{err.filename or 'a file'}: {describe_os_error(err)}; fix that, then rerun")
     try:
-        _write_images(images, todo, paths, upscale)
+        _write_images(images, todo, paths, upscale, fps)
         if sheet is not None:
             _write_sheet(images, todo, sheet)
     except ValueError as err:
@@ -831,6 +893,25 @@ def train(
 EVAL_METRICS = ("retrieval", "clip", "fid", "kid", "pr")
 
 
+def _eval_video(pipe, scorer, n: int, seed: int, batch: int, out: Path, baseline: str) -> None:
+    """``destatic eval`` on a video model: the held-out motion table (destatic.metrics.video)
+    as results.md and results.json in ``out``."""
+    import json
+
+    import destatic
+    from destatic.metrics.video import evaluate_video, video_table
+
+    image_pipe = destatic.load(baseline).to(pipe.device, pipe.dtype) if baseline else None
+    rows = evaluate_video(pipe, scorer, n=n, seed=seed, batch_size=batch, image_pipe=image_pipe)
+    table = video_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+    rows_json = [r.as_dict() for r in rows]
+    (out / "results.json").write_text(json.dumps(rows_json, indent=2), encoding="utf-8")
+    typer.echo(table)
+    typer.echo(f"wrote {out / 'results.md'}, {out / 'results.json'}")
+
+
 def _check_eval_choices(metrics: list[str]) -> None:
     """Known metrics (at least one), checked before any model is loaded."""
     choices = f"choose from {', '.join(EVAL_METRICS)}"
@@ -879,6 +960,11 @@ def eval_(
     ),
     batch_size: int = typer.Option(64, min=1, help="Images generated per batch."),
     out: Path = typer.Option(Path("runs/eval"), "-o", "--out", help="Report folder."),
+    baseline: str = typer.Option(
+        "emoji",
+        help="Video models: the image model that draws each frame independently as the "
+        "baseline ('' = none).",
+    ),
     device: DeviceName = "auto",
     dtype: DtypeName = "auto",
 ) -> None:
@@ -888,9 +974,9 @@ def eval_(
     from destatic.io import CheckpointError
     from destatic.metrics.evaluator import load_evaluator
     from destatic.metrics.inception import InceptionFeatures, MissingInceptionError
-    from destatic.metrics.sweep import evaluate, reference_set, write_report
+    from destatic.metrics.sweep import evaluate, reference_set
     from destatic.pipelines.devices import pick_device
-    from destatic.pipelines.output import check_writable, describe_os_error
+    from destatic.pipelines.output import check_writable
     from destatic.sampling import NonFiniteError
 
     wanted = [m.strip() for m in metrics.split(",") if m.strip()]
@@ -903,6 +989,9 @@ def eval_(
         guide_settings = _eval_settings(guidance_sampler, [guidance_steps], scales, grid)
         check_writable(out, "-o")
         pipe = destatic.load(model).to(*pick_device(device, dtype))
+        if pipe.family.media == "video":
+            _eval_video(pipe, load_evaluator(evaluator), n, seed, batch_size, out, baseline)
+            return
         reference = reference_set(data, pipe.default_size, data_path, n=n, seed=seed)
         scorer = load_evaluator(evaluator) if {"retrieval", "clip"} & set(wanted) else None
         inception = InceptionFeatures() if {"fid", "kid", "pr"} & set(wanted) else None
@@ -922,7 +1011,15 @@ def eval_(
         "seed": seed,
         "evaluator": str(evaluator or destatic.DEFAULT_EVALUATOR) if scorer else None,
     }
-    title = f"{Path(meta['model']).name} on {data} held-out (n = {meta['n']})"
+    _write_eval_report(real, by_steps, by_guidance, out, meta)
+
+
+def _write_eval_report(real, by_steps, by_guidance, out: Path, meta: dict) -> None:
+    """The sweep's report (results.md, results.json, plots) in ``out``, echoed."""
+    from destatic.metrics.sweep import write_report
+    from destatic.pipelines.output import describe_os_error
+
+    title = f"{Path(meta['model']).name} on {meta['data']} held-out (n = {meta['n']})"
     try:
         written = write_report(real, by_steps, by_guidance, out, title=title, meta=meta)
     except OSError as err:

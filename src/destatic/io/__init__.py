@@ -17,6 +17,7 @@ from destatic.io.files import (
     write_checksums,
     write_error_reason,
 )
+from destatic.io.video import read_video, read_video_comment, write_video
 from destatic.io.weights import (
     CONFIG_NAME,
     SAVE_WEIGHTS_NAME,
@@ -48,8 +49,11 @@ __all__ = [
     "read_json",
     "read_model_index",
     "read_safetensors_header",
+    "read_video",
+    "read_video_comment",
     "verify_checksums",
     "write_atomic",
     "write_checksums",
     "write_error_reason",
+    "write_video",
 ]

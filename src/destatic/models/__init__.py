@@ -25,9 +25,11 @@ from destatic.models.text import (
     TextEncoder,
 )
 from destatic.models.unet import UNet2DCondition, UNetConfig
+from destatic.models.video_dit import VIDEO_DIT_MODELS, VideoDiT, VideoDiTConfig
 
 __all__ = [
     "MMDIT_MODELS",
+    "VIDEO_DIT_MODELS",
     "Attention",
     "AutoencoderConfig",
     "AutoencoderKL",
@@ -49,6 +51,8 @@ __all__ = [
     "UNet2DCondition",
     "UNetConfig",
     "Upsample",
+    "VideoDiT",
+    "VideoDiTConfig",
     "fuse_projections",
     "optimize",
     "timestep_embedding",

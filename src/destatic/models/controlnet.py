@@ -14,6 +14,11 @@ convolutions bring it to the latent resolution: one fewer than the number of
 ``conditioning_embedding_out_channels`` entries (SD: four entries, 512 px → 64 latents; a
 pixel-space model: one entry, no downsampling).
 
+SDXL's ControlNets (``addition_embed_type="text_time"``) copy the U-Net's micro-conditioning
+too: the same ``add_embedding`` MLP of the pooled text vector and the size/crop ``time_ids`` is
+added to the time embedding (:meth:`UNet2DCondition.micro_embedding`), so they take the
+U-Net's ``added_cond`` (diffusers' ``added_cond_kwargs``) beside the text tokens.
+
 Module and config names are diffusers' ``ControlNetModel``'s, so its checkpoints load with
 ``load_state_dict(strict=True)``.
 """
@@ -147,6 +152,10 @@ class ControlNet(nn.Module):
         temb_ch = 4 * ch[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+        if cfg.addition_embed_type == "text_time":  # SDXL micro-conditioning, as the U-Net's
+            self.add_embedding = TimestepEmbedding(
+                cfg.projection_class_embeddings_input_dim, temb_ch
+            )
         self.controlnet_cond_embedding = ConditioningEmbedding(
             cfg.conditioning_channels, cfg.conditioning_embedding_out_channels, ch[0]
         )
@@ -176,7 +185,9 @@ class ControlNet(nn.Module):
     def from_unet(cls, unet: UNet2DCondition, **fields: Any) -> ControlNet:
         """A ControlNet whose encoder starts as a copy of ``unet``'s (the paper's init)."""
         net = cls(ControlNetConfig.from_unet(unet.config, **fields))
-        for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
+        names = ["conv_in", "time_embedding", "down_blocks", "mid_block"]
+        names += ["add_embedding"] if hasattr(net, "add_embedding") else []
+        for name in names:
             getattr(net, name).load_state_dict(getattr(unet, name).state_dict())
         return net.to(next(unet.parameters()).dtype)
 
@@ -187,14 +198,25 @@ class ControlNet(nn.Module):
         context: torch.Tensor,
         control: torch.Tensor,
         scale: float | torch.Tensor = 1.0,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> ControlResiduals:
         """x: (B, C, H, W) model input; control: (B, conditioning_channels, H·f, W·f) in [0, 1]
-        with f the embedding's downsampling factor; ``scale`` may be per sample, shape (B,)."""
+        with f the embedding's downsampling factor; ``scale`` may be per sample, shape (B,).
+        ``added_cond`` (SDXL ControlNets only): the U-Net's ``{"text_embeds", "time_ids"}``."""
         cfg = self.config
         t = torch.as_tensor(timestep, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(temb.to(x.dtype))
+        if (added_cond is None) != (cfg.addition_embed_type is None):
+            raise ValueError(
+                "this ControlNet is micro-conditioned (SDXL): pass added_cond={'text_embeds', "
+                "'time_ids'}"
+                if added_cond is None
+                else "this ControlNet takes no added_cond: it was made for an SD 1.x/2.x U-Net"
+            )
+        if added_cond is not None:
+            temb = temb + self.micro_embedding(added_cond, temb.dtype)
         h = self.conv_in(x) + self.controlnet_cond_embedding(control.to(x.dtype))
         skips = [h]
         for block in self.down_blocks:
@@ -206,6 +228,9 @@ class ControlNet(nn.Module):
         down = [s * z(r) for z, r in zip(self.controlnet_down_blocks, skips, strict=True)]
         return ControlResiduals(down, s * self.controlnet_mid_block(h))
 
+    # the U-Net's function itself (it reads only ``config`` and ``add_embedding``)
+    micro_embedding = UNet2DCondition.micro_embedding
+
 
 class ControlledUNet(nn.Module):
     """A U-Net steered by ControlNets: the same call as the U-Net, ``(x, timestep, context)``.
@@ -213,7 +238,9 @@ class ControlledUNet(nn.Module):
     ``controls`` pairs each ControlNet with its control image ([1 or B, C, H, W], repeated over
     the batch — e.g. both halves of a classifier-free-guidance batch), its scale and the window
     of model time in which it acts (``active(timestep) -> bool``; None: always). The residuals of
-    several ControlNets add up, as in diffusers' MultiControlNet.
+    several ControlNets add up, as in diffusers' MultiControlNet. An SDXL U-Net's ``added_cond``
+    (pooled text and time ids) goes to its ControlNets too, as diffusers'
+    ``StableDiffusionXLControlNetPipeline`` passes them.
     """
 
     def __init__(
@@ -231,9 +258,11 @@ class ControlledUNet(nn.Module):
         timestep: torch.Tensor | float,
         context: torch.Tensor,
         guidance: torch.Tensor | float | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``guidance`` goes to a guidance-distilled U-Net (an LCM student) only: the
-        ControlNets keep the time embedding they were trained with."""
+        ControlNets keep the time embedding they were trained with. ``added_cond`` (SDXL) goes
+        to the U-Net and to every ControlNet."""
         total: ControlResiduals | None = None
         for net, (image, scale, active) in zip(self.controlnets, self.controls, strict=True):
             if active is not None and not active(timestep):
@@ -244,11 +273,13 @@ class ControlledUNet(nn.Module):
                     f"control image batch {image.shape[0]} does not divide the batch {x.shape[0]}"
                 )
             control = image.to(x.device, x.dtype).repeat(reps, 1, 1, 1)
-            r = net(x, timestep, context, control, scale)
+            r = net(x, timestep, context, control, scale, added_cond=added_cond)
             if total is None:
                 total = r
             else:
                 total = ControlResiduals(
                     [a + b for a, b in zip(total.down, r.down, strict=True)], total.mid + r.mid
                 )
-        return self.unet(x, timestep, context, control=total, guidance=guidance)
+        return self.unet(
+            x, timestep, context, control=total, guidance=guidance, added_cond=added_cond
+        )

@@ -30,6 +30,7 @@ MMDiT; diffusers' Flux takes t and multiplies by 1000 inside), ``guidance`` the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,16 @@ from destatic.models.config import JsonConfig, check_positive
 from destatic.models.layers import TimestepEmbedding, timestep_embedding
 from destatic.models.mmdit import AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, modulate
 
-__all__ = ["Flux", "FluxConfig", "pack_latents", "position_ids", "rope", "unpack_latents"]
+__all__ = [
+    "Flux",
+    "FluxConfig",
+    "embed_conditioning",
+    "pack_latents",
+    "position_ids",
+    "rope",
+    "run_blocks",
+    "unpack_latents",
+]
 
 ROPE_THETA = 10000.0
 #: Latent pixels per packed token along a side (the 2×2 packing of diffusers' FluxPipeline).
@@ -361,32 +371,93 @@ class Flux(nn.Module):
         context: torch.Tensor,
         pooled: torch.Tensor,
         guidance: torch.Tensor | float | None = None,
+        controls: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """x (B, C, H, W) latents, H and W even; timestep (B,) = t·1000; context (B, L,
         joint_attention_dim); pooled (B, pooled_projection_dim); guidance (B,) or a float: the
-        scale w of a guidance-distilled model (``guidance_embeds``), None otherwise. Returns
+        scale w of a guidance-distilled model (``guidance_embeds``), None otherwise; controls:
+        a ControlNet's residuals (:class:`~destatic.models.flux_controlnet.FluxControlNet`),
+        added to the image tokens after the blocks (:func:`run_blocks`). Returns
         (B, out_channels/4, H, W)."""
-        cfg = self.config
-        if cfg.guidance_embeds != (guidance is not None):
-            want = "needs a guidance scale" if cfg.guidance_embeds else "takes no guidance input"
-            raise ValueError(f"this Flux {want} (guidance_embeds={cfg.guidance_embeds})")
-        height, width = x.shape[-2:]
-        if height % PACK or width % PACK:
-            raise ValueError(f"latent size {height}×{width} must be even (2×2 token packing)")
-        b = x.shape[0]
-        if guidance is not None:
-            guidance = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(b)
-            guidance = guidance.to(x.dtype) * 1000  # embedded like a timestep
+        height, width = check_latent_size(x)
         x = self.x_embedder(pack_latents(x))  # (B, N, D), N = H/2·W/2
-        c = self.time_text_embed(timestep.to(x.dtype).expand(b), pooled, guidance)  # (B, D)
-        ctx = self.context_embedder(context)  # (B, L, D)
-        ids = position_ids(ctx.shape[1], height // PACK, width // PACK, x.device)  # (L+N, 3)
-        rotary = rope(ids, cfg.axes_dims_rope)  # (L+N, head_dim) twice
-        for block in self.transformer_blocks:
-            x, ctx = block(x, ctx, c, rotary)  # (B, N, D), (B, L, D)
-        joint = torch.cat([ctx, x], dim=1)  # (B, L+N, D)
-        for block in self.single_transformer_blocks:
-            joint = block(joint, c, rotary)
-        x = joint[:, ctx.shape[1] :]  # (B, N, D)
+        grid = (height // PACK, width // PACK)
+        ctx, c, rotary = embed_conditioning(self, x, grid, timestep, context, pooled, guidance)
+        x, _, _ = run_blocks(self, x, ctx, c, rotary, controls)
         x = self.proj_out(self.norm_out(x, c))  # (B, N, out_channels)
         return unpack_latents(x, height, width)  # (B, out_channels/4, H, W)
+
+
+def check_latent_size(x: torch.Tensor) -> tuple[int, int]:
+    """(H, W) of latents (…, H, W) that pack into 2×2 tokens; a ValueError otherwise."""
+    height, width = x.shape[-2:]
+    if height % PACK or width % PACK:
+        raise ValueError(f"latent size {height}×{width} must be even (2×2 token packing)")
+    return height, width
+
+
+def embed_conditioning(
+    net: nn.Module,
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    pooled: torch.Tensor,
+    guidance: torch.Tensor | float | None,
+    prefix: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """What the blocks of a Flux (or of its ControlNet: ``net`` has Flux's embedders and
+    config) take beside the embedded image tokens ``x`` (B, N, D) on a ``grid`` of packed
+    rows × columns: the text tokens (B, L, D), after ``prefix`` (B, P, D) if given (a union
+    ControlNet's mode), the conditioning vector c (B, D) and the rotary tables of
+    ``[text; image]``."""
+    cfg = net.config
+    if cfg.guidance_embeds != (guidance is not None):
+        want = "needs a guidance scale" if cfg.guidance_embeds else "takes no guidance input"
+        raise ValueError(f"this Flux {want} (guidance_embeds={cfg.guidance_embeds})")
+    b = x.shape[0]
+    if guidance is not None:
+        guidance = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(b)
+        guidance = guidance.to(x.dtype) * 1000  # embedded like a timestep
+    c = net.time_text_embed(timestep.to(x.dtype).expand(b), pooled, guidance)  # (B, D)
+    ctx = net.context_embedder(context)  # (B, L, D)
+    if prefix is not None:
+        ctx = torch.cat([prefix.to(ctx.dtype), ctx], dim=1)
+    ids = position_ids(ctx.shape[1], *grid, x.device)  # (L+N, 3)
+    return ctx, c, rope(ids, cfg.axes_dims_rope)
+
+
+def _residual(samples: list[torch.Tensor], index: int, blocks: int) -> torch.Tensor:
+    """The ControlNet residual of block ``index`` of ``blocks``: each of the ``len(samples)``
+    residuals serves ⌈blocks / len(samples)⌉ consecutive blocks (diffusers' rule)."""
+    return samples[index // math.ceil(blocks / len(samples))]
+
+
+def run_blocks(
+    net: nn.Module,
+    x: torch.Tensor,
+    ctx: torch.Tensor,
+    c: torch.Tensor,
+    rotary: tuple,
+    controls: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The double-stream then single-stream blocks of ``net`` on image tokens ``x`` and text
+    tokens ``ctx``: (the image tokens at the end, the image tokens after each double block,
+    after each single block). ``controls`` (double, single residuals of a ControlNet) are added
+    to the image tokens after the blocks they serve (:func:`_residual`)."""
+    double, single = controls if controls is not None else ([], [])
+    after_double, after_single = [], []
+    n = len(net.transformer_blocks)
+    for i, block in enumerate(net.transformer_blocks):
+        x, ctx = block(x, ctx, c, rotary)  # (B, N, D), (B, L, D)
+        x = x + _residual(double, i, n) if double else x
+        after_double.append(x)
+    text = ctx.shape[1]
+    joint = torch.cat([ctx, x], dim=1)  # (B, L+N, D)
+    n = len(net.single_transformer_blocks)
+    for i, block in enumerate(net.single_transformer_blocks):
+        joint = block(joint, c, rotary)
+        if single:
+            joint = torch.cat([joint[:, :text], joint[:, text:] + _residual(single, i, n)], 1)
+        after_single.append(joint[:, text:])
+    return joint[:, text:], after_double, after_single  # (B, N, D), …

@@ -20,6 +20,8 @@ _UNET_TOP = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's micro-conditioning MLP
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 _UNET_RESNET = {
     "norm1.": "in_layers.0.",

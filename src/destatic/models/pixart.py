@@ -21,6 +21,10 @@ pixels and its aspect ratio h/w are embedded like timesteps and concatenated (�
 width) onto c. Positions are the sin-cos table of DiT, squeezed by ``interpolation_scale``
 (sample_size/64) so that the 1024-px grid spans the 512-px range.
 
+PixArt-Σ (Chen et al. 2024) is this network unchanged: its configs turn the micro-conditions
+off (``use_additional_conditions: false``) and its folders differ only in their settings
+(:mod:`destatic.pipelines.families.pixart`).
+
 Like DiT, PixArt learns the variance (``out_channels = 2·in_channels``); :meth:`PixArt.forward`
 returns the ε half. The attribute names are those of diffusers' ``PixArtTransformer2DModel``, so
 its weights load with ``load_state_dict(strict=True)``.

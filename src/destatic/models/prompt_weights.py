@@ -13,12 +13,16 @@
   batch (the two agree for a batch of one).
 
 :func:`parse_prompt_attention` is A1111's parser (same results, BREAK as ``["BREAK", -1]``);
-:func:`chunk_prompt` its tokenisation into chunks; :func:`apply_weights` the emphasis.
+:func:`chunk_prompt` its tokenisation into chunks; :func:`apply_weights` the emphasis;
+:func:`encode_chunked` all three for a batch of prompts through one CLIP tower (any of its
+layers), as A1111 runs each tower of SD 1.x/2.x and SDXL; :func:`plain_text` the prompt with the
+syntax removed (for encoders that take no weights, e.g. SD3's T5).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +32,10 @@ __all__ = [
     "Chunk",
     "apply_weights",
     "chunk_prompt",
+    "encode_chunked",
     "is_plain",
     "parse_prompt_attention",
+    "plain_text",
 ]
 
 _ATTENTION = re.compile(
@@ -100,6 +106,15 @@ def parse_prompt_attention(text: str) -> list[list[Any]]:
 def is_plain(text: str) -> bool:
     """Whether ``text`` uses none of the syntax: no brackets, escapes or BREAK."""
     return parse_prompt_attention(text) == [[text, 1.0]]
+
+
+def plain_text(text: str) -> str:
+    """``text`` without the syntax: brackets, weights and escapes dropped, ``BREAK`` a space.
+
+    >>> plain_text("a (red:1.5) cat BREAK [dim]")
+    'a red cat dim'
+    """
+    return "".join(" " if w == -1 else t for t, w in parse_prompt_attention(text))
 
 
 @dataclass
@@ -174,3 +189,32 @@ def apply_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     weighted = states * weights.unsqueeze(-1).to(states.dtype)
     dims = tuple(range(1, states.ndim))
     return weighted * (states.mean(dims, keepdim=True) / weighted.mean(dims, keepdim=True))
+
+
+#: ``states(ids [N, T], mask [N, T]) -> (per-token states [N, T, D], pooled [N, P])``
+States = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def encode_chunked(
+    prompts: list[str], tokenizer: Any, length: int, states: States, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A1111's weighted, chunked encoding of ``prompts`` by one CLIP tower: each prompt in
+    chunks of ``length`` tokens (a batch padded to its longest prompt with chunks of the empty
+    prompt, as A1111 does), each chunk encoded alone by ``states`` and weighted
+    (:func:`apply_weights`), the chunks' states concatenated. Returns ``(tokens [B, k·length,
+    D], pooled [B, P], mask [B, k·length])``; the pooled vector is the first chunk's, unweighted
+    (A1111: ``zs[0].pooled``; weights touch the token states only)."""
+    chunked = [chunk_prompt(p, tokenizer, length) for p in prompts]
+    count = max(len(c) for c in chunked)
+    empty = chunk_prompt("", tokenizer, length)[0]
+    flat = [chunk for c in chunked for chunk in c + [empty] * (count - len(c))]
+    ids = torch.tensor([c.ids for c in flat], device=device)
+    mask = torch.tensor([c.mask for c in flat], device=device)
+    tokens, pooled = states(ids, mask)
+    tokens = apply_weights(tokens, torch.tensor([c.weights for c in flat], device=device))
+    n = len(prompts)
+    return (
+        tokens.reshape(n, count * length, -1),
+        pooled.reshape(n, count, -1)[:, 0],
+        mask.reshape(n, count * length),
+    )

@@ -32,11 +32,20 @@ from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from destatic.models.controlnet import ControlNet, ControlNetConfig
 from destatic.models.dit import DiT, DiTConfig
 from destatic.models.flux import Flux, FluxConfig
+from destatic.models.flux_controlnet import FluxControlNet, FluxControlNetConfig
 from destatic.models.mmdit import MMDiT, MMDiTConfig
 from destatic.models.pixart import PixArt, PixArtConfig
 from destatic.models.unet import UNet2DCondition, UNetConfig
+from destatic.models.video_dit import VideoDiT, VideoDiTConfig
 
-__all__ = ["COMPONENT_CLASSES", "load_component", "load_into", "save_component"]
+__all__ = [
+    "COMPONENT_CLASSES",
+    "SAVED_AS",
+    "load_component",
+    "load_into",
+    "save_component",
+    "saved_as",
+]
 
 
 def _first(items: list[str], n: int = 3) -> str:
@@ -83,11 +92,15 @@ def _require_fit(module: nn.Module, found: dict[str, Fit], where: str) -> None:
         )
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, where: str) -> None:
+def load_into(
+    module: nn.Module, state: dict[str, torch.Tensor], *, where: str, assign: bool = False
+) -> None:
     """Strictly load ``state`` into ``module``, casting floating tensors to the module's dtypes.
 
     Missing keys, unexpected keys, shape mismatches and integer tensors where the module has
-    floating ones (or the reverse) are one CheckpointError naming ``where``.
+    floating ones (or the reverse) are one CheckpointError naming ``where``. ``assign``: the
+    tensors become the module's own (no copy), so a module built weightless on the meta device
+    is filled without ever being initialised (``nn.Module.load_state_dict(assign=True)``).
     """
     _require_fit(
         module, {k: (v.is_floating_point(), tuple(v.shape)) for k, v in state.items()}, where
@@ -97,7 +110,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, where: str) 
         k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
         for k, v in state.items()
     }
-    module.load_state_dict(cast, strict=True)
+    module.load_state_dict(cast, strict=True, assign=assign)
 
 
 class _Transformer2DConfig:
@@ -120,13 +133,44 @@ COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "SD3Transformer2DModel": (MMDiT, MMDiTConfig),
     "MMDiT": (MMDiT, MMDiTConfig),
     "FluxTransformer2DModel": (Flux, FluxConfig),
+    "FluxControlNetModel": (FluxControlNet, FluxControlNetConfig),
     "DiTTransformer2DModel": (DiT, DiTConfig),
     "PixArtTransformer2DModel": (PixArt, PixArtConfig),
     "Transformer2DModel": (_transformer_2d, _Transformer2DConfig),  # the hub's DiT, PixArt-α
     "AutoencoderKL": (AutoencoderKL, AutoencoderConfig),
     "ControlNetModel": (ControlNet, ControlNetConfig),
     "ControlNet": (ControlNet, ControlNetConfig),
+    "VideoDiT": (VideoDiT, VideoDiTConfig),
 }
+
+
+#: The inverse of :data:`COMPONENT_CLASSES` for saving: each network class → its folder in a
+#: pipeline (``model_index.json``'s key) and the class name written for it. The transformers
+#: diffusers also has (DiT, PixArt, Flux, the autoencoder) take diffusers' names, so diffusers
+#: loads those folders too.
+SAVED_AS: dict[type, tuple[str, str]] = {
+    UNet2DCondition: ("unet", "UNet2DCondition"),
+    MMDiT: ("transformer", "MMDiT"),
+    Flux: ("transformer", "FluxTransformer2DModel"),
+    FluxControlNet: ("controlnet", "FluxControlNetModel"),
+    DiT: ("transformer", "DiTTransformer2DModel"),
+    PixArt: ("transformer", "PixArtTransformer2DModel"),
+    AutoencoderKL: ("vae", "AutoencoderKL"),
+    ControlNet: ("controlnet", "ControlNet"),
+    VideoDiT: ("transformer", "VideoDiT"),
+}
+
+
+def saved_as(module: nn.Module) -> tuple[str, str]:
+    """The pipeline folder and class name ``module`` saves under (:data:`SAVED_AS`); a
+    one-line ValueError for a class that has none."""
+    for cls in type(module).__mro__:
+        if cls in SAVED_AS:
+            return SAVED_AS[cls]
+    raise ValueError(
+        f"saving a {type(module).__name__} is not supported; savable networks: "
+        f"{', '.join(c.__name__ for c in SAVED_AS)}"
+    )
 
 
 def load_component(folder: str | os.PathLike, class_name: str | None = None) -> nn.Module:

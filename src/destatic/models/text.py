@@ -302,23 +302,12 @@ class CLIPTextEncoder(TextEncoder):
         each prompt in chunks of ``max_length`` tokens (a batch padded to its longest prompt
         with chunks of the empty prompt, as A1111 does), each chunk encoded alone and weighted,
         the chunks' states concatenated; the pooled vector is the first chunk's."""
-        from destatic.models.prompt_weights import apply_weights, chunk_prompt
+        from destatic.models.prompt_weights import encode_chunked
 
-        chunked = [chunk_prompt(p, self.tokenizer, self.max_length) for p in prompts]
-        count = max(len(c) for c in chunked)
-        empty = chunk_prompt("", self.tokenizer, self.max_length)[0]
-        rows = [c + [empty] * (count - len(c)) for c in chunked]
-        flat = [chunk for row in rows for chunk in row]
-        device, n, length = self.device, len(prompts), self.max_length
-        ids = torch.tensor([c.ids for c in flat], device=device)
-        mask = torch.tensor([c.mask for c in flat], device=device)
-        tokens, pooled = self._states(ids, mask)
-        tokens = apply_weights(tokens, torch.tensor([c.weights for c in flat], device=device))
-        return TextEmbedding(
-            tokens=tokens.reshape(n, count * length, -1),
-            pooled=pooled.reshape(n, count, -1)[:, 0],
-            mask=mask.reshape(n, count * length),
+        tokens, pooled, mask = encode_chunked(
+            prompts, self.tokenizer, self.max_length, self._states, self.device
         )
+        return TextEmbedding(tokens=tokens, pooled=pooled, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +390,12 @@ class SD3TextEncoder(TextEncoder):
 
     Unlike diffusers (which ignores ``clip_skip`` for negative prompts), ``clip_skip`` applies
     to every prompt encoded here.
+
+    AUTOMATIC1111's prompt syntax (weights, ``BREAK``) and prompts over 77 tokens work as in
+    :class:`SDXLTextEncoder`: both CLIPs get the same parsed prompt in 75-token chunks, each
+    weighted on its own states (A1111's emphasis), so the CLIP part grows to ``77·k`` tokens
+    before T5's; ``pooled`` is each CLIP's first chunk's, unweighted. T5 takes no weights: it
+    reads the prompt with the syntax removed, truncated to ``max_sequence_length`` as before.
     """
 
     def __init__(
@@ -495,12 +490,16 @@ class SD3TextEncoder(TextEncoder):
             clip_skip=clip_skip,
         )
 
-    def _clip(self, enc: CLIPTextEncoder, prompts: list[str]):
-        return _clip_hidden(enc, prompts, self.clip_length, self.clip_skip)
+    @property
+    def trailing_tokens(self) -> int:
+        """Tokens after the CLIP chunks (T5's): a shorter guidance branch gets its extra empty
+        chunks before them (:mod:`destatic.pipelines.prompt_chunks`)."""
+        return self.max_sequence_length
 
     def _encode(self, prompts: list[str]) -> TextEmbedding:
-        tokens_l, pooled_l, mask = self._clip(self.clip_l, prompts)
-        tokens_g, pooled_g, _ = self._clip(self.clip_g, prompts)
+        encoders = [self.clip_l, self.clip_g]
+        towers = _clip_towers(encoders, prompts, self.clip_length, self.clip_skip)
+        (tokens_l, pooled_l, mask), (tokens_g, pooled_g, _) = towers
         dtype = self.clip_l.dtype
         device = tokens_l.device
         clip_tokens = torch.cat([tokens_l.to(dtype), tokens_g.to(device, dtype)], dim=-1)
@@ -511,6 +510,10 @@ class SD3TextEncoder(TextEncoder):
             )
             t5_mask = torch.zeros(n, self.max_sequence_length, dtype=torch.bool, device=device)
         else:
+            if self.clip_l.prompt_weighting:  # T5 reads the words, not the syntax
+                from destatic.models.prompt_weights import plain_text
+
+                prompts = [plain_text(p) for p in prompts]
             batch = _tokenize(self.t5_tokenizer, prompts, self.max_sequence_length)
             t5_device = next(self.t5.parameters()).device
             t5_tokens = self.t5(batch["input_ids"].to(t5_device))[0].to(device)
@@ -523,18 +526,52 @@ class SD3TextEncoder(TextEncoder):
         return TextEmbedding(tokens=tokens, pooled=pooled, mask=torch.cat([mask, t5_mask], dim=1))
 
 
-def _clip_hidden(
-    enc: CLIPTextEncoder, prompts: list[str], length: int, clip_skip: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden state ``-(clip_skip + 2)`` without the final layer norm, pooled vector, mask) of a
-    CLIP: the per-token input SD3 and SDXL take from each CLIP; the pooled vector is
-    ``text_embeds`` with a projection, ``pooler_output`` without."""
-    batch = _tokenize(enc.tokenizer, prompts, length)
-    device = enc.device
-    out = enc.model(batch["input_ids"].to(device), output_hidden_states=True)
-    hidden = out.hidden_states[-(clip_skip + 2)]
-    pooled = out.text_embeds if enc.with_projection else out.pooler_output
-    return hidden, pooled, batch["attention_mask"].to(device).bool()
+def _hidden_states(enc: CLIPTextEncoder, clip_skip: int):
+    """``states(ids, mask) -> (hidden state -(clip_skip + 2) without the final layer norm,
+    pooled vector)`` of a CLIP: the per-token input SD3 and SDXL take from each CLIP; the pooled
+    vector is ``text_embeds`` with a projection, ``pooler_output`` without."""
+
+    def states(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = enc.model(ids, output_hidden_states=True)
+        pooled = out.text_embeds if enc.with_projection else out.pooler_output
+        return out.hidden_states[-(clip_skip + 2)], pooled
+
+    return states
+
+
+def _clip_towers(
+    encoders: list[CLIPTextEncoder], prompts: list[str], length: int, clip_skip: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(hidden states, pooled vector, mask) of ``prompts`` from each CLIP tower of SD3 / SDXL.
+
+    Plain prompts that fit ``length`` tokens: one window per prompt, as diffusers'
+    ``encode_prompt`` (bit for bit). A prompt with A1111's syntax (weights, ``BREAK``) or over
+    ``length`` tokens, when the towers have ``prompt_weighting``: every tower gets the same
+    parsed prompt, chunked by its own tokenizer and weighted on its own states
+    (:func:`~destatic.models.prompt_weights.encode_chunked`), as A1111 runs SDXL's two CLIPs
+    and compel's SDXL mode concatenates them; the pooled vector is each tower's first chunk's,
+    unweighted (A1111's ``zs[0].pooled``; compel instead pools the raw prompt string, syntax
+    included, truncated to one window)."""
+    from destatic.models.prompt_weights import encode_chunked
+
+    chunked = all(enc.prompt_weighting for enc in encoders) and any(
+        enc._needs_chunks(prompts) for enc in encoders
+    )
+    out = []
+    for enc in encoders:
+        states, device = _hidden_states(enc, clip_skip), enc.device
+        if chunked:
+            out.append(encode_chunked(prompts, enc.tokenizer, length, states, device))
+            continue
+        batch = _tokenize(enc.tokenizer, prompts, length)
+        mask = batch["attention_mask"].to(device).bool()
+        out.append((*states(batch["input_ids"].to(device), mask), mask))
+    if len({hidden.shape[1] for hidden, _, _ in out}) != 1:
+        raise ValueError(
+            "the CLIP tokenizers split this prompt into different numbers of 75-token chunks; "
+            "shorten it or remove BREAK"
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +593,17 @@ class SDXLTextEncoder(TextEncoder):
     negative prompt is all zeros, tokens and pooled, rather than the encoding of "") and
     ``requires_aesthetics_score`` (the refiner's time ids end with an aesthetic score,
     ``aesthetic_score`` for the prompt, ``negative_aesthetic_score`` for the negative).
+
+    Prompt weighting (the towers' ``prompt_weighting``, on by default): AUTOMATIC1111's
+    ``(word:1.2)``, ``[word]`` and ``BREAK``, and prompts over 77 tokens, as A1111 runs SDXL
+    (and compel's SDXL mode): each CLIP gets the same parsed prompt in 75-token chunks
+    (:mod:`destatic.models.prompt_weights`), its penultimate states per chunk are weighted and
+    their mean restored (per tower, prompt and chunk), the two towers' chunks are concatenated
+    on channels and the chunks along tokens (``77·k`` tokens). ``pooled`` is CLIP-G's vector of
+    the *first chunk*, unweighted — A1111's rule (``zs[0].pooled``: weights touch the token
+    states only). compel pools the raw prompt string instead (syntax characters included,
+    truncated to 77 tokens); destatic follows A1111. Plain prompts that fit are encoded as
+    diffusers does, bit for bit.
     """
 
     def __init__(
@@ -614,13 +662,11 @@ class SDXLTextEncoder(TextEncoder):
 
     def _encode(self, prompts: list[str]) -> TextEmbedding:
         encoders = [self.clip_g] if self.clip_l is None else [self.clip_l, self.clip_g]
-        states, mask = [], None
-        for enc in encoders:
-            hidden, pooled, enc_mask = _clip_hidden(enc, prompts, self.max_length, self.clip_skip)
-            mask = enc_mask if mask is None else mask
-            states.append(hidden.to(encoders[0].device))
-        tokens = torch.cat(states, dim=-1)  # [B, T, 768 + 1280]
-        return TextEmbedding(tokens=tokens, pooled=pooled, mask=mask)
+        towers = _clip_towers(encoders, prompts, self.max_length, self.clip_skip)
+        device = encoders[0].device
+        tokens = torch.cat([h.to(device) for h, _, _ in towers], dim=-1)  # [B, T, 768 + 1280]
+        _, pooled, _ = towers[-1]  # CLIP-G's
+        return TextEmbedding(tokens=tokens, pooled=pooled, mask=towers[0][2])
 
 
 # ---------------------------------------------------------------------------------------------

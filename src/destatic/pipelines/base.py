@@ -53,7 +53,7 @@ class PipelineBase:
 
     def __post_init__(self) -> None:
         if self.family is None:
-            self.family = default_family(self.text_encoder)
+            self.family = default_family(self.text_encoder, self.network)
 
     # -- what the model is -----------------------------------------------------------------------
     @property
@@ -137,7 +137,10 @@ class PipelineBase:
     def latent_shape(
         self, batch: int, width: int, height: int, frames: int | None = None
     ) -> tuple[int, ...]:
-        """The shape of the latents of ``batch`` samples of this size (and frames, for video)."""
+        """The shape of the latents of ``batch`` samples of this size (and frames, for video:
+        the network's ``num_frames`` unless ``frames`` is given)."""
+        if frames is None and self.family.media == "video":
+            frames = int(self.network.config.num_frames)
         return self.family.latent_shape(
             batch, self.latent_channels, width, height, self.latent_factor, frames
         )
@@ -180,21 +183,46 @@ class PipelineBase:
         return torch.cat([latent_mask.to(self.device, self.dtype), self.encode(masked)], dim=1)
 
     def controlled(
-        self, inputs: Inputs, sigmas: torch.Tensor, scale: float, start: float, end: float
+        self,
+        inputs: Inputs,
+        sigmas: torch.Tensor,
+        scale: float,
+        start: float,
+        end: float,
+        guidance: float | None = None,
     ):
         """The network steered by ``inputs.controlnet`` at ``scale`` on the steps from ``start``
         to ``end`` (fractions of the grid: step i runs when start ≤ i/N and (i+1)/N ≤ end,
-        diffusers' rule)."""
+        diffusers' rule). ``guidance``: the scale a Flux ControlNet that embeds one takes when
+        the Flux does not (:meth:`flux_controlled`)."""
         from destatic.models.controlnet import ControlledUNet
+        from destatic.models.flux import FluxConfig
+        from destatic.models.flux_controlnet import FluxControlNet
 
-        if not 0 <= start < end <= 1:
-            raise ValueError(f"need 0 ≤ control_start < control_end ≤ 1, got {start}, {end}")
+        window = self.control_window(sigmas, start, end)
+        if isinstance(inputs.controlnet, FluxControlNet) or isinstance(
+            self.network.config, FluxConfig
+        ):
+            return self.flux_controlled(inputs, scale, window, guidance)
         factor = inputs.controlnet.config.downsample_factor
         if factor != self.latent_factor:
             raise ValueError(
                 f"this ControlNet embeds control images {factor}× down but the model's latents "
                 f"are {self.latent_factor}× smaller than the image"
             )
+        kinds = (inputs.controlnet.config, self.network.config)
+        if len({getattr(c, "addition_embed_type", None) for c in kinds}) != 1:
+            sdxl = "an SDXL" if kinds[0].addition_embed_type else "an SD 1.x/2.x"
+            raise ValueError(f"this ControlNet was made for {sdxl} U-Net; use one for this model")
+        net = inputs.controlnet.to(self.device, self.dtype)
+        return ControlledUNet(self.network, [(net, inputs.control, scale, window)])
+
+    def control_window(self, sigmas: torch.Tensor, start: float, end: float):
+        """``active(timestep) -> bool``: whether a ControlNet acts at the network's time label,
+        on the steps i of the grid with start ≤ i/N and (i+1)/N ≤ end (diffusers' rule); None
+        when that is every step."""
+        if not 0 <= start < end <= 1:
+            raise ValueError(f"need 0 ≤ control_start < control_end ≤ 1, got {start}, {end}")
         n = len(sigmas) - 1
         on = [i for i in range(n) if start <= i / n and (i + 1) / n <= end]
         if not on:
@@ -210,9 +238,38 @@ class PipelineBase:
             t = float(torch.as_tensor(timestep).reshape(-1)[0])
             return lo + tol < t <= hi + tol
 
-        window = None if (on[0] == 0 and on[-1] == n - 1) else active
-        net = inputs.controlnet.to(self.device, self.dtype)
-        return ControlledUNet(self.network, [(net, inputs.control, scale, window)])
+        return None if (on[0] == 0 and on[-1] == n - 1) else active
+
+    def flux_controlled(self, inputs: Inputs, scale: float, window, guidance: float | None):
+        """A Flux steered by a Flux ControlNet, as diffusers' ``FluxControlNetPipeline``: the
+        control image encoded like the latents (VAE, then shift and scale; the posterior mean
+        where diffusers draws a sample), passed with the noisy latents (both 2×2-packed inside
+        the networks), ``scale`` and, for a ControlNet that embeds one, the guidance scale."""
+        from destatic.models.flux import FluxConfig
+        from destatic.models.flux_controlnet import ControlledFlux, FluxControlNet
+
+        net = inputs.controlnet
+        if not isinstance(net, FluxControlNet) or not isinstance(self.network.config, FluxConfig):
+            which = "a Flux" if isinstance(net, FluxControlNet) else "an SD/SDXL"
+            raise ValueError(f"this is {which} ControlNet; use one made for this model")
+        if net.config.num_mode is not None:
+            raise ValueError(
+                "this is a union Flux ControlNet, which needs a control mode; generation "
+                "requests do not carry one yet: use a single-mode Flux ControlNet"
+            )
+        cfg, own = net.config, self.network.config
+        if (cfg.in_channels, cfg.hidden_size) != (own.in_channels, own.hidden_size):
+            raise ValueError(
+                f"this Flux ControlNet (in_channels={cfg.in_channels}, hidden size "
+                f"{cfg.hidden_size}) does not fit the transformer (in_channels={own.in_channels}, "
+                f"hidden size {own.hidden_size}); use one made for this model"
+            )
+        if self.autoencoder is None:
+            raise ValueError("a Flux ControlNet needs the model's VAE to encode the control image")
+        latents = self.encode(inputs.control)  # (B, C, H/f, W/f), shifted and scaled
+        net = net.to(self.device, self.dtype)
+        w = float(guidance) if guidance is not None else 1.0
+        return ControlledFlux(self.network, [(net, latents, scale, window)], w)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space samples → images in [0, 1] (float32)."""

@@ -13,8 +13,15 @@ from destatic.io import probe_writable, write_atomic
 
 if TYPE_CHECKING:
     import PIL.Image
+    import torch
 
-__all__ = ["OutputError", "check_writable", "describe_os_error", "write_png_atomic"]
+__all__ = [
+    "OutputError",
+    "check_writable",
+    "describe_os_error",
+    "film_strips",
+    "write_png_atomic",
+]
 
 
 class OutputError(ValueError):
@@ -54,3 +61,10 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
         raise OutputError(
             f"cannot write to {folder} ({describe_os_error(err)}); choose another {what}"
         ) from None
+
+
+def film_strips(videos: torch.Tensor) -> torch.Tensor:
+    """Clips ``(B, C, F, H, W)`` → images ``(B, C, H, F·W)``: each clip's frames side by side
+    (progress grids, previews and sheets of a video model)."""
+    b, c, f, h, w = videos.shape
+    return videos.permute(0, 1, 3, 2, 4).reshape(b, c, h, f * w)

@@ -154,8 +154,12 @@ class Pipeline(PipelineBase):
         return self.run(GenerationRequest(prompt=prompt, **fields), **run)
 
     def __call__(self, prompt: str | Sequence[str], **kwargs):
-        """``generate`` as a list of ``PIL.Image`` (the docs/architecture.md contract)."""
-        return to_pil(self.generate(prompt, **kwargs))
+        """``generate`` as a list of ``PIL.Image`` (the docs/architecture.md contract); for a
+        video model, a list of clips, each a list of frames."""
+        media = self.generate(prompt, **kwargs)
+        if media.ndim == 5:  # (B, C, F, H, W)
+            return [to_pil(clip.transpose(0, 1)) for clip in media]
+        return to_pil(media)
 
     # -- device and precision --------------------------------------------------------------------
     def to(

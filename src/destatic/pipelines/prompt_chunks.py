@@ -3,7 +3,11 @@
 A CLIP encoder with A1111's long-prompt handling (:mod:`destatic.models.prompt_weights`) gives
 a prompt ``77·k`` tokens, so a long prompt and a short negative prompt (or the reverse) differ in
 length, while classifier-free guidance batches the two branches. As A1111 does, the shorter
-branch is padded with chunks of the empty prompt's encoding.
+branch is padded with chunks of the empty prompt's encoding — the family's encoding for that
+branch, so SDXL's all-zero empty negative (``force_zeros_for_empty_prompt``) pads with zeros.
+
+SD3's context is the CLIP chunks followed by T5's tokens (the text encoder's
+``trailing_tokens``): the extra chunks go between the two, where a longer prompt's chunks are.
 """
 
 from __future__ import annotations
@@ -38,15 +42,19 @@ def same_token_count(pipe: PipelineBase, c: Conditioning, width: int, height: in
     if c.uncond is None or not (keys := _uneven(c.cond, c.uncond)):
         return c
     batch = next(iter(c.cond[k] for k in keys)).shape[0]
-    empty = pipe.conditioning([""] * batch, width=width, height=height)
+    after = int(getattr(pipe.text_encoder, "trailing_tokens", 0))
     cond, uncond = dict(c.cond), dict(c.uncond)
     for k in keys:
-        short, long = (cond, uncond) if cond[k].shape[1] < uncond[k].shape[1] else (uncond, cond)
-        missing, chunk = long[k].shape[1] - short[k].shape[1], empty[k].shape[1]
-        if missing % chunk:
+        negative = uncond[k].shape[1] < cond[k].shape[1]
+        short, long = (uncond, cond) if negative else (cond, uncond)
+        empty = pipe.conditioning([""] * batch, width=width, height=height, negative=negative)[k]
+        missing, chunk = long[k].shape[1] - short[k].shape[1], empty.shape[1] - after
+        if chunk < 1 or missing % chunk:
             raise ValueError(
                 f"cannot batch {k} of {short[k].shape[1]} and {long[k].shape[1]} tokens"
             )
-        filler = empty[k].repeat(1, missing // chunk, *[1] * (empty[k].ndim - 2))
-        short[k] = torch.cat([short[k], filler.to(short[k].device, short[k].dtype)], dim=1)
+        filler = empty[:, :chunk].repeat(1, missing // chunk, *[1] * (empty.ndim - 2))
+        at = short[k].shape[1] - after
+        parts = [short[k][:, :at], filler.to(short[k].device, short[k].dtype), short[k][:, at:]]
+        short[k] = torch.cat(parts, dim=1)
     return replace(c, cond=cond, uncond=uncond)

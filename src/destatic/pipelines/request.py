@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from destatic.bundled import companions
+from destatic.bundled import companions, resolve
+from destatic.io.hub_cache import is_repo_id
 
 if TYPE_CHECKING:
     from destatic.pipelines.base import PipelineBase
@@ -36,7 +37,7 @@ class RequestError(ValueError):
 
 
 # The kinds of the JSON-facing fields, for :meth:`GenerationRequest.from_dict`'s type checks.
-_TEXT = ("negative_prompt", "model", "sampler", "grid")
+_TEXT = ("negative_prompt", "model", "config", "tokenizer", "vae", "sampler", "grid")
 _INTS = ("steps", "width", "height", "num_images", "num_frames")
 _FLOATS = (
     "guidance",
@@ -51,6 +52,7 @@ _FLOATS = (
     "seconds",
 )
 _FLAGS = ("keep_unmasked", "control_canny", "vae_tiling")
+_SOURCES = ("config", "tokenizer", "vae")  # load()'s keywords beside the model
 _INPUTS = ("image", "mask", "control_image", "controlnet")  # a path, or an object in memory
 
 
@@ -80,6 +82,10 @@ class GenerationRequest:
     width: int | None = None  # None: the model's size (or the input image's)
     height: int | None = None
     model: str = ""  # the folder it came from ("" = the bundled default model)
+    # what a single-file model was built with ("" = none): --config, --tokenizer, --vae
+    config: str = ""  # a diffusers folder (or cached repo id) with its configs
+    tokenizer: str = ""  # a tokenizer folder
+    vae: str = ""  # another autoencoder: a vae/ folder or a .safetensors file
     # image → image and inpainting
     image: Any = None
     strength: float = 1.0
@@ -211,6 +217,25 @@ class GenerationRequest:
             guidance=float(r.guidance if r.guidance is not None else d["guidance"]),
         )
 
+    # -- the model's sources ------------------------------------------------------------------
+    def load_options(self) -> dict[str, str | None]:
+        """The keywords of :func:`destatic.pipelines.load` beside the model (``config``,
+        ``tokenizer``, ``vae``) that this request records; unset ones are ``None``."""
+        return {name: getattr(self, name) or None for name in _SOURCES}
+
+    def check_sources(self, origin: str | Path) -> None:
+        """Raise a one-line :class:`RequestError` when a model file or folder this request
+        records (``model``, ``config``, ``tokenizer``, ``vae``; read from ``origin``) is gone:
+        a bundled name or a repo id of the local cache is left to the loader."""
+        for name in ("model", *_SOURCES):
+            value = getattr(self, name)
+            if value and not _findable(value):
+                flag = "--" + name
+                raise RequestError(
+                    f"{origin} was drawn with {flag} {value}, which is not there any more; "
+                    f"put it back, or generate from its prompt with another {flag}"
+                )
+
     # -- JSON and PNG metadata -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: inputs given as paths keep their path, inputs in memory become
@@ -255,6 +280,26 @@ class GenerationRequest:
             if isinstance(e, RequestError):
                 raise
             raise RequestError(f"not valid JSON ({e})") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> GenerationRequest:
+        """The request a file written by ``destatic generate`` was drawn with: a video's
+        (``.mp4``, ``.gif``, ``.webp``: the JSON in its metadata), else a PNG's
+        (:meth:`from_png`)."""
+        from destatic.io.video import READ_SUFFIXES, read_video_comment
+
+        if Path(path).suffix.lower() not in READ_SUFFIXES:
+            return cls.from_png(path)
+        text = read_video_comment(path)
+        if text is None:
+            raise RequestError(
+                f"{path} carries no destatic generation parameters: only videos written by "
+                "destatic generate do"
+            )
+        try:
+            return cls.from_json(text)
+        except RequestError as e:
+            raise RequestError(f"{path}: its destatic parameters are damaged ({e})") from None
 
     @classmethod
     def from_png(cls, path: str | Path) -> GenerationRequest:
@@ -326,6 +371,8 @@ class GenerationRequest:
                 f"steps {self.control_start:g}-{self.control_end:g}"
                 + (", canny)" if self.control_canny else ")")
             )
+        if self.vae:
+            fields.append(f"VAE: {Path(self.vae).name}")
         if self.loras:
             named = ", ".join(f"{Path(p).stem}:{float(s):g}" for p, s in self.loras)
             fields.append(f"LoRA: {named}")
@@ -340,6 +387,12 @@ class GenerationRequest:
         info.add_itxt("parameters", self.a1111())
         info.add_itxt(CHUNK, self.to_json())
         return info
+
+
+def _findable(value: str) -> bool:
+    """Whether a recorded source can still be found: an existing path, a bundled model's name
+    or an ``org/name`` repo id (which the loader looks up in the local cache)."""
+    return resolve(value).exists() or is_repo_id(value)
 
 
 def _per_image(value: int | list[int], batch: int, name: str) -> list[int]:

@@ -92,7 +92,8 @@ def prepare_inputs(r: GenerationRequest, default_size: int, batch: int) -> Input
         control = _read(r.control_image, "RGB")
         if r.control_canny:
             control = canny_map(control)
-        channels = out.controlnet.config.conditioning_channels
+        # a Flux ControlNet reads the control image's VAE latents: an RGB image
+        channels = getattr(out.controlnet.config, "conditioning_channels", 3)
         control = as_image_batch(control, "control_image", channels=channels)
         if tuple(control.shape[-2:]) != (out.height, out.width):
             raise ValueError(
@@ -168,12 +169,19 @@ def sigma_grid(
 ) -> torch.Tensor:
     """The request's grid (or the given ``sigmas``), cut to its tail when an input image is
     noised only part of the way (SDEdit strength). The grid follows the process the family
-    picks for the image size of ``inputs`` (else the request's; Flux shifts with it)."""
+    picks for the image size of ``inputs`` (else the request's; Flux shifts with it).
+
+    The ``lcm`` sampler on the ``lcm`` grid cuts by strength as diffusers'
+    ``LatentConsistencyModelImg2ImgPipeline`` does (``LCMScheduler.set_timesteps(strength=)``):
+    all ``steps`` steps, picked from the first ⌊50·strength⌋ timesteps of the distillation
+    schedule (:func:`destatic.sampling.grids`' ``lcm``), rather than the tail of the full grid."""
     if sigmas is None:
         size = pipe.default_size
         width, height = (inputs.width, inputs.height) if inputs else (r.width, r.height)
         shape = pipe.latent_shape(1, width or size, height or size, r.num_frames)
         process = pipe.family.process_for(pipe.process, shape)
+        if r.image is not None and (r.sampler, r.grid) == ("lcm", "lcm"):
+            return make_sigmas("lcm", r.steps, process=process, strength=r.strength)
         sigmas = make_sigmas(r.grid, r.steps, process=process)
     return strength_sigmas(sigmas, r.strength) if r.image is not None else sigmas
 
@@ -212,9 +220,11 @@ def initial_state(
         noise = slerp(noise.to(pipe.device, pipe.dtype), other, r.variation_strength)
     noise = noise.to(pipe.device, pipe.dtype)
     known = pipe.encode(inputs.image) if inputs.image is not None else None
+    if known is not None and len(shape) == 5:  # image → video: the image in every frame
+        known = known.unsqueeze(2).expand(shape)
     start = float(sigmas[0])
     x = noise if math.isinf(start) else noise * start
-    fresh = inputs.mask is not None and r.strength == 1
+    fresh = (inputs.mask is not None or len(shape) == 5) and r.strength == 1
     if known is not None and not math.isinf(start) and not fresh:
         x = x + known
     return State(x, gens, known)
@@ -239,13 +249,17 @@ def wrap_denoiser(
         extra = pipe.inpainting_inputs(inputs.image, inputs.mask, batch, inputs.size)
         network = InpaintingInputs(network, extra)
     if inputs.controlnet is not None:
-        network = pipe.controlled(inputs, sigmas, r.control_scale, r.control_start, r.control_end)
+        network = pipe.controlled(
+            inputs, sigmas, r.control_scale, r.control_start, r.control_end, float(r.guidance)
+        )
     denoiser = Denoiser(network, pipe.process, pipe.target)
     c = conditioning
     interval = r.guidance_interval or (0.0, math.inf)
     guided = ClassifierFreeGuidance(
         denoiser, c.cond, c.uncond, c.guidance, rescale=r.guidance_rescale, interval=interval
     )
+    if known is not None and known.ndim == 5:
+        return KnownRegion(guided, known, first_frame_mask(known))
     if inputs.mask is not None and (r.keep_unmasked or not pipe.inpainting_model):
         assert known is not None
         m = inputs.mask.to(pipe.device, pipe.dtype)
@@ -254,6 +268,16 @@ def wrap_denoiser(
         m = F.max_pool2d(m, factor) if factor > 1 else m
         guided = KnownRegion(guided, known, m)
     return guided
+
+
+def first_frame_mask(clip: torch.Tensor) -> torch.Tensor:
+    """Image → video by frame replacement: a mask ``(1, 1, F, 1, 1)`` that keeps frame 0 (0)
+    and draws the others (1). Held by :class:`~destatic.sampling.KnownRegion`, the first frame
+    is the given image at every step and the model's attention over time carries it into the
+    frames it draws (the replacement method of Ho et al. 2022, "Video Diffusion Models")."""
+    mask = torch.ones(1, 1, clip.shape[2], 1, 1, device=clip.device, dtype=clip.dtype)
+    mask[:, :, 0] = 0
+    return mask
 
 
 class InpaintingInputs(nn.Module):

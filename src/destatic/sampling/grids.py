@@ -123,20 +123,38 @@ def _trailing(steps, sigma_min, sigma_max, *, process: Process, **_):
     return table[torch.from_numpy(idx)]
 
 
-def _lcm(steps, sigma_min, sigma_max, *, process: Process, original_steps: int = 50, **_):
+def _lcm(
+    steps,
+    sigma_min,
+    sigma_max,
+    *,
+    process: Process,
+    original_steps: int = 50,
+    strength: float = 1.0,
+    **_,
+):
     """diffusers' ``LCMScheduler.set_timesteps`` (Luo et al. 2023): the distillation schedule is
     every k-th timestep, ``t_j = j·k - 1`` for j = 1 … N_orig (k = T // N_orig), and ``steps``
     of them are taken from its reversed list at the indices ⌊i·N_orig/steps⌋, i = 0 … steps-1.
-    Four steps of SD's T = 1000 give timesteps 999, 759, 499, 259."""
+    Four steps of SD's T = 1000 give timesteps 999, 759, 499, 259.
+
+    ``strength`` < 1 (image → image, as ``LatentConsistencyModelImg2ImgPipeline``) keeps the
+    first N = ⌊N_orig·strength⌋ timesteps of the distillation schedule and takes all ``steps``
+    from them the same way (N in place of N_orig): 4 steps at strength 0.5 give 499, 379, 259,
+    139 — not the tail of the full grid that other image → image runs keep."""
     table = _table(process, sigma_min, sigma_max)
-    if not 1 <= steps <= original_steps <= len(table):
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    kept = int(original_steps * strength)
+    if not 1 <= steps <= kept or original_steps > len(table):
         raise ValueError(
-            f"the lcm grid takes 1 … {original_steps} steps of its {original_steps}-step "
-            f"schedule (and at most {len(table)} timesteps), got {steps}"
+            f"the lcm grid takes 1 … {kept} steps of its {original_steps}-step schedule"
+            + (f" at strength {strength:g}" if strength < 1 else "")
+            + f" (and at most {len(table)} timesteps), got {steps}"
         )
     k = len(table) // original_steps
-    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
-    pick = np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)
+    origin = (np.arange(1, kept + 1) * k - 1)[::-1]
+    pick = np.floor(np.linspace(0, kept, steps, endpoint=False)).astype(np.int64)
     return table[torch.from_numpy(origin[pick].copy())]
 
 

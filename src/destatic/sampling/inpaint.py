@@ -26,8 +26,10 @@ __all__ = ["KnownRegion"]
 class KnownRegion:
     """``KnownRegion(denoiser, known, mask)(x, σ) = mask·denoiser(x, σ) + (1 − mask)·known``.
 
-    ``known`` is the clean state [B, C, H, W] (or broadcastable); ``mask`` [B or 1, 1 or C, H, W]
-    in [0, 1] is 1 where the sampler draws anew and 0 where ``known`` is kept.
+    ``known`` is the clean state [B, C, H, W] (or broadcastable; a clip [B, C, F, H, W]);
+    ``mask`` [B or 1, 1 or C, H, W] (any shape that broadcasts against ``known``: a clip's
+    per-frame mask [1, 1, F, 1, 1]) in [0, 1] is 1 where the sampler draws anew and 0 where
+    ``known`` is kept.
     """
 
     def __init__(
@@ -36,7 +38,11 @@ class KnownRegion:
         known: torch.Tensor,
         mask: torch.Tensor,
     ):
-        if mask.ndim != known.ndim or mask.shape[-2:] != known.shape[-2:]:
+        try:
+            fits = mask.ndim == known.ndim and bool(torch.broadcast_shapes(mask.shape, known.shape))
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"mask {tuple(mask.shape)} does not match the known state {tuple(known.shape)}"
             )

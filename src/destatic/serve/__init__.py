@@ -94,6 +94,11 @@ def _service(model, limits: Limits, pipeline, controlnet, where=(None, None)) ->
     found = companions(model)
     if pipeline is None:
         pipeline = load(model)
+    if pipeline.family.media != "image":
+        raise ValueError(
+            f"the server draws images, and {model} is a {pipeline.family.media} model; "
+            f"use destatic generate PROMPT --model {model} -o clip.mp4"
+        )
     controlnet = controlnet or found.get("control")
     inpainter = found.get("inpaint")
     inpainter = None if inpainter is None else load(inpainter)

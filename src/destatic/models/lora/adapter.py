@@ -116,11 +116,12 @@ def tuner_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
 def model_prefix(model: nn.Module) -> str:
     """The key prefix of a model's adapters in files: diffusers' component name."""
     from destatic.models.controlnet import ControlNet
+    from destatic.models.flux import Flux
     from destatic.models.mmdit import MMDiT
 
     if isinstance(model, ControlNet):
         return "controlnet"
-    if isinstance(model, MMDiT):
+    if isinstance(model, MMDiT | Flux):
         return "transformer"
     return "unet"
 
@@ -180,10 +181,12 @@ def _inject(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=sorted(ranks),
-        # exact paths: peft matches these patterns as regexes against the module's name
-        rank_pattern={re.escape(p): r for p, r in ranks.items() if r != rank},
-        alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alpha},
+        # exact paths, anchored: peft full-matches a string of targets, and finds a pattern
+        # key anywhere after a dot, so ``proj_out`` alone would also take
+        # ``single_transformer_blocks.0.proj_out`` (Flux)
+        target_modules="|".join(re.escape(p) for p in sorted(ranks)),
+        rank_pattern={_anchored(p): r for p, r in ranks.items() if r != rank},
+        alpha_pattern={_anchored(p): a for p, a in alphas.items() if a != alpha},
     )
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     with warnings.catch_warnings():  # a second adapter on one model is what we want here
@@ -193,6 +196,12 @@ def _inject(
         key = n.replace(".base_layer.", ".")
         if ".lora_" not in n and key in requires:
             p.requires_grad_(requires[key])
+
+
+def _anchored(path: str) -> str:
+    """A peft rank/alpha pattern that matches module ``path`` and no longer path ending in it
+    (peft tries ``(.*\\.)?(pattern)$``; ``^`` fails unless nothing came before)."""
+    return "^" + re.escape(path)
 
 
 def _sync(model: nn.Module) -> None:

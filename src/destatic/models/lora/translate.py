@@ -10,7 +10,10 @@ as ``<module>.alpha``) it reads
 * kohya / A1111: ``lora_unet_<module with _ for .>.lora_down.weight``, ``.lora_up.weight``,
   ``.alpha``. The underscored names are resolved against the model's own module names (never by
   guessing where the dots were), in diffusers' naming and in the original LDM naming
-  (``input_blocks_4_1_…``, ``middle_block_1_…``, ``output_blocks_…``) of SD U-Nets.
+  (``input_blocks_4_1_…``, ``middle_block_1_…``, ``output_blocks_…``) of SD U-Nets;
+* Flux in Black Forest Labs' layout, kohya's ``lora_unet_double_blocks_0_img_attn_qkv`` or
+  ComfyUI's ``diffusion_model.double_blocks.0.img_attn.qkv``: fused layers are split onto
+  the model's own (:mod:`~destatic.models.lora.bfl`).
 
 Text-encoder parts (``lora_te_…``, ``text_encoder.…``) are skipped with a warning. A file with
 keys that fit no layer of the model is a :class:`LoraKeyError` listing them; one with a layer of
@@ -35,6 +38,7 @@ from destatic.models.lora.adapter import (
     base_layer,
     model_prefix,
 )
+from destatic.models.lora.bfl import bfl_layers, bfl_stem
 
 #: Header keys of a LoRA file's safetensors metadata (JSON values): ours, and diffusers'.
 #: :mod:`~destatic.models.lora.files` writes both; :func:`match_lora` reads alphas from them.
@@ -243,6 +247,7 @@ def match_lora(
     """
     metadata = metadata or {}
     resolve = _Resolver(model)
+    bfl = bfl_layers(model)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unmatched: list[str] = []
     skipped: list[str] = []
@@ -259,14 +264,17 @@ def match_lora(
             unmatched.append(key)
             continue
         stem, role = split
+        fused = bfl.get(bfl_stem(stem)) if bfl else None
+        if fused is not None:  # a BFL layer: its share to each of the model's layers
+            pieces, rows = fused
+            for piece in pieces:
+                _add(groups, piece.path, role, piece.take(value, role, rows, key), key)
+            continue
         path = resolve(stem)
         if path is None:
             unmatched.append(key)
             continue
-        groups.setdefault(path, {})
-        if role in groups[path]:
-            raise LoraError(f"LoRA file has two {role} tensors for {path} (one is {key})")
-        groups[path][role] = value
+        _add(groups, path, role, value, key)
     if unsupported:
         raise LoraError(
             f"{len(unsupported)} LoRA keys are of a kind destatic does not read (LyCORIS "
@@ -300,6 +308,13 @@ def match_lora(
             alpha = float(meta_pattern.get(path, meta_alpha if meta_alpha is not None else rank))
         out[path] = LoraWeights(down.contiguous(), up.contiguous(), alpha)
     return out
+
+
+def _add(groups: dict, path: str, role: str, value: torch.Tensor, key: str) -> None:
+    parts = groups.setdefault(path, {})
+    if role in parts:
+        raise LoraError(f"LoRA file has two {role} tensors for {path} (one is {key})")
+    parts[role] = value
 
 
 def _metadata_alphas(

@@ -21,19 +21,22 @@ from destatic.pipelines.families.base import (
 from destatic.pipelines.families.dit import DIT
 from destatic.pipelines.families.flux import FLUX  # noqa: F401 (registers the family)
 from destatic.pipelines.families.own import OWN
-from destatic.pipelines.families.pixart import PIXART
+from destatic.pipelines.families.pixart import PIXART, PIXART_SIGMA, TOKENS
 from destatic.pipelines.families.sd3 import SD3
 from destatic.pipelines.families.sdxl import SDXL
 from destatic.pipelines.families.stable_diffusion import STABLE_DIFFUSION
+from destatic.pipelines.families.video import VIDEO, is_video_network
 
 __all__ = [
     "DIT",
     "FAMILIES",
     "OWN",
     "PIXART",
+    "PIXART_SIGMA",
     "SD3",
     "SDXL",
     "STABLE_DIFFUSION",
+    "VIDEO",
     "Components",
     "ConditioningContext",
     "Family",
@@ -44,15 +47,18 @@ __all__ = [
 ]
 
 
-def default_family(text_encoder: TextEncoder) -> Family:
+def default_family(text_encoder: TextEncoder, network: object = None) -> Family:
     """The family of a pipeline put together in code rather than loaded from a folder, told
-    by its text encoder."""
+    by its text encoder (and a video network by its frame count)."""
+    if is_video_network(network):
+        return VIDEO
     if isinstance(text_encoder, SD3TextEncoder):
         return SD3
     if isinstance(text_encoder, ClassLabelEncoder):
         return DIT
-    if isinstance(text_encoder, T5TextEncoder):
-        return PIXART
+    if isinstance(text_encoder, T5TextEncoder):  # Σ's 300 tokens, else α
+        sigma = text_encoder.max_length == TOKENS[PIXART_SIGMA.diffusers_pipeline]
+        return PIXART_SIGMA if sigma else PIXART
     if isinstance(text_encoder, SDXLTextEncoder):
         return SDXL
     if isinstance(text_encoder, CLIPTextEncoder):

@@ -10,7 +10,10 @@ A family declares, in one small file, everything the generic pipeline must not h
 * ``process_for(process, latent_shape)``: the process its σ grid follows at a latent size (Flux's
   resolution-dependent shift; the folder's process unchanged for the others);
 * ``latent_shape(...)``: the shape of its latents — ``(B, C, H, W)`` for images; a video family
-  adds a frame axis ``(B, C, F, H, W)``, an audio family has ``(B, C, T)``.
+  adds a frame axis ``(B, C, F, H, W)``, an audio family has ``(B, C, T)``;
+* ``save_text_encoder(encoder, folder)`` and ``diffusers_pipeline``: how ``save`` writes its
+  text encoder (the ``model_index.json`` entries it returns) and which diffusers pipeline class
+  a saved folder is (None: a destatic folder).
 
 The networks, the autoencoder and the scheduler load the same way for every family
 (:func:`load_components`). Register a new family with :func:`register_family`; adding SDXL or a
@@ -20,7 +23,7 @@ video model is one file and one call, no edit of the pipeline.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,8 @@ __all__ = [
     "family_of",
     "load_components",
     "register_family",
+    "save_text_tower",
+    "write_text_towers",
 ]
 
 NETWORK_FOLDERS = ("unet", "transformer")
@@ -101,6 +106,28 @@ def _same_process(process: Process, latent_shape: tuple[int, ...]) -> Process:
     return process
 
 
+def write_text_towers(folder: Path, towers: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
+    """Write each ``(suffix, model, tokenizer)`` of transformers as ``text_encoder{suffix}/``
+    and ``tokenizer{suffix}/`` under ``folder`` (safetensors); their ``model_index.json``
+    entries."""
+    entries: dict[str, Any] = {}
+    for suffix, model, tokenizer in towers:
+        model.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
+        tokenizer.save_pretrained(folder / f"tokenizer{suffix}")
+        entries[f"text_encoder{suffix}"] = ["transformers", type(model).__name__]
+        entries[f"tokenizer{suffix}"] = ["transformers", type(tokenizer).__name__]
+    return entries
+
+
+def save_text_tower(encoder: TextEncoder, folder: Path) -> dict[str, Any]:
+    """The default :attr:`Family.save_text_encoder`: one transformers model and its tokenizer
+    (``encoder.model``, ``encoder.tokenizer``: a CLIP or T5 encoder)."""
+    model, tokenizer = getattr(encoder, "model", None), getattr(encoder, "tokenizer", None)
+    if not hasattr(model, "save_pretrained") or not hasattr(tokenizer, "save_pretrained"):
+        raise ValueError(f"saving a {type(encoder).__name__} text encoder is not supported")
+    return write_text_towers(folder, [("", model, tokenizer)])
+
+
 @dataclass(frozen=True)
 class Family:
     """One kind of model folder (see the module docstring)."""
@@ -117,6 +144,9 @@ class Family:
     media: str = "image"
     process_for: Callable[[Process, tuple[int, ...]], Process] = _same_process
     required: tuple[str, ...] = REQUIRED  # components model_index.json must name
+    # writes the text encoder under a folder being saved; its model_index.json entries
+    save_text_encoder: Callable[[TextEncoder, Path], dict[str, Any]] = save_text_tower
+    diffusers_pipeline: str | None = None  # the diffusers class a saved folder is; None: ours
 
     def load(self, folder: Path, index: Mapping[str, Any]) -> Components:
         """The components of ``folder`` (its ``model_index.json`` is ``index``)."""

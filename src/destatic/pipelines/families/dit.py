@@ -74,6 +74,17 @@ def _conditioning(
     return {"class_labels": embedding.tokens[:, 0]}
 
 
+def _save_text_encoder(encoder: ClassLabelEncoder, folder: Path) -> dict[str, Any]:
+    """No text encoder: ``model_index.json``'s ``id2label`` (each class's names, joined by
+    commas as on the hub; a name two classes share stays with the later one, as it loads)."""
+    if not isinstance(encoder, ClassLabelEncoder):
+        raise ValueError(f"a DiT pipeline saves a ClassLabelEncoder, not {type(encoder).__name__}")
+    names: dict[int, list[str]] = {}
+    for name, ident in encoder.labels.items():
+        names.setdefault(ident, []).append(name)
+    return {"id2label": {str(i): ", ".join(names[i]) for i in sorted(names)}}
+
+
 DIT = register_family(
     Family(
         name="dit",
@@ -84,5 +95,7 @@ DIT = register_family(
         # DiTPipeline's guidance 4; steps and sampler as the other families
         defaults={"steps": 20, "sampler": "dpmpp_2m", "guidance": 4.0},
         required=("vae", "scheduler"),
+        save_text_encoder=_save_text_encoder,
+        diffusers_pipeline="DiTPipeline",
     )
 )

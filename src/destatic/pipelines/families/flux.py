@@ -27,7 +27,13 @@ from torch import nn
 from destatic.io import CheckpointError, read_json
 from destatic.models.flux import PACK, Flux
 from destatic.models.text import FluxTextEncoder
-from destatic.pipelines.families.base import Components, Family, entry, register_family
+from destatic.pipelines.families.base import (
+    Components,
+    Family,
+    entry,
+    register_family,
+    write_text_towers,
+)
 from destatic.process import Process, RectifiedFlow
 
 __all__ = ["FLUX", "SCHNELL_DEFAULTS"]
@@ -65,6 +71,15 @@ def _process_for(process: Process, latent_shape: tuple[int, ...]) -> Process:
     return process.at_resolution((latent_shape[-2] // PACK) * (latent_shape[-1] // PACK))
 
 
+def _save_text_encoder(encoder: FluxTextEncoder, folder: Path) -> dict[str, Any]:
+    """CLIP-L and T5 with their tokenizers, and the T5 length (dev 512, schnell 256)."""
+    if not isinstance(encoder, FluxTextEncoder):
+        raise ValueError(f"a Flux pipeline saves a FluxTextEncoder, not {type(encoder).__name__}")
+    clip = ("", encoder.clip.model, encoder.clip.tokenizer)
+    entries = write_text_towers(folder, [clip, ("_2", encoder.t5, encoder.t5_tokenizer)])
+    return {**entries, "destatic_max_sequence_length": encoder.max_sequence_length}
+
+
 class FluxFamily(Family):
     """The Flux family: dev's defaults, schnell's where the transformer has no guidance input."""
 
@@ -84,5 +99,6 @@ FLUX = register_family(
         # 20 of diffusers' 28 steps: 20 divides the 1000-step table, so ``simple`` is exact
         defaults={"steps": 20, "sampler": "euler", "grid": "simple", "guidance": 3.5},
         process_for=_process_for,
+        save_text_encoder=_save_text_encoder,
     )
 )

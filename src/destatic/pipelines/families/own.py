@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from destatic.io import CheckpointError
-from destatic.models.text import MiniLMTextEncoder
+from destatic.models.text import MiniLMTextEncoder, TextEncoder
 from destatic.pipelines.families.base import Family, entry, register_family
 
 __all__ = ["OWN"]
@@ -27,12 +27,26 @@ def _text_encoder(folder: Path, index: Mapping[str, Any], network: nn.Module) ->
     return MiniLMTextEncoder.from_package(length)
 
 
+def _save_text_encoder(encoder: TextEncoder, folder: Path) -> dict[str, Any]:
+    """Nothing to write (MiniLM comes from its package): its name and token length."""
+    return {
+        "text_encoder": ["destatic", type(encoder).__name__],
+        "destatic_text_max_length": encoder.max_length,
+    }
+
+
 OWN = register_family(
     Family(
         name="destatic",
         description="destatic's own U-Net/MMDiT on MiniLM text",
-        matches=lambda index: entry(index, "text_encoder") == "MiniLMTextEncoder",
+        matches=lambda index: (
+            entry(index, "text_encoder") == "MiniLMTextEncoder"
+            and (
+                entry(index, "unet") == "UNet2DCondition" or entry(index, "transformer") == "MMDiT"
+            )
+        ),
         text_encoder=_text_encoder,
         defaults={"steps": 20, "sampler": "dpmpp_2m", "guidance": 3.0},
+        save_text_encoder=_save_text_encoder,
     )
 )

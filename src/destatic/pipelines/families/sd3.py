@@ -13,7 +13,12 @@ from torch import nn
 from destatic.io import CheckpointError
 from destatic.models.mmdit import MMDiT
 from destatic.models.text import SD3TextEncoder
-from destatic.pipelines.families.base import Family, entry, register_family
+from destatic.pipelines.families.base import (
+    Family,
+    entry,
+    register_family,
+    write_text_towers,
+)
 
 __all__ = ["SD3"]
 
@@ -46,6 +51,22 @@ def _matches(index: Mapping[str, Any]) -> bool:
     return transformer and ("text_encoder_2" in index or "text_encoder_3" in index)
 
 
+def _save_text_encoder(encoder: SD3TextEncoder, folder: Path) -> dict[str, Any]:
+    """CLIP-L, CLIP-G and T5 (or null) with their tokenizers; a T5 length other than 256."""
+    if not isinstance(encoder, SD3TextEncoder):
+        raise ValueError(f"an SD3 pipeline saves an SD3TextEncoder, not {type(encoder).__name__}")
+    if encoder.clip_skip:
+        raise ValueError("saving an SD3TextEncoder with clip_skip > 0 is not supported")
+    towers = [("", encoder.clip_l.model, encoder.clip_l.tokenizer)]
+    towers.append(("_2", encoder.clip_g.model, encoder.clip_g.tokenizer))
+    entries: dict[str, Any] = {"text_encoder_3": [None, None], "tokenizer_3": [None, None]}
+    if encoder.t5 is not None:
+        towers.append(("_3", encoder.t5, encoder.t5_tokenizer))
+    if encoder.max_sequence_length != 256:
+        entries["destatic_max_sequence_length"] = encoder.max_sequence_length
+    return {**entries, **write_text_towers(folder, towers)}
+
+
 SD3 = register_family(
     Family(
         name="sd3",
@@ -53,5 +74,6 @@ SD3 = register_family(
         matches=_matches,
         text_encoder=_text_encoder,
         defaults={"steps": 20, "sampler": "dpmpp_2m", "guidance": 7.0},  # diffusers' guidance
+        save_text_encoder=_save_text_encoder,
     )
 )

@@ -36,6 +36,7 @@ from destatic.pipelines.families.base import (
     Family,
     entry,
     register_family,
+    write_text_towers,
 )
 
 __all__ = ["SDXL", "time_ids"]
@@ -118,6 +119,25 @@ def _conditioning(
     return {"context": tokens, "added_cond": {"text_embeds": pooled, "time_ids": ids}}
 
 
+def _save_text_encoder(encoder: SDXLTextEncoder, folder: Path) -> dict[str, Any]:
+    """CLIP-L (none: the refiner) and CLIP-G with their tokenizers, and the two flags."""
+    if not isinstance(encoder, SDXLTextEncoder):
+        raise ValueError(f"an SDXL pipeline saves an SDXLTextEncoder, not {type(encoder).__name__}")
+    if encoder.clip_skip:
+        raise ValueError("saving an SDXLTextEncoder with clip_skip > 0 is not supported")
+    towers = [("_2", encoder.clip_g.model, encoder.clip_g.tokenizer)]
+    nothing = {"text_encoder": [None, None], "tokenizer": [None, None]}
+    if encoder.clip_l is not None:
+        towers.insert(0, ("", encoder.clip_l.model, encoder.clip_l.tokenizer))
+        nothing = {}
+    return {
+        **nothing,
+        **write_text_towers(folder, towers),
+        "force_zeros_for_empty_prompt": encoder.force_zeros_for_empty_prompt,
+        "requires_aesthetics_score": encoder.requires_aesthetics_score,
+    }
+
+
 SDXL = register_family(
     Family(
         name="sdxl",
@@ -127,5 +147,6 @@ SDXL = register_family(
         conditioning=_conditioning,
         # diffusers' StableDiffusionXLPipeline guidance; steps and sampler as the other families
         defaults={"steps": 20, "sampler": "dpmpp_2m", "guidance": 5.0},
+        save_text_encoder=_save_text_encoder,
     )
 )

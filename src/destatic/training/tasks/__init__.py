@@ -9,6 +9,7 @@ from destatic.training.tasks import (  # noqa: F401  (fill the registry)
     lcm,
     lora,
     reflow,
+    video,
 )
 from destatic.training.tasks.autoencoder import AutoencoderTask
 from destatic.training.tasks.base import TASKS, Batch, Task, make_task, register, task_sections
@@ -18,6 +19,7 @@ from destatic.training.tasks.evaluator import EvaluatorTask
 from destatic.training.tasks.lcm import LCMTask
 from destatic.training.tasks.lora import LoraTask
 from destatic.training.tasks.reflow import ReflowTask
+from destatic.training.tasks.video import VideoTask
 
 __all__ = [
     "TASKS",
@@ -30,6 +32,7 @@ __all__ = [
     "LoraTask",
     "ReflowTask",
     "Task",
+    "VideoTask",
     "make_task",
     "random_masks",
     "register",
