@@ -4,10 +4,8 @@ the exported pipeline, the autoencoder task and two processes against one."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from tests.training_fixtures import (
     TINY_UNET,
     assert_same,
     final_weights,
+    kill_after_checkpoint,
     write_config,
     write_squares,
 )
@@ -64,25 +63,7 @@ def test_kill_9_and_resume_gives_the_same_weights(folder, tmp_path):
     train(straight)
 
     cfg_path = write_config(tmp_path / "b.toml", folder, tmp_path / "killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "destatic.cli", "train", str(cfg_path)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    pointer = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if pointer.is_file() and pointer.read_text().strip() >= "step-00000003":
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    stopped = load_checkpoint(latest_checkpoint(tmp_path / "killed" / "checkpoints"))["step"]
+    stopped = kill_after_checkpoint(cfg_path, tmp_path / "killed", 3)
     assert 3 <= stopped < 6
     train(load_config(cfg_path))  # the same command again resumes
     assert_same(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"))

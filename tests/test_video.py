@@ -4,11 +4,6 @@ CLI writes videos whose stored request regenerates them (--from)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +18,8 @@ from destatic.models.text import MiniLMTextEncoder
 from destatic.models.video_dit import VideoDiT, VideoDiTConfig
 from destatic.pipelines import Pipeline, save
 from destatic.process import RectifiedFlow
-from destatic.training import latest_checkpoint, load_config, train
-from destatic.training.state import load_checkpoint
-from tests.training_fixtures import COLOURS, assert_same, final_weights
+from destatic.training import load_config, train
+from tests.training_fixtures import COLOURS, assert_same, final_weights, kill_after_checkpoint
 
 TINY = dict(
     in_channels=3,
@@ -130,25 +124,7 @@ def test_the_video_task_trains_exports_and_generates(clips, tmp_path):
 def test_kill_9_and_resume_gives_the_same_weights(clips, tmp_path):
     train(load_config(write_config(tmp_path / "a.toml", clips, tmp_path / "straight")))
     cfg_path = write_config(tmp_path / "b.toml", clips, tmp_path / "killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "destatic.cli", "train", str(cfg_path)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    pointer = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if pointer.is_file() and pointer.read_text().strip() >= "step-00000002":
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    stopped = load_checkpoint(latest_checkpoint(tmp_path / "killed" / "checkpoints"))["step"]
+    stopped = kill_after_checkpoint(cfg_path, tmp_path / "killed", 2)
     assert 2 <= stopped < 5
     train(load_config(cfg_path))
     assert_same(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"))
@@ -221,3 +197,21 @@ def test_the_server_refuses_a_video_model_in_one_line(tiny_video_model):
 
     with pytest.raises(ValueError, match="video model; use destatic generate"):
         create_app(tiny_video_model)
+
+
+def test_the_per_frame_baseline_draws_each_frame_from_its_noise_slice():
+    from destatic.metrics.video import draw_frames_independently
+    from destatic.pipelines import GenerationRequest
+    from destatic.sampling import generators, randn
+
+    image_pipe = destatic.load()  # the bundled 32² emoji model
+    net = VideoDiT(VideoDiTConfig(**{**TINY, "sample_size": 32}))
+    video_pipe = Pipeline(net, None, image_pipe.text_encoder, RectifiedFlow(), "flow")
+    fields = {"steps": 2, "guidance": 3.0}
+    clips = draw_frames_independently(
+        image_pipe, video_pipe, ["red heart", "cat face"], 5, 1, **fields
+    )
+    assert clips.shape == (2, 3, 4, 32, 32)
+    noise = randn((1, 3, 4, 32, 32), generators([6]))[0, :, 2][None]  # clip 1 (seed 6), frame 2
+    alone = image_pipe.run(GenerationRequest(prompt=["cat face"], **fields), noise=noise)
+    assert torch.allclose(clips[1, :, 2], alone[0], atol=1e-5)

@@ -3,6 +3,11 @@ them, a config that trains it in seconds, and comparisons of the weights that ru
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +114,27 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: fl
     assert a.keys() == b.keys()
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     assert worst <= atol, worst
+
+
+def kill_after_checkpoint(cfg_path: Path, out: Path, step: int) -> int:
+    """Start ``destatic train cfg_path`` in a process, SIGKILL it once checkpoint ``step`` (or a
+    later one) is written under ``out``, and return the step of its newest checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "destatic.cli", "train", str(cfg_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pointer = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if pointer.is_file() and pointer.read_text().strip() >= f"step-{step:08d}":
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return load_checkpoint(latest_checkpoint(out / "checkpoints"))["step"]

@@ -98,11 +98,14 @@ def _from_metadata(
     return sorted(found.values(), key=lambda t: t[1])
 
 
-def _from_sidecars(root: Path, skipped: dict[str, list[str]]) -> list[tuple[Path, str, str]]:
-    """``(path, name, caption)`` for each image with a non-empty ``.txt`` beside it."""
+def _from_sidecars(
+    root: Path, skipped: dict[str, list[str]], suffixes: frozenset[str] = IMAGE_SUFFIXES
+) -> list[tuple[Path, str, str]]:
+    """``(path, name, caption)`` for each file with one of ``suffixes`` (images by default)
+    and a non-empty ``.txt`` beside it."""
     found = []
     for path in sorted(root.rglob("*")):
-        if not (path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and _visible(path, root)):
+        if not (path.suffix.lower() in suffixes and path.is_file() and _visible(path, root)):
             continue
         name = path.relative_to(root).as_posix()
         txt = path.with_suffix(".txt")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from destatic.data.base import SplitDataset
 from destatic.data.emoji import split_of
-from destatic.data.folder import SHOWN_NAMES, _visible, resize_square
+from destatic.data.folder import SHOWN_NAMES, _from_sidecars, resize_square
 from destatic.io.video import READ_SUFFIXES, count_frames, iter_frames
 
 __all__ = ["VIDEO_SUFFIXES", "CaptionedVideos", "frame_indices", "load_video_folder"]
@@ -89,25 +89,6 @@ def _decode(path: Path, size: int, frames: int, stride: int | None) -> np.ndarra
     return np.stack([every[i] for i in frame_indices(len(every), frames, stride)])
 
 
-def _sidecar_videos(root: Path, skipped: dict[str, list[str]]) -> list[tuple[Path, str, str]]:
-    """``(path, name, caption)`` for each video with a non-empty ``.txt`` beside it."""
-    found = []
-    for path in sorted(root.rglob("*")):
-        if not (path.suffix.lower() in VIDEO_SUFFIXES and path.is_file() and _visible(path, root)):
-            continue
-        name = path.relative_to(root).as_posix()
-        txt = path.with_suffix(".txt")
-        try:
-            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
-        except (OSError, UnicodeDecodeError):
-            caption = ""
-        if not caption:
-            skipped["without caption"].append(name)
-            continue
-        found.append((path, name, caption))
-    return found
-
-
 def load_video_folder(
     root: str | Path,
     size: int,
@@ -129,7 +110,7 @@ def load_video_folder(
         "too short": [],
         "without caption": [],
     }
-    entries = _sidecar_videos(root, skipped)
+    entries = _from_sidecars(root, skipped, VIDEO_SUFFIXES)
     clips, captions, names = [], [], []
     for path, name, caption in tqdm(entries, desc="videos", unit="file", disable=not progress):
         if path.stat().st_size == 0:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from destatic.data.motion import MOTIONS
+
 __all__ = [
     "MOTION_NAMES",
     "Track",
@@ -35,19 +37,8 @@ __all__ = [
     "track",
 ]
 
-#: The motions :func:`classify_motion` tells apart (the captions' wording).
-MOTION_NAMES = (
-    "moves left",
-    "moves right",
-    "moves up",
-    "moves down",
-    "zooms in",
-    "zooms out",
-    "rotates clockwise",
-    "rotates anticlockwise",
-    "bounces",
-    "falls",
-)
+#: The motions :func:`classify_motion` tells apart: the captions' wording.
+MOTION_NAMES = MOTIONS
 
 INK_FLOOR = 0.08  # τ: ink below this (JPEG-like noise, faint grain on white) is ignored
 ANGLES = torch.arange(-90, 91, 6, dtype=torch.float32)  # the rotation search grid, degrees

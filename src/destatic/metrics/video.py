@@ -148,20 +148,32 @@ def draw_clips(
 
 
 def draw_frames_independently(
-    image_pipe: Any, video_pipe: Any, captions: Sequence[str], seed: int, **fields
+    image_pipe: Any,
+    video_pipe: Any,
+    captions: Sequence[str],
+    seed: int,
+    batch_size: int = 16,
+    **fields: Any,
 ) -> torch.Tensor:
     """The per-frame baseline: each frame drawn by the image model ``image_pipe`` from the
-    frame's slice of the noise the video model starts from (same seeds), ``(B, 3, F, H, W)``."""
+    frame's slice of the noise the video model starts from (same seeds), ``(B, 3, F, H, W)``;
+    ``batch_size`` clips' frames per call."""
     from destatic.pipelines import GenerationRequest
     from destatic.sampling import generators, randn
 
+    side = video_pipe.default_size
     clips = []
-    for i, caption in enumerate(captions):
-        shape = video_pipe.latent_shape(1, video_pipe.default_size, video_pipe.default_size)
-        noise = randn(shape, generators([seed + i]))[0].transpose(0, 1)  # (F, C, H, W)
-        request = GenerationRequest(prompt=[caption] * len(noise), seed=seed + i, **fields)
-        clips.append(image_pipe.run(request, noise=noise).cpu().transpose(0, 1))
-    return torch.stack(clips)
+    for lo in range(0, len(captions), batch_size):
+        part = list(captions[lo : lo + batch_size])
+        seeds = list(range(seed + lo, seed + lo + len(part)))
+        noise = randn(video_pipe.latent_shape(len(part), side, side), generators(seeds))
+        frames = noise.shape[2]
+        noise = noise.transpose(1, 2).flatten(0, 1)  # (B·F, C, H, W), clip-major
+        prompts = [c for c in part for _ in range(frames)]
+        request = GenerationRequest(prompt=prompts, seed=seed, **fields)
+        drawn = image_pipe.run(request, noise=noise).cpu()  # (B·F, 3, H, W)
+        clips.append(drawn.view(len(part), frames, *drawn.shape[1:]).transpose(1, 2))
+    return torch.cat(clips)
 
 
 def evaluate_video(
@@ -190,6 +202,8 @@ def evaluate_video(
     fake = draw_clips(pipe, captions, seed, batch_size, **fields)
     rows.append(score_clips("video model", fake, captions, **score))
     if image_pipe is not None:
-        per_frame = draw_frames_independently(image_pipe, pipe, captions, seed, **fields)
+        per_frame = draw_frames_independently(
+            image_pipe, pipe, captions, seed, batch_size, **fields
+        )
         rows.append(score_clips("image model, frame by frame", per_frame, captions, **score))
     return rows

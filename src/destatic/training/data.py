@@ -25,7 +25,14 @@ from destatic.models.autoencoder import AutoencoderKL
 from destatic.models.text import TextEncoder
 from destatic.training.config import ConfigError, DataConfig
 
-__all__ = ["CaptionBank", "LatentCache", "hash_module", "load_training_images", "pixels"]
+__all__ = [
+    "CaptionBank",
+    "LatentCache",
+    "draw_captions",
+    "hash_module",
+    "load_training_images",
+    "pixels",
+]
 
 
 def load_training_images(
@@ -49,6 +56,19 @@ def pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC → float NCHW in [-1, 1]."""
     x = torch.as_tensor(images)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def draw_captions(
+    ids: list[torch.Tensor], generator: torch.Generator, dropout: float
+) -> torch.Tensor:
+    """One caption per sample, drawn uniformly from its ``ids`` (a row's :class:`CaptionBank`
+    indices: its main and alternative captions), then replaced by ``""`` (index 0) with
+    probability ``dropout`` — the unconditional branch classifier-free guidance needs."""
+    n = len(ids)
+    choice = torch.rand(n, generator=generator)
+    captions = torch.stack([i[int(c * len(i))] for i, c in zip(ids, choice, strict=True)])
+    drop = torch.rand(n, generator=generator) < dropout
+    return torch.where(drop, torch.zeros_like(captions), captions)
 
 
 class CaptionBank:

@@ -16,7 +16,13 @@ from destatic.models.text import MiniLMTextEncoder
 from destatic.models.unet import UNet2DCondition, UNetConfig
 from destatic.pipelines import Pipeline, load, save
 from destatic.training.config import Config, ConfigError
-from destatic.training.data import CaptionBank, LatentCache, load_training_images, pixels
+from destatic.training.data import (
+    CaptionBank,
+    LatentCache,
+    draw_captions,
+    load_training_images,
+    pixels,
+)
 from destatic.training.objectives import OBJECTIVES
 from destatic.training.tasks.base import Batch, Task, network_config, register
 
@@ -93,12 +99,7 @@ class DenoiserTask(Task):
 
     def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
         n = len(index)
-        choice = torch.rand(n, generator=generator)
-        captions = torch.stack(
-            [ids[int(c * len(ids))] for ids, c in zip(self._ids(index), choice, strict=True)]
-        )
-        drop = torch.rand(n, generator=generator) < self.cfg.data.caption_dropout
-        captions = torch.where(drop, torch.zeros_like(captions), captions)  # 0 = ""
+        captions = draw_captions(self._ids(index), generator, self.cfg.data.caption_dropout)
         sigma = self.objective.sample_sigma(n, generator)
         if self.latents is not None:
             shape = (n, *self.latents.mean.shape[1:])

@@ -25,7 +25,7 @@ from destatic.models.video_dit import VideoDiT, VideoDiTConfig
 from destatic.pipelines import Pipeline, save
 from destatic.pipelines.output import film_strips
 from destatic.training.config import Config, ConfigError, choice, require
-from destatic.training.data import CaptionBank
+from destatic.training.data import CaptionBank, draw_captions
 from destatic.training.objectives import OBJECTIVES
 from destatic.training.tasks.base import Batch, Task, network_config, register
 
@@ -113,13 +113,9 @@ class VideoTask(Task):
         return len(self.caption_ids)
 
     def draw(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
-        n = len(index)
-        choice_ = torch.rand(n, generator=generator)
         ids = [self.caption_ids[int(i)] for i in index]
-        captions = torch.stack([i[int(c * len(i))] for i, c in zip(ids, choice_, strict=True)])
-        drop = torch.rand(n, generator=generator) < self.cfg.data.caption_dropout
-        captions = torch.where(drop, torch.zeros_like(captions), captions)  # 0 = ""
-        sigma = self.objective.sample_sigma(n, generator)
+        captions = draw_captions(ids, generator, self.cfg.data.caption_dropout)
+        sigma = self.objective.sample_sigma(len(index), generator)
         x0 = self.clips.render(index, generator)
         noise = torch.randn(x0.shape, generator=generator)
         return {"x0": x0, "caption": captions, "sigma": sigma, "noise": noise}
