@@ -5,6 +5,7 @@ pipeline of that family, on the same folder, sampler, grid, steps, guidance and 
     python benchmarks/families.py                 # about 5 minutes on 2 idle vCPUs
     python benchmarks/families.py --quick         # under a minute idle: batch 1, ≤ 4 steps
     python benchmarks/families.py --json out.json --repeats 7
+    python benchmarks/families.py --only dit,pixart-alpha,pixart-sigma   # those rows only
 
 Families (the tiny folders the tests build, imported from tests/):
 
@@ -16,7 +17,15 @@ Families (the tiny folders the tests build, imported from tests/):
 * Flux dev (20 steps, embedded guidance) and schnell (4 steps) — ``FluxPipeline`` +
   ``FlowMatchEulerDiscreteScheduler`` against the family defaults (``euler`` on ``simple``);
 * an LCM-distilled SD folder — ``LatentConsistencyModelPipeline`` + ``LCMScheduler`` against the
-  folder's defaults (4 × ``lcm``), fresh noise from the same per-image seeds.
+  folder's defaults (4 × ``lcm``), fresh noise from the same per-image seeds;
+* DiT (class-conditional, learned variance), PixArt-α and PixArt-Σ (T5, adaLN-single) —
+  ``DiTPipeline`` / ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` +
+  ``DPMSolverMultistepScheduler`` (linear β) against ``dpmpp_2m`` on that scheduler's grid.
+
+``--only`` runs some families (keys: sd1, sdxl, sd3, sd3.5, flux-dev, flux-schnell, lcm, dit,
+pixart-alpha, pixart-sigma). The results files (benchmarks/results/families.md and .json) are
+merged by row (family, steps, batch): a run replaces its own rows and keeps the others, each with
+the run (command, machine, load average) that measured it.
 
 Each timed call is the whole job: prompt encoding, sampling, decoding and conversion to pixels
 (PIL for destatic, ``output_type="np"`` for diffusers). The last column is the largest pixel
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import math
 import os
@@ -34,6 +44,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,6 +110,23 @@ def _lcm():
     from tests.test_lcm_scheduler import _folder
 
     folder, reference = _folder(_TMP / "lcm", distilled=True)
+    return destatic.load(folder), reference
+
+
+class _TmpDirs:
+    """pytest's ``tmp_path_factory`` as the tests' fixtures use it (``mktemp``), so a fixture
+    that builds a folder runs here as a plain builder."""
+
+    def mktemp(self, name: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{name}_", dir=_TMP))
+
+
+@functools.cache
+def _from_fixture(module: str, fixture: str):
+    """(destatic pipeline, diffusers pipeline) of the folder the fixture ``fixture`` of
+    tests/``module``.py builds (DiT: ``dit``; PixArt-α / Σ: ``pixart`` / ``sigma``)."""
+    builder = getattr(importlib.import_module(f"tests.{module}"), fixture).__wrapped__
+    folder, reference = builder(_TmpDirs())
     return destatic.load(folder), reference
 
 
@@ -227,22 +255,133 @@ def lcm_pair(batch: int, steps: int):
     return ours, theirs
 
 
+def _dpmpp_2m(reference, **extra):
+    """``reference``'s diffusers pipeline class on its components with DPMSolverMultistepScheduler
+    on the tests' linear β schedule (DiT's and PixArt's), and that scheduler."""
+    import diffusers
+
+    from tests.test_pipeline import SCHEDULERS
+    from tests.test_pipeline_dit import LINEAR
+
+    scheduler = diffusers.DPMSolverMultistepScheduler(**LINEAR, **SCHEDULERS["dpmpp_2m"][1])
+    pipe = type(reference)(**{**reference.components, "scheduler": scheduler}, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, scheduler
+
+
+def dit_pair(batch: int, steps: int):
+    """DiTPipeline + DPMSolverMultistepScheduler against ``dpmpp_2m`` on its grid, class "golden
+    retriever", guidance 4 (the family's and DiTPipeline's; the null class as the unconditional
+    branch). DiTPipeline takes no latents: it draws them from a seed, and destatic gets the same
+    noise (tests/test_pipeline_dit.py's ``same_latents``)."""
+    from tests.test_pipeline_dit import ID2LABEL, same_latents
+
+    pipe, base = _from_fixture("test_pipeline_dit", "dit")
+    reference, scheduler = _dpmpp_2m(base, id2label=ID2LABEL)
+    sigmas, _, noise = same_latents(scheduler, steps, seed=0, shape=(batch, 4, 8, 8))
+    label = "golden retriever"
+
+    def ours() -> np.ndarray:
+        return _images(
+            pipe([label] * batch, sampler="dpmpp_2m", sigmas=sigmas, guidance=4.0, noise=noise)
+        )
+
+    def theirs() -> np.ndarray:
+        return reference(
+            reference.get_label_ids([label] * batch),
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(0),
+            num_inference_steps=steps,
+            output_type="np",
+        ).images
+
+    return ours, theirs
+
+
+def _pixart_pair(fixture: str, batch: int, steps: int):
+    """PixArtAlphaPipeline / PixArtSigmaPipeline + DPMSolverMultistepScheduler (the folders'
+    scheduler) against ``dpmpp_2m`` on its grid, guidance 4.5 (the family's and the pipelines'),
+    24×16 px, T5 prompts with their masks (120 / 300 tokens); no resolution binning or caption
+    cleaning on the diffusers side."""
+    from tests.test_pipeline_dit import same_latents
+    from tests.test_pipeline_pixart import SIZE
+
+    pipe, base = _from_fixture("test_pipeline_pixart", fixture)
+    reference, scheduler = _dpmpp_2m(base)
+    sigmas, z, noise = same_latents(scheduler, steps, seed=0, shape=(batch, 4, 8, 12))
+
+    def ours() -> np.ndarray:
+        images = pipe(
+            [PROMPT] * batch, sampler="dpmpp_2m", sigmas=sigmas, guidance=4.5, noise=noise, **SIZE
+        )
+        return _images(images)
+
+    def theirs() -> np.ndarray:
+        return reference(
+            [PROMPT] * batch,
+            num_inference_steps=steps,
+            guidance_scale=4.5,
+            latents=z,
+            clean_caption=False,
+            use_resolution_binning=False,
+            output_type="np",
+            **SIZE,
+        ).images
+
+    return ours, theirs
+
+
 Pair = Callable[[int, int], tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]]
-#: (family, diffusers pipeline + scheduler, steps, pair)
-FAMILIES: list[tuple[str, str, int, Pair]] = [
-    ("SD 1.x", "StableDiffusionPipeline + DPM++ 2M", 20, sd_pair),
-    ("SDXL", "StableDiffusionXLPipeline + DPM++ 2M", 20, sdxl_pair),
-    ("SD3", "StableDiffusion3Pipeline + FlowMatchEuler", 20, functools.partial(_sd3_pair, False)),
+#: (key for --only, family, diffusers pipeline + scheduler, steps, pair)
+FAMILIES: list[tuple[str, str, str, int, Pair]] = [
+    ("sd1", "SD 1.x", "StableDiffusionPipeline + DPM++ 2M", 20, sd_pair),
+    ("sdxl", "SDXL", "StableDiffusionXLPipeline + DPM++ 2M", 20, sdxl_pair),
     (
+        "sd3",
+        "SD3",
+        "StableDiffusion3Pipeline + FlowMatchEuler",
+        20,
+        functools.partial(_sd3_pair, False),
+    ),
+    (
+        "sd3.5",
         "SD3.5 Medium (dual attention)",
         "StableDiffusion3Pipeline + FlowMatchEuler",
         20,
         functools.partial(_sd3_pair, True),
     ),
-    ("Flux dev", "FluxPipeline + FlowMatchEuler", 20, functools.partial(_flux_pair, "dev")),
-    ("Flux schnell", "FluxPipeline + FlowMatchEuler", 4, functools.partial(_flux_pair, "schnell")),
-    ("LCM (distilled SD)", "LatentConsistencyModelPipeline + LCMScheduler", 4, lcm_pair),
+    (
+        "flux-dev",
+        "Flux dev",
+        "FluxPipeline + FlowMatchEuler",
+        20,
+        functools.partial(_flux_pair, "dev"),
+    ),
+    (
+        "flux-schnell",
+        "Flux schnell",
+        "FluxPipeline + FlowMatchEuler",
+        4,
+        functools.partial(_flux_pair, "schnell"),
+    ),
+    ("lcm", "LCM (distilled SD)", "LatentConsistencyModelPipeline + LCMScheduler", 4, lcm_pair),
+    ("dit", "DiT (class-conditional)", "DiTPipeline + DPM++ 2M", 20, dit_pair),
+    (
+        "pixart-alpha",
+        "PixArt-α",
+        "PixArtAlphaPipeline + DPM++ 2M",
+        20,
+        functools.partial(_pixart_pair, "pixart"),
+    ),
+    (
+        "pixart-sigma",
+        "PixArt-Σ",
+        "PixArtSigmaPipeline + DPM++ 2M",
+        20,
+        functools.partial(_pixart_pair, "sigma"),
+    ),
 ]
+KEYS = [key for key, *_ in FAMILIES]
 
 
 # -- the machine --------------------------------------------------------------------------------
@@ -267,94 +406,180 @@ def load_average() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+HEADER = (
+    "| family | diffusers side | steps | batch | destatic s/image | diffusers s/image "
+    "| diffusers/destatic | max Δ (0–255) | load |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def selected(only: str | None) -> list[tuple[str, str, str, int, Pair]]:
+    """The FAMILIES rows ``--only`` names (comma-separated keys), in table order; all without."""
+    if only is None:
+        return FAMILIES
+    wanted = {key.strip() for key in only.split(",") if key.strip()}
+    unknown = sorted(wanted - set(KEYS))
+    if unknown or not wanted:
+        raise ValueError(
+            f"--only: unknown family {', '.join(unknown) or '(none given)'}; "
+            f"known: {', '.join(KEYS)}"
+        )
+    return [row for row in FAMILIES if row[0] in wanted]
+
+
+def measure(families, batches: tuple[int, ...], quick: bool, reps: int) -> list[dict]:
+    """One row per family and batch: both sides timed by ``compare``, printed as it finishes."""
+    rows = []
+    for key, family, peer, steps, make in families:
+        steps = min(steps, 4) if quick else steps
+        for batch in batches:
+            ours, theirs = make(batch, steps)
+            t_ours, t_theirs, diff = compare(ours, theirs, batch, 0, reps)  # 1st call: warm-up
+            row = {
+                "key": key,
+                "family": family,
+                "diffusers": peer,
+                "steps": steps,
+                "batch": batch,
+                "destatic_s_per_image": round(t_ours, 5),
+                "diffusers_s_per_image": round(t_theirs, 5),
+                "ratio": round(t_theirs / t_ours, 3),
+                "max_pixel_diff": diff,
+                "load_average_1min": round(os.getloadavg()[0], 2),
+            }
+            rows.append(row)
+            print(table_line(row), flush=True)
+    return rows
+
+
+def table_line(row: dict) -> str:
+    return (
+        f"| {row['family']} | {row['diffusers']} | {row['steps']} | {row['batch']} "
+        f"| {row['destatic_s_per_image']:.4f} | {row['diffusers_s_per_image']:.4f} "
+        f"| {row['ratio']:.2f}× | {row['max_pixel_diff']:.0f} | {row['load_average_1min']:.1f} |"
+    )
+
+
+def _row_key(row: dict) -> tuple[str, int, int]:
+    return row["key"], row["steps"], row["batch"]
+
+
+def _read_results(path: Path) -> list[tuple[dict, dict]]:
+    """(run, row) pairs of a results JSON; a file from before runs were recorded (one run's
+    settings at the top level, rows without keys) reads as that one run."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if "runs" in data:
+        return [(data["runs"][row.pop("run")], row) for row in data["rows"]]
+    settings = ("machine", "threads", "repeats", "warmup_calls_per_side")
+    loads = ("load_average_before", "load_average_after")
+    run = {"command": "python benchmarks/families.py", **{k: data[k] for k in settings + loads}}
+    keys = {family: key for key, family, *_ in FAMILIES}
+    return [(run, {"key": keys.get(row["family"], row["family"]), **row}) for row in data["rows"]]
+
+
+def merge(path: Path, run: dict, rows: list[dict]) -> dict:
+    """The results in ``path`` with this run's rows in place of those with the same key (family
+    key, steps, batch), the others kept with the runs that measured them; rows in table order."""
+    new = {_row_key(row) for row in rows}
+    pairs = [(r, row) for r, row in _read_results(path) if _row_key(row) not in new]
+    pairs += [(run, row) for row in rows]
+    order = {key: i for i, key in enumerate(KEYS)}
+    pairs.sort(key=lambda p: (order.get(p[1]["key"], len(order)), -p[1]["steps"], p[1]["batch"]))
+    runs: list[dict] = []
+    for r, row in pairs:
+        if r not in runs:
+            runs.append(r)
+        row["run"] = runs.index(r)
+    return {"runs": runs, "rows": [row for _, row in pairs]}
+
+
+def markdown_text(results: dict) -> str:
+    """The results as a table, after one line per run: its command, machine, settings and load
+    average, and the families it measured."""
+    notes = []
+    for i, run in enumerate(results["runs"]):
+        families = dict.fromkeys(r["family"] for r in results["rows"] if r["run"] == i)
+        when = f" ({run['finished_utc']})" if "finished_utc" in run else ""
+        notes.append(
+            f"{i + 1}. `{run['command']}`{when}: {', '.join(families)}. {run['machine']}; median "
+            f"of {run['repeats']} interleaved runs after {run['warmup_calls_per_side']} warm-up "
+            f"call per side; load average (1, 5, 15 min) before: {run['load_average_before']}; "
+            f"after: {run['load_average_after']}"
+        )
+    return (
+        "# every family against diffusers, s/image\n\n"
+        "Rows are merged by (family, steps, batch): a run (`--only` some families) replaces its "
+        "own rows and keeps the others with the run that measured them. Runs:\n\n"
+        + "\n".join(notes)
+        + "\n\nThe last column: the 1-minute load average as the row finished.\n\n"
+        + HEADER
+        + "\n"
+        + "\n".join(table_line(row) for row in results["rows"])
+        + "\n"
+    )
+
+
 def main() -> None:
     import diffusers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1, at most 4 steps, 2 runs")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--only", help=f"comma-separated families to run (default all): {','.join(KEYS)}"
+    )
+    parser.add_argument(
+        "--json", type=Path, help="the rows as JSON (default: the table's file, .json)"
+    )
     parser.add_argument("--repeats", type=int, help="timed runs per side (default 5; quick 2)")
     parser.add_argument(
         "--markdown", type=Path, help=f"the table's file (default {RESULTS}; none when --quick)"
     )
     args = parser.parse_args()
+    try:
+        families = selected(args.only)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(THREADS)
     reps = args.repeats or (2 if args.quick else 5)
-    warmup = 0  # compare's first call of each side (the images) is the warm-up
-    batches = (1,) if args.quick else (1, 4)
     markdown = args.markdown or (None if args.quick else RESULTS)
+    results_json = args.json or (markdown.with_suffix(".json") if markdown else None)
 
     machine = (
         f"{cpu_line()}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"{THREADS} threads, fp32"
     )
     load_before = load_average()
-    rows = []
-    header = (
-        "| family | diffusers side | steps | batch | destatic s/image | diffusers s/image "
-        "| diffusers/destatic | max Δ (0–255) | load |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    )
     print(f"# every family against diffusers\n\n{machine}\nload average before: {load_before}\n")
-    print(header, flush=True)
-    lines = []
+    print(HEADER, flush=True)
     try:
-        for family, peer, steps, make in FAMILIES:
-            steps = min(steps, 4) if args.quick else steps
-            for batch in batches:
-                ours, theirs = make(batch, steps)
-                t_ours, t_theirs, diff = compare(ours, theirs, batch, warmup, reps)
-                row = {
-                    "family": family,
-                    "diffusers": peer,
-                    "steps": steps,
-                    "batch": batch,
-                    "destatic_s_per_image": round(t_ours, 5),
-                    "diffusers_s_per_image": round(t_theirs, 5),
-                    "ratio": round(t_theirs / t_ours, 3),
-                    "max_pixel_diff": diff,
-                    "load_average_1min": round(os.getloadavg()[0], 2),
-                }
-                rows.append(row)
-                line = (
-                    f"| {family} | {peer} | {steps} | {batch} | {t_ours:.4f} | {t_theirs:.4f} "
-                    f"| {t_theirs / t_ours:.2f}× | {diff:.0f} | {os.getloadavg()[0]:.1f} |"
-                )
-                lines.append(line)
-                print(line, flush=True)
+        rows = measure(families, (1,) if args.quick else (1, 4), args.quick, reps)
     finally:
         shutil.rmtree(_TMP, ignore_errors=True)
     load_after = load_average()
     print(f"\nload average after: {load_after}")
 
-    note = (
-        f"median of {reps} interleaved runs after one warm-up call per side, "
-        f"{THREADS} threads, fp32; load average (1, 5, 15 min) before: {load_before}; "
-        f"after: {load_after}; the last column: the 1-minute load average as the row finished"
-    )
+    if results_json is None:
+        return
+    run = {
+        "command": " ".join(["python benchmarks/families.py", *sys.argv[1:]]),
+        "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine,
+        "threads": THREADS,
+        "repeats": reps,
+        "warmup_calls_per_side": 1,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+    }
+    results = merge(results_json, run, rows)
+    kept = len(results["rows"]) - len(rows)
+    results_json.parent.mkdir(parents=True, exist_ok=True)
+    results_json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if markdown is not None:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(
-            f"# every family against diffusers, s/image\n\n"
-            f"`python benchmarks/families.py{' --quick' if args.quick else ''}`\n\n"
-            f"{machine}  \n{note}\n\n{header}\n" + "\n".join(lines) + "\n"
-        )
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": machine,
-                    "threads": THREADS,
-                    "repeats": reps,
-                    "warmup_calls_per_side": 1,
-                    "load_average_before": load_before,
-                    "load_average_after": load_after,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        markdown.write_text(markdown_text(results))
+    written = ", ".join(str(p) for p in (results_json, markdown) if p is not None)
+    print(f"wrote {written}: {len(rows)} rows measured now, {kept} kept from earlier runs")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ def save_grid(
     from PIL import Image, ImageDraw, ImageFont
 
     b, _, h, w = images.shape
-    scale = scale or max(1, 96 // max(h, w))
+    scale = scale or max(1, 96 // h)
     cell_w, cell_h = w * scale, h * scale
-    columns = min(columns, b)
+    columns = max(1, min(columns, b, round(columns * h / w)))  # wide film strips: fewer
     rows = math.ceil(b / columns)
     font = ImageFont.load_default()
     text_h = 28

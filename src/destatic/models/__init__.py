@@ -26,6 +26,8 @@ from destatic.models.text import (
 )
 from destatic.models.unet import UNet2DCondition, UNetConfig
 from destatic.models.video_dit import VIDEO_DIT_MODELS, VideoDiT, VideoDiTConfig
+from destatic.models.wan import WanConfig, WanTransformer3DModel
+from destatic.models.wan_vae import AutoencoderKLWan, WanVAEConfig
 
 __all__ = [
     "MMDIT_MODELS",
@@ -33,6 +35,7 @@ __all__ = [
     "Attention",
     "AutoencoderConfig",
     "AutoencoderKL",
+    "AutoencoderKLWan",
     "BasicTransformerBlock",
     "CLIPTextEncoder",
     "DiagonalGaussian",
@@ -53,6 +56,9 @@ __all__ = [
     "Upsample",
     "VideoDiT",
     "VideoDiTConfig",
+    "WanConfig",
+    "WanTransformer3DModel",
+    "WanVAEConfig",
     "fuse_projections",
     "optimize",
     "timestep_embedding",

@@ -37,6 +37,8 @@ from destatic.models.mmdit import MMDiT, MMDiTConfig
 from destatic.models.pixart import PixArt, PixArtConfig
 from destatic.models.unet import UNet2DCondition, UNetConfig
 from destatic.models.video_dit import VideoDiT, VideoDiTConfig
+from destatic.models.wan import WanConfig, WanTransformer3DModel
+from destatic.models.wan_vae import AutoencoderKLWan, WanVAEConfig
 
 __all__ = [
     "COMPONENT_CLASSES",
@@ -141,6 +143,8 @@ COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "ControlNetModel": (ControlNet, ControlNetConfig),
     "ControlNet": (ControlNet, ControlNetConfig),
     "VideoDiT": (VideoDiT, VideoDiTConfig),
+    "WanTransformer3DModel": (WanTransformer3DModel, WanConfig),
+    "AutoencoderKLWan": (AutoencoderKLWan, WanVAEConfig),
 }
 
 
@@ -158,6 +162,8 @@ SAVED_AS: dict[type, tuple[str, str]] = {
     AutoencoderKL: ("vae", "AutoencoderKL"),
     ControlNet: ("controlnet", "ControlNet"),
     VideoDiT: ("transformer", "VideoDiT"),
+    WanTransformer3DModel: ("transformer", "WanTransformer3DModel"),
+    AutoencoderKLWan: ("vae", "AutoencoderKLWan"),
 }
 
 

@@ -20,6 +20,11 @@ from destatic.process import (
 )
 from destatic.process.base import Process
 from destatic.process.flow import ResolutionShift
+from destatic.process.flow_sigmas import (
+    IntegerTimestepFlow,
+    flow_sigmas_config,
+    flow_sigmas_process,
+)
 from destatic.process.vp import BETA_SCHEDULES
 
 __all__ = [
@@ -98,6 +103,8 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str | T
             except ValueError as e:
                 raise CheckpointError(f"{name} dynamic shifting: {e}; fix config.json") from e
         return RectifiedFlow(shift=shift, num_timesteps=steps, resolution=dynamic), "flow"
+    if name == "UniPCMultistepScheduler" and cfg.get("use_flow_sigmas", False):  # Wan 2.1
+        return flow_sigmas_process(cfg), "flow"
     if name not in VP_SCHEDULERS:
         raise CheckpointError(
             f"unsupported scheduler class {name!r}; supported: "
@@ -197,6 +204,8 @@ def scheduler_config_from_process(process: Process, target: str | Target) -> dic
             "rho": 7.0,
             "prediction_type": "epsilon",
         }
+    if isinstance(process, IntegerTimestepFlow) and target == "flow":
+        return flow_sigmas_config(process)
     if isinstance(process, RectifiedFlow):
         if target != "flow":
             raise CheckpointError(

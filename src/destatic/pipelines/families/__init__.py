@@ -9,6 +9,7 @@ from destatic.models.text import (
     T5TextEncoder,
     TextEncoder,
 )
+from destatic.models.wan_text import UMT5TextEncoder
 from destatic.pipelines.families.base import (
     FAMILIES,
     Components,
@@ -26,6 +27,7 @@ from destatic.pipelines.families.sd3 import SD3
 from destatic.pipelines.families.sdxl import SDXL
 from destatic.pipelines.families.stable_diffusion import STABLE_DIFFUSION
 from destatic.pipelines.families.video import VIDEO, is_video_network
+from destatic.pipelines.families.wan import WAN
 
 __all__ = [
     "DIT",
@@ -37,6 +39,7 @@ __all__ = [
     "SDXL",
     "STABLE_DIFFUSION",
     "VIDEO",
+    "WAN",
     "Components",
     "ConditioningContext",
     "Family",
@@ -50,6 +53,8 @@ __all__ = [
 def default_family(text_encoder: TextEncoder, network: object = None) -> Family:
     """The family of a pipeline put together in code rather than loaded from a folder, told
     by its text encoder (and a video network by its frame count)."""
+    if isinstance(text_encoder, UMT5TextEncoder):
+        return WAN
     if is_video_network(network):
         return VIDEO
     if isinstance(text_encoder, SD3TextEncoder):
