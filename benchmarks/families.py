@@ -113,20 +113,12 @@ def _lcm():
     return destatic.load(folder), reference
 
 
-class _TmpDirs:
-    """pytest's ``tmp_path_factory`` as the tests' fixtures use it (``mktemp``), so a fixture
-    that builds a folder runs here as a plain builder."""
-
-    def mktemp(self, name: str) -> Path:
-        return Path(tempfile.mkdtemp(prefix=f"{name}_", dir=_TMP))
-
-
 @functools.cache
-def _from_fixture(module: str, fixture: str):
-    """(destatic pipeline, diffusers pipeline) of the folder the fixture ``fixture`` of
-    tests/``module``.py builds (DiT: ``dit``; PixArt-α / Σ: ``pixart`` / ``sigma``)."""
-    builder = getattr(importlib.import_module(f"tests.{module}"), fixture).__wrapped__
-    folder, reference = builder(_TmpDirs())
+def _from_builder(module: str, builder: str):
+    """(destatic pipeline, diffusers pipeline) of the folder ``builder`` of tests/``module``.py
+    makes (DiT: ``build_dit``; PixArt-α / Σ: ``build_pixart`` / ``build_sigma``)."""
+    build = getattr(importlib.import_module(f"tests.{module}"), builder)
+    folder, reference = build(Path(tempfile.mkdtemp(prefix=f"{builder}_", dir=_TMP)))
     return destatic.load(folder), reference
 
 
@@ -276,7 +268,7 @@ def dit_pair(batch: int, steps: int):
     noise (tests/test_pipeline_dit.py's ``same_latents``)."""
     from tests.test_pipeline_dit import ID2LABEL, same_latents
 
-    pipe, base = _from_fixture("test_pipeline_dit", "dit")
+    pipe, base = _from_builder("test_pipeline_dit", "build_dit")
     reference, scheduler = _dpmpp_2m(base, id2label=ID2LABEL)
     sigmas, _, noise = same_latents(scheduler, steps, seed=0, shape=(batch, 4, 8, 8))
     label = "golden retriever"
@@ -306,7 +298,7 @@ def _pixart_pair(fixture: str, batch: int, steps: int):
     from tests.test_pipeline_dit import same_latents
     from tests.test_pipeline_pixart import SIZE
 
-    pipe, base = _from_fixture("test_pipeline_pixart", fixture)
+    pipe, base = _from_builder("test_pipeline_pixart", f"build_{fixture}")
     reference, scheduler = _dpmpp_2m(base)
     sigmas, z, noise = same_latents(scheduler, steps, seed=0, shape=(batch, 4, 8, 12))
 

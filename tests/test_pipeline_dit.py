@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,9 +50,13 @@ ID2LABEL = {
 
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory):
-    """A tiny random diffusers DiT pipeline, perturbed, saved as safetensors with ``id2label``
-    in model_index.json (where the hub's folders keep it; diffusers does not write it)."""
-    tmp = tmp_path_factory.mktemp("dit")
+    return build_dit(tmp_path_factory.mktemp("dit"))
+
+
+def build_dit(tmp: Path):
+    """A tiny random diffusers DiT pipeline, perturbed, saved as safetensors under ``tmp`` with
+    ``id2label`` in model_index.json (where the hub's folders keep it; diffusers does not write
+    it): (folder, diffusers pipeline)."""
     torch.manual_seed(0)
     transformer = tiny_sd.perturb(diffusers.DiTTransformer2DModel(**TINY_DIT)).eval()
     vae = tiny_sd.perturb(diffusers.AutoencoderKL(**dict(tiny_sd.VAE, sample_size=16))).eval()

@@ -69,17 +69,25 @@ def _tiny(tmp, name: str, transformer: dict, vae: dict):
     return folder, pipe
 
 
+def build_pixart(tmp):
+    """A tiny PixArtAlphaPipeline (micro-conditioned 1024-px model) under ``tmp``."""
+    vae = dict(tiny_sd.VAE, sample_size=16)
+    return _tiny(tmp, "PixArtAlphaPipeline", TINY_PIXART, vae)
+
+
+def build_sigma(tmp):
+    """A tiny PixArtSigmaPipeline (SDXL's autoencoder scale, no micro-conditions) under ``tmp``."""
+    return _tiny(tmp, "PixArtSigmaPipeline", TINY_SIGMA, SDXL_VAE)
+
+
 @pytest.fixture(scope="module")
 def pixart(tmp_path_factory):
-    """A tiny PixArtAlphaPipeline (micro-conditioned 1024-px model)."""
-    vae = dict(tiny_sd.VAE, sample_size=16)
-    return _tiny(tmp_path_factory.mktemp("pixart"), "PixArtAlphaPipeline", TINY_PIXART, vae)
+    return build_pixart(tmp_path_factory.mktemp("pixart"))
 
 
 @pytest.fixture(scope="module")
 def sigma(tmp_path_factory):
-    """A tiny PixArtSigmaPipeline (SDXL's autoencoder scale, no micro-conditions)."""
-    return _tiny(tmp_path_factory.mktemp("sigma"), "PixArtSigmaPipeline", TINY_SIGMA, SDXL_VAE)
+    return build_sigma(tmp_path_factory.mktemp("sigma"))
 
 
 @torch.no_grad()
