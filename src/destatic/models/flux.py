@@ -318,6 +318,24 @@ class SingleStreamBlock(nn.Module):
 #################################################################################
 
 
+def build_trunk(module: nn.Module, cfg: Any) -> None:
+    """The layers Flux and its ControlNet share, under diffusers' names: the timestep /
+    guidance / pooled-text embedding, the text and latent input projections, and the double-
+    and single-stream blocks (``cfg``: a FluxConfig or FluxControlNetConfig)."""
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    module.time_text_embed = TimestepGuidanceTextEmbed(
+        d, cfg.pooled_projection_dim, cfg.guidance_embeds
+    )
+    module.context_embedder = nn.Linear(cfg.joint_attention_dim, d)
+    module.x_embedder = nn.Linear(cfg.in_channels, d)
+    module.transformer_blocks = nn.ModuleList(
+        [DoubleStreamBlock(d, heads) for _ in range(cfg.num_layers)]
+    )
+    module.single_transformer_blocks = nn.ModuleList(
+        [SingleStreamBlock(d, heads) for _ in range(cfg.num_single_layers)]
+    )
+
+
 class Flux(nn.Module):
     """FLUX.1 transformer: latents (B, C, H, W) + T5 tokens + pooled CLIP → velocity."""
 
@@ -327,18 +345,8 @@ class Flux(nn.Module):
     def __init__(self, config: FluxConfig | None = None, **kwargs: Any):
         super().__init__()
         self.config = cfg = config if config is not None else FluxConfig(**kwargs)
-        d, heads = cfg.hidden_size, cfg.num_attention_heads
-        self.time_text_embed = TimestepGuidanceTextEmbed(
-            d, cfg.pooled_projection_dim, cfg.guidance_embeds
-        )
-        self.context_embedder = nn.Linear(cfg.joint_attention_dim, d)
-        self.x_embedder = nn.Linear(cfg.in_channels, d)
-        self.transformer_blocks = nn.ModuleList(
-            [DoubleStreamBlock(d, heads) for _ in range(cfg.num_layers)]
-        )
-        self.single_transformer_blocks = nn.ModuleList(
-            [SingleStreamBlock(d, heads) for _ in range(cfg.num_single_layers)]
-        )
+        d = cfg.hidden_size
+        build_trunk(self, cfg)
         self.norm_out = AdaLayerNormContinuous(d)
         self.proj_out = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
         self.initialize_weights()

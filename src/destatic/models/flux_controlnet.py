@@ -30,10 +30,8 @@ from torch import nn
 
 from destatic.models.flux import (
     PACK,
-    DoubleStreamBlock,
     FluxConfig,
-    SingleStreamBlock,
-    TimestepGuidanceTextEmbed,
+    build_trunk,
     check_latent_size,
     embed_conditioning,
     pack_latents,
@@ -70,18 +68,8 @@ class FluxControlNet(nn.Module):
         super().__init__()
         self.config = cfg = config if config is not None else FluxControlNetConfig(**kwargs)
         cfg.validate()
-        d, heads = cfg.hidden_size, cfg.num_attention_heads
-        self.time_text_embed = TimestepGuidanceTextEmbed(
-            d, cfg.pooled_projection_dim, cfg.guidance_embeds
-        )
-        self.context_embedder = nn.Linear(cfg.joint_attention_dim, d)
-        self.x_embedder = nn.Linear(cfg.in_channels, d)
-        self.transformer_blocks = nn.ModuleList(
-            [DoubleStreamBlock(d, heads) for _ in range(cfg.num_layers)]
-        )
-        self.single_transformer_blocks = nn.ModuleList(
-            [SingleStreamBlock(d, heads) for _ in range(cfg.num_single_layers)]
-        )
+        d = cfg.hidden_size
+        build_trunk(self, cfg)
         self.controlnet_blocks = nn.ModuleList([nn.Linear(d, d) for _ in range(cfg.num_layers)])
         self.controlnet_single_blocks = nn.ModuleList(
             [nn.Linear(d, d) for _ in range(cfg.num_single_layers)]
