@@ -240,7 +240,7 @@ def test_bad_configs_fail_in_one_line():
         process_from_scheduler_config(
             {**base, "prediction_type": "flow_prediction", "flow_shift": 0}
         )
-    with pytest.raises(ValueError, match="image_dim"):
-        WanConfig.from_diffusers({**TINY_WAN, "image_dim": 1280})  # image→video: not here
+    with pytest.raises(ValueError, match="image_dim and added_kv_proj_dim go together"):
+        WanConfig.from_diffusers({**TINY_WAN, "image_dim": 1280})  # image→video needs both
     with pytest.raises(ValueError, match="is_residual"):
         WanVAEConfig.from_diffusers({**TINY_VAE, "is_residual": True})  # Wan 2.2's VAE

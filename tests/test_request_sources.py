@@ -115,7 +115,8 @@ def test_sources_round_trip_and_are_type_checked(tmp_path):
     r = GenerationRequest(prompt="x", model="m.safetensors", config="cfg", vae="v.safetensors")
     back = GenerationRequest.from_json(r.to_json())
     assert back == r
-    assert back.load_options() == {"config": "cfg", "tokenizer": None, "vae": "v.safetensors"}
+    options = {"config": "cfg", "tokenizer": None, "vae": "v.safetensors", "motion_adapter": None}
+    assert back.load_options() == options
     assert GenerationRequest.from_dict({"prompt": "x"}).load_options()["vae"] is None  # older PNGs
     with pytest.raises(RequestError, match="vae must be text"):
         GenerationRequest.from_dict({"prompt": "x", "vae": 3})

@@ -65,7 +65,7 @@ BUNDLED: dict[str, BundledModel] = {
             "emoji_video",
             "pipeline",
             "configs/emoji_video.toml",
-            "text → 8-frame 32×32 emoji clips (motion)",
+            "text → 8-frame 32×32 emoji clips (the emoji U-Net + AnimateDiff motion modules)",
         ),
         BundledModel(
             "emoji_evaluator",

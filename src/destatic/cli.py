@@ -228,6 +228,7 @@ FROM_REPLACES = (
     "model_config",
     "tokenizer",
     "vae",
+    "motion_adapter",
     "negative",
     "steps",
     "sampler",
@@ -292,7 +293,8 @@ def _check_combinations(ctx: typer.Context) -> None:
         if ctx.params.get("prompt"):
             raise ValueError("give either prompts or --from, not both")
         a1111 = "model" in given and not _has_destatic_chunk(ctx.params["from_"])
-        allowed = ("model", "model_config", "tokenizer", "vae") if a1111 else ()
+        sources = ("model", "model_config", "tokenizer", "vae", "motion_adapter")
+        allowed = sources if a1111 else ()
         replaced = [
             _flag(ctx, name) for name in given if name in FROM_REPLACES and name not in allowed
         ]
@@ -480,6 +482,7 @@ def _path(value: Path | None) -> str | None:
 def _sources(o: dict) -> dict[str, str]:
     """The model and what a single file is built with, as the request records them."""
     names = {"model": "model", "config": "model_config", "tokenizer": "tokenizer", "vae": "vae"}
+    names["motion_adapter"] = "motion_adapter"
     return {field: _path(o[option]) or "" for field, option in names.items()}
 
 
@@ -655,6 +658,13 @@ VaePath = Annotated[
         "vae-ft-mse-840000-ema-pruned.safetensors, or diffusers' names)."
     ),
 ]
+MotionAdapterPath = Annotated[
+    Path | None,
+    typer.Option(
+        help="AnimateDiff: a diffusers MotionAdapter folder whose motion modules animate the SD "
+        "1.x --model; it then draws clips (-o clip.mp4, --frames, 16 by default).",
+    ),
+]
 TokenizerPath = Annotated[
     Path | None,
     typer.Option(help="Tokenizer folder for a single-file --model (CLIP vocab.json + merges.txt)."),
@@ -768,6 +778,7 @@ def generate(
     frames: Frames = None,
     fps: Fps = 8,
     vae: VaePath = None,
+    motion_adapter: MotionAdapterPath = None,
     tokenizer: TokenizerPath = None,
     model_config: ModelConfig = None,
     device: DeviceName = "auto",
@@ -1037,6 +1048,7 @@ def serve(
     max_side: int = typer.Option(512, min=8, help="Largest image side a request may ask for."),
     max_images: int = typer.Option(8, min=1, help="Most images per request."),
     max_steps: int = typer.Option(100, min=1, help="Most sampler steps per request."),
+    max_frames: int = typer.Option(64, min=1, help="Most frames per clip (video models)."),
     queue: int = typer.Option(16, min=0, help="Requests that may wait behind the running one."),
     controlnet: Path = typer.Option(
         None, help="A ControlNet folder for the Control tab (default: the bundled one)."
@@ -1053,7 +1065,8 @@ def serve(
     device: DeviceName = "auto",
     dtype: DtypeName = "auto",
 ) -> None:
-    """Web UI (text → image, image → image, inpainting) and HTTP API on one local server."""
+    """Web UI (text → image, image → image, inpainting; a video model's Video tab) and HTTP API
+    on one local server."""
     from destatic.io import CheckpointError
     from destatic.pipelines.devices import pick_device
     from destatic.serve import Access, Limits, create_app
@@ -1068,7 +1081,11 @@ def serve(
         cors=tuple(cors or ()),
     )
     limits = Limits(
-        max_side=max_side, max_images=max_images, max_steps=max_steps, max_waiting=queue
+        max_side=max_side,
+        max_images=max_images,
+        max_steps=max_steps,
+        max_frames=max_frames,
+        max_waiting=queue,
     )
     try:
         where, precision = pick_device(device, dtype)

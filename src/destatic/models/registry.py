@@ -28,6 +28,12 @@ from destatic.io import (
     write_error_reason,
 )
 from destatic.io.weights import FLOAT_DTYPES, declared_tensors, load_safetensors
+from destatic.models.animatediff import (
+    MotionAdapter,
+    MotionAdapterConfig,
+    UNetMotion,
+    UNetMotionConfig,
+)
 from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from destatic.models.controlnet import ControlNet, ControlNetConfig
 from destatic.models.dit import DiT, DiTConfig
@@ -132,6 +138,8 @@ def _transformer_2d(config: DiTConfig | PixArtConfig) -> nn.Module:
 COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "UNet2DConditionModel": (UNet2DCondition, UNetConfig),
     "UNet2DCondition": (UNet2DCondition, UNetConfig),
+    "UNetMotionModel": (UNetMotion, UNetMotionConfig),
+    "MotionAdapter": (MotionAdapter, MotionAdapterConfig),  # AnimateDiff motion modules alone
     "SD3Transformer2DModel": (MMDiT, MMDiTConfig),
     "MMDiT": (MMDiT, MMDiTConfig),
     "FluxTransformer2DModel": (Flux, FluxConfig),
@@ -154,6 +162,7 @@ COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
 #: loads those folders too.
 SAVED_AS: dict[type, tuple[str, str]] = {
     UNet2DCondition: ("unet", "UNet2DCondition"),
+    UNetMotion: ("unet", "UNetMotionModel"),
     MMDiT: ("transformer", "MMDiT"),
     Flux: ("transformer", "FluxTransformer2DModel"),
     FluxControlNet: ("controlnet", "FluxControlNetModel"),

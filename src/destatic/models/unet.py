@@ -262,13 +262,15 @@ class DownBlock(nn.Module):
             self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=cfg.downsample_padding)])
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, frames: int = 1
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)  # (B, C_out, H, W)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x, context)  # (B, C_out, H, W)
+            if hasattr(self, "motion_modules"):  # AnimateDiff (models.animatediff)
+                x = self.motion_modules[i](x, frames)
             skips.append(x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)  # (B, C_out, H/2, W/2)
@@ -285,9 +287,13 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([_transformer(ch, heads, depth, cfg)])
         self.resnets = nn.ModuleList(ResnetBlock(ch, ch, temb_ch, groups, eps, p) for _ in range(2))
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, frames: int = 1
+    ) -> torch.Tensor:
         x = self.resnets[0](x, temb)  # (B, C, H, W)
         x = self.attentions[0](x, context)  # (B, C, H, W)
+        if hasattr(self, "motion_modules"):
+            x = self.motion_modules[0](x, frames)
         return self.resnets[1](x, temb)  # (B, C, H, W)
 
 
@@ -329,12 +335,15 @@ class UpBlock(nn.Module):
         temb: torch.Tensor,
         context: torch.Tensor,
         size: tuple[int, int] | None,
+        frames: int = 1,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             x = resnet(x, temb)  # (B, C_out, H, W)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x, context)  # (B, C_out, H, W)
+            if hasattr(self, "motion_modules"):
+                x = self.motion_modules[i](x, frames)
         if hasattr(self, "upsamplers"):
             x = self.upsamplers[0](x, size)  # (B, C_out, 2H, 2W)
         return x
@@ -468,6 +477,7 @@ class UNet2DCondition(nn.Module):
         control: Any = None,
         guidance: torch.Tensor | float | None = None,
         added_cond: dict[str, torch.Tensor] | None = None,
+        frames: int = 1,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents; timestep: scalar or (B,), fractional allowed;
         context: (B, tokens, cross_attention_dim). Returns (B, out_channels, H, W).
@@ -477,7 +487,8 @@ class UNet2DCondition(nn.Module):
         (``time_cond_proj_dim``) was taught to reproduce, see :func:`guidance_embedding`.
         ``added_cond`` (SDXL, ``addition_embed_type="text_time"``; diffusers'
         ``added_cond_kwargs``): ``{"text_embeds": (B, P), "time_ids": (B, k)}``, see
-        :meth:`micro_embedding`."""
+        :meth:`micro_embedding`. ``frames``: how many consecutive images of the batch are one clip
+        (the motion modules of :class:`~destatic.models.animatediff.UNetMotion`)."""
         cfg = self.config
         t = torch.as_tensor(timestep, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t  # (B,)
@@ -509,9 +520,9 @@ class UNet2DCondition(nn.Module):
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
         for block in self.down_blocks:
-            h, s = block(h, temb, context)  # (B, C_i, H/2^i, W/2^i)
+            h, s = block(h, temb, context, frames)  # (B, C_i, H/2^i, W/2^i)
             skips.extend(s)
-        h = self.mid_block(h, temb, context)  # (B, C_last, H/2^(n-1), W/2^(n-1))
+        h = self.mid_block(h, temb, context, frames)  # (B, C_last, H/2^(n-1), W/2^(n-1))
         if control is not None:
             skips = [s + r for s, r in zip(skips, control.down, strict=True)]
             h = h + control.mid
@@ -519,6 +530,6 @@ class UNet2DCondition(nn.Module):
             k = len(block.resnets)
             s, skips = skips[-k:], skips[:-k]
             size = tuple(skips[-1].shape[2:]) if skips else None  # odd sizes round-trip exactly
-            h = block(h, s, temb, context, size)  # (B, C, 2H, 2W)
+            h = block(h, s, temb, context, size, frames)  # (B, C, 2H, 2W)
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B, out_channels, H, W)
         return h

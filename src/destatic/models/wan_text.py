@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from destatic.models.clip_vision import CLIPImageEncoder
 from destatic.models.text import _WEIGHTS, T5TextEncoder, TextEmbedding, _check_dir, _load_local
 
-__all__ = ["WAN_TOKENS", "UMT5TextEncoder", "clean_prompt"]
+__all__ = ["WAN_TOKENS", "UMT5TextEncoder", "WanImagePromptEncoder", "clean_prompt"]
 
 #: diffusers' WanPipeline ``max_sequence_length``
 WAN_TOKENS = 512
@@ -61,3 +62,20 @@ class UMT5TextEncoder(T5TextEncoder):
         embedding = super()._encode([clean_prompt(p) for p in prompts])
         tokens = embedding.tokens * embedding.mask[..., None].to(embedding.tokens.dtype)
         return TextEmbedding(tokens=tokens, pooled=embedding.pooled, mask=embedding.mask)
+
+
+class WanImagePromptEncoder(UMT5TextEncoder):
+    """Wan 2.1 image→video's prompt encoders: UMT5 for the text (as :class:`UMT5TextEncoder`)
+    and ``image_encoder``, CLIP's vision tower for the image prompt
+    (:class:`~destatic.models.clip_vision.CLIPImageEncoder`; None for an image→video network
+    that reads no CLIP tokens)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_encoder: CLIPImageEncoder | None,
+        max_sequence_length: int = WAN_TOKENS,
+    ):
+        super().__init__(model, tokenizer, max_sequence_length)
+        self.image_encoder = image_encoder

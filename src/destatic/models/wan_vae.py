@@ -14,10 +14,15 @@ Wan Team 2025, "Wan: Open and Advanced Large-Scale Video Generative Models", Sec
   after padding right and bottom), the mid-block attention (one head over the h·w positions of
   a frame) and RMS norms over channels (``F.normalize · √C · γ``).
 
-diffusers' ``AutoencoderKLWan`` runs the clip through these in chunks (1 frame, then 4 at a
-time to encode; 1 latent frame at a time to decode) with a cache of the last frames of each
-causal convolution; running the whole clip at once is the same computation, which is what is
-done here. Diffusion-space latents are ``(z - latents_mean) / latents_std`` per channel
+**Bounded memory.** Nothing but the causal convolutions and the temporal resampling looks
+across frames, so the clip can run in chunks along time, each causal convolution keeping the
+last ``2·p_t`` frames it saw (in place of the zero padding) and each temporal resampling its
+own: the same computation as the whole clip at once, with activations the size of a chunk.
+As diffusers' ``AutoencoderKLWan``, :meth:`~AutoencoderKLWan.decode` runs one latent frame at
+a time and :meth:`~AutoencoderKLWan.encode` the first frame, then 4 frames at a time
+(``chunk=None``: the whole clip in one pass).
+
+Diffusion-space latents are ``(z - latents_mean) / latents_std`` per channel
 (:meth:`AutoencoderKLWan.latents_from_images`, :meth:`~AutoencoderKLWan.images_from_latents`,
 as ``WanPipeline`` decodes). Parameter names are diffusers', so its weights load with
 ``load_state_dict(strict=True)``. Wan 2.2's residual variant (``is_residual``) and patchified
@@ -26,6 +31,8 @@ input (``patch_size``) are not implemented.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -38,6 +45,13 @@ from destatic.models.autoencoder import DiagonalGaussian
 from destatic.models.config import JsonConfig, check_positive
 
 __all__ = ["AutoencoderKLWan", "WanVAEConfig"]
+
+
+def _check_chunk(chunk: int) -> int:
+    if type(chunk) is not int or chunk < 1:
+        raise ValueError(f"chunk must be a positive number of latent frames or None, got {chunk!r}")
+    return chunk
+
 
 # Wan 2.1's latent statistics (diffusers' defaults)
 LATENTS_MEAN = [
@@ -116,15 +130,24 @@ class WanVAEConfig(JsonConfig):
 
 class CausalConv3d(nn.Conv3d):
     """A Conv3d padded ``2·p_t`` frames on the past side only (and ``p_h``, ``p_w`` on both
-    sides in space)."""
+    sides in space). While ``streaming``, the past is the last ``2·p_t`` input frames of the
+    chunks before (zeros before the first)."""
 
     def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
         super().__init__(cin, cout, kernel, stride=stride, padding=0)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         self.causal_padding = (pw, pw, ph, ph, 2 * pt, 0)
+        self.streaming = False
+        self.past: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, self.causal_padding))
+        padding, reach = self.causal_padding, self.causal_padding[4]
+        if self.streaming and reach:
+            seen = 0 if self.past is None else self.past.shape[2]
+            x = x if self.past is None else torch.cat([self.past, x], dim=2)
+            self.past = x[:, :, -reach:].clone()
+            padding = (*padding[:4], reach - seen, 0)
+        return super().forward(F.pad(x, padding))
 
 
 class ChannelRMSNorm(nn.Module):
@@ -203,16 +226,35 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0))
         elif mode == "downsample3d":
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        # streaming (CausalConv3d): whether frame 0 has passed; downsampling's last frame
+        self.streaming, self.started = False, False
+        self.past: torch.Tensor | None = None
+
+    def _double_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Frame 0 of the clip stays one frame; every later frame becomes two."""
+        first = 0 if self.started else 1
+        self.started = self.streaming
+        if x.shape[2] == first:
+            return x
+        later = self.time_conv(x[:, :, first:])  # (B, 2C, T', H, W)
+        later = later.unflatten(1, (2, -1)).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
+        return torch.cat([x[:, :, :first], later], dim=2)  # (B, C, first + 2T', H, W)
+
+    def _halve_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Frame 0 of the clip, then a stride-2 convolution over frames 0-2, 2-4, …"""
+        first = x[:, :, :1] if self.past is None else x[:, :, :0]
+        frames = x if self.past is None else torch.cat([self.past, x], dim=2)
+        if self.streaming:
+            self.past = frames[:, :, -1:].clone()
+        if frames.shape[2] < 3:
+            return first
+        return torch.cat([first, self.time_conv(frames)], dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "upsample3d" and x.shape[2] > 1:  # frame 0 stays one frame
-            later = self.time_conv(x[:, :, 1:])  # (B, 2C, T-1, H, W)
-            later = later.unflatten(1, (2, -1)).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
-            x = torch.cat([x[:, :, :1], later], dim=2)  # (B, C, 1 + 2(T-1), H, W)
+        if self.mode == "upsample3d":
+            x = self._double_frames(x)
         x = _per_frame(self.resample, x)
-        if self.mode == "downsample3d" and x.shape[2] > 1:  # frame 0, then frames 0-2, 2-4, …
-            x = torch.cat([x[:, :, :1], self.time_conv(x)], dim=2)
-        return x
+        return self._halve_frames(x) if self.mode == "downsample3d" else x
 
 
 class MidBlock(nn.Module):
@@ -302,6 +344,41 @@ class Decoder3d(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
+@contextlib.contextmanager
+def _streaming(module: nn.Module) -> Iterator[None]:
+    """``module``'s causal parts carry their past from one call to the next inside the block
+    (a clip in chunks along time); fresh state on entry and exit."""
+    parts = [m for m in module.modules() if isinstance(m, (CausalConv3d, Resample))]
+
+    def reset(on: bool) -> None:
+        for m in parts:
+            m.streaming, m.past = on, None
+            if isinstance(m, Resample):
+                m.started = False
+
+    reset(True)
+    try:
+        yield
+    finally:
+        reset(False)
+
+
+def _in_chunks(module: nn.Module, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``module`` over x (B, C, T, H, W) in consecutive chunks of ``sizes`` frames along time,
+    streaming (:func:`_streaming`); the outputs joined along time."""
+    out, start = [], 0
+    with _streaming(module):
+        for n in sizes:
+            out.append(module(x[:, :, start : start + n]))
+            start += n
+    return torch.cat(out, dim=2)
+
+
+def _chunk_sizes(total: int, first: int, chunk: int) -> list[int]:
+    """``first``, then ``chunk`` at a time (the last chunk shorter) up to ``total``."""
+    return [first] + [min(chunk, total - s) for s in range(first, total, chunk)]
+
+
 class AutoencoderKLWan(nn.Module):
     """Wan's video VAE: clips in [-1, 1] ↔ Gaussian latents (module doc). A still image
     (B, C, H, W) is a one-frame clip."""
@@ -319,14 +396,27 @@ class AutoencoderKLWan(nn.Module):
         if (frames - 1) % step:
             raise ValueError(f"a clip to encode needs 1 + {step}·k frames, got {frames}")
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """The posterior of clips x (B, C, 1 + 4k, H, W) in [-1, 1]."""
-        self._check_frames(x.shape[2])
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+    def encode(self, x: torch.Tensor, *, chunk: int | None = 1) -> DiagonalGaussian:
+        """The posterior of clips x (B, C, 1 + 4k, H, W) in [-1, 1], the first frame and then
+        ``chunk`` latent frames' worth (4·chunk frames) at a time (None: all at once)."""
+        frames = x.shape[2]
+        self._check_frames(frames)
+        if chunk is None or frames == 1:
+            moments = self.encoder(x)
+        else:
+            step = self.config.scale_factor_temporal * _check_chunk(chunk)
+            moments = _in_chunks(self.encoder, x, _chunk_sizes(frames, 1, step))
+        return DiagonalGaussian(self.quant_conv(moments))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Clips in [-1, 1] (clamped) from raw latents z (B, z_dim, 1 + k, h, w)."""
-        return self.decoder(self.post_quant_conv(z)).clamp(-1.0, 1.0)
+    def decode(self, z: torch.Tensor, *, chunk: int | None = 1) -> torch.Tensor:
+        """Clips in [-1, 1] (clamped) from raw latents z (B, z_dim, 1 + k, h, w), ``chunk``
+        latent frames at a time (None: all at once; module doc)."""
+        z = self.post_quant_conv(z)
+        if chunk is None or z.shape[2] == 1:
+            return self.decoder(z).clamp(-1.0, 1.0)
+        step = _check_chunk(chunk)
+        sizes = _chunk_sizes(z.shape[2], min(step, z.shape[2]), step)
+        return _in_chunks(self.decoder, z, sizes).clamp(-1.0, 1.0)
 
     def _statistics(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)

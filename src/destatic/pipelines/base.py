@@ -23,6 +23,8 @@ __all__ = ["SAMPLING", "PipelineBase"]
 
 #: The sampling fields a model folder or family gives defaults for.
 SAMPLING = ("steps", "sampler", "grid", "guidance")
+#: Frames an image autoencoder decodes at once for a clip (diffusers' ``decode_chunk_size``).
+DECODE_CHUNK = 16
 
 
 def _to(cond: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -34,6 +36,18 @@ def _to(cond: dict, device: torch.device, dtype: torch.dtype) -> dict:
         else v.to(device, dtype if v.is_floating_point() else v.dtype)
         for k, v in cond.items()
     }
+
+
+def _images_from_latents(autoencoder: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's decode; the clips ``(B, C, F, h, w)`` of an image autoencoder
+    (AnimateDiff's SD VAE) as B·F images, :data:`DECODE_CHUNK` at a time, back to
+    ``(B, 3, F, H, W)``. A video autoencoder (Wan's) decodes clips itself."""
+    if latents.ndim != 5 or not isinstance(autoencoder, AutoencoderKL):
+        return autoencoder.images_from_latents(latents)
+    b, c, f, h, w = latents.shape
+    frames = latents.transpose(1, 2).reshape(b * f, c, h, w)
+    images = torch.cat([autoencoder.images_from_latents(x) for x in frames.split(DECODE_CHUNK)])
+    return images.reshape(b, f, *images.shape[1:]).transpose(1, 2)
 
 
 @dataclass
@@ -272,9 +286,10 @@ class PipelineBase:
         return ControlledFlux(self.network, [(net, latents, scale, window)], w)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space samples → images in [0, 1] (float32)."""
+        """Model-space samples → images in [0, 1] (float32); clips ``(B, C, F, H, W)``
+        frame by frame through an image autoencoder."""
         if self.autoencoder is not None:
-            latents = self.autoencoder.images_from_latents(latents)
+            latents = _images_from_latents(self.autoencoder, latents)
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

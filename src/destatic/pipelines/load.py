@@ -18,6 +18,7 @@ from destatic.io import read_model_index
 from destatic.io.hub_cache import is_repo_id, resolve_repo_id
 from destatic.models.registry import save_component, saved_as
 from destatic.pipelines.families import family_of
+from destatic.pipelines.families.animatediff import animate
 from destatic.pipelines.pipeline import Pipeline
 from destatic.pipelines.single_file import load_single_file, load_vae
 from destatic.process.schedulers import scheduler_config_from_process
@@ -31,6 +32,7 @@ def load(
     vae: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
+    motion_adapter: str | os.PathLike | None = None,
 ) -> Pipeline:
     """A :class:`Pipeline` from a destatic or diffusers-layout folder on disk, a bundled model
     by name (:mod:`destatic.bundled`), a repo id in the local Hugging Face cache
@@ -38,7 +40,10 @@ def load(
     (:mod:`destatic.pipelines.single_file`; ``config``: a diffusers folder with its configs,
     ``tokenizer``: a tokenizer folder); ``None``: the bundled default model. The folder's
     family (:mod:`destatic.pipelines.families`) loads its components. ``vae``: another
-    autoencoder (a ``vae/`` folder or a ``.safetensors`` file) in place of the model's."""
+    autoencoder (a ``vae/`` folder or a ``.safetensors`` file) in place of the model's.
+    ``motion_adapter``: a diffusers ``MotionAdapter`` folder whose motion modules animate an SD
+    1.x U-Net (:func:`~destatic.pipelines.families.animatediff.animate`): the pipeline then
+    draws clips as diffusers' ``AnimateDiffPipeline``."""
     folder = _locate(path)
     if folder.is_file():
         c, family = load_single_file(
@@ -50,6 +55,8 @@ def load(
         c = family.load(folder, index)
     if vae is not None:
         c.autoencoder = load_vae(_locate(vae), c.autoencoder)
+    if motion_adapter is not None:
+        c.network, family = animate(c.network, family, _locate(motion_adapter))
     return Pipeline(
         c.network, c.autoencoder, c.text_encoder, c.process, c.target, c.defaults, family
     )

@@ -128,6 +128,11 @@ class Pipeline(PipelineBase):
         """The autoencoder tiled (512-pixel tiles) inside the block when ``on``; a pixel-space
         model has nothing to tile, and tiling enabled by the caller stays as it is."""
         vae = self.autoencoder
+        if on and vae is not None and not hasattr(vae, "enable_tiling"):
+            raise ValueError(
+                f"vae_tiling: {type(vae).__name__} has no tiled decode (it decodes frame by "
+                "frame already); leave --vae-tiling off"
+            )
         if not on or vae is None or vae.tile_pixels is not None:
             yield
             return

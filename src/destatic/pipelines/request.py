@@ -37,7 +37,16 @@ class RequestError(ValueError):
 
 
 # The kinds of the JSON-facing fields, for :meth:`GenerationRequest.from_dict`'s type checks.
-_TEXT = ("negative_prompt", "model", "config", "tokenizer", "vae", "sampler", "grid")
+_TEXT = (
+    "negative_prompt",
+    "model",
+    "config",
+    "tokenizer",
+    "vae",
+    "motion_adapter",
+    "sampler",
+    "grid",
+)
 _INTS = ("steps", "width", "height", "num_images", "num_frames")
 _FLOATS = (
     "guidance",
@@ -52,7 +61,7 @@ _FLOATS = (
     "seconds",
 )
 _FLAGS = ("keep_unmasked", "control_canny", "vae_tiling")
-_SOURCES = ("config", "tokenizer", "vae")  # load()'s keywords beside the model
+_SOURCES = ("config", "tokenizer", "vae", "motion_adapter")  # load()'s keywords beside the model
 _INPUTS = ("image", "mask", "control_image", "controlnet")  # a path, or an object in memory
 
 
@@ -86,6 +95,7 @@ class GenerationRequest:
     config: str = ""  # a diffusers folder (or cached repo id) with its configs
     tokenizer: str = ""  # a tokenizer folder
     vae: str = ""  # another autoencoder: a vae/ folder or a .safetensors file
+    motion_adapter: str = ""  # a MotionAdapter folder animating an SD 1.x model (AnimateDiff)
     # image → image and inpainting
     image: Any = None
     strength: float = 1.0
@@ -220,17 +230,19 @@ class GenerationRequest:
     # -- the model's sources ------------------------------------------------------------------
     def load_options(self) -> dict[str, str | None]:
         """The keywords of :func:`destatic.pipelines.load` beside the model (``config``,
-        ``tokenizer``, ``vae``) that this request records; unset ones are ``None``."""
+        ``tokenizer``, ``vae``, ``motion_adapter``) that this request records; unset ones are
+        ``None``."""
         return {name: getattr(self, name) or None for name in _SOURCES}
 
     def check_sources(self, origin: str | Path) -> None:
         """Raise a one-line :class:`RequestError` when a model file or folder this request
-        records (``model``, ``config``, ``tokenizer``, ``vae``; read from ``origin``) is gone:
+        records (``model``, ``config``, ``tokenizer``, ``vae``, ``motion_adapter``; read from
+        ``origin``) is gone:
         a bundled name or a repo id of the local cache is left to the loader."""
         for name in ("model", *_SOURCES):
             value = getattr(self, name)
             if value and not _findable(value):
-                flag = "--" + name
+                flag = "--" + name.replace("_", "-")
                 raise RequestError(
                     f"{origin} was drawn with {flag} {value}, which is not there any more; "
                     f"put it back, or generate from its prompt with another {flag}"
@@ -373,6 +385,8 @@ class GenerationRequest:
             )
         if self.vae:
             fields.append(f"VAE: {Path(self.vae).name}")
+        if self.motion_adapter:
+            fields.append(f"Motion adapter: {Path(self.motion_adapter).name}")
         if self.loras:
             named = ", ".join(f"{Path(p).stem}:{float(s):g}" for p, s in self.loras)
             fields.append(f"LoRA: {named}")

@@ -120,13 +120,17 @@ def encode_conditioning(
     (at the size of ``inputs``, else the request's: SDXL conditions on it).
 
     A guidance-distilled network (:attr:`Pipeline.guidance_embedded`) takes the scale w as an
-    input: one call per step, no unconditional branch, no negative prompt."""
+    input: one call per step, no unconditional branch, no negative prompt. A network that reads
+    the input image itself (:attr:`Family.image_conditioning`, Wan image→video) gets those
+    inputs in both branches."""
     prompts = r.prompts
     negatives = r.negatives  # checks their count
     size = {"width": r.width, "height": r.height}
     if inputs is not None:
         size = {"width": inputs.width, "height": inputs.height}
-    cond = pipe.conditioning(prompts, **size)
+    reads_image = pipe.family.image_conditioning
+    image = reads_image(pipe, r, inputs) if reads_image is not None else {}
+    cond = {**pipe.conditioning(prompts, **size), **image}
     guidance = float(r.guidance)
     if pipe.guidance_embedded:
         if r.has_negative:
@@ -143,7 +147,9 @@ def encode_conditioning(
             )
         cond["guidance"] = torch.full((len(prompts),), guidance, device=pipe.device)
         return Conditioning(cond, None, 1.0)  # folded in: one call is the guided model
-    uncond = pipe.conditioning(negatives, negative=True, **size) if guidance != 1 else None
+    uncond = None
+    if guidance != 1:
+        uncond = {**pipe.conditioning(negatives, negative=True, **size), **image}
     return Conditioning(cond, uncond, guidance)
 
 
@@ -219,7 +225,8 @@ def initial_state(
         other = randn(shape, generators(r.variation_seeds), device=pipe.device, dtype=pipe.dtype)
         noise = slerp(noise.to(pipe.device, pipe.dtype), other, r.variation_strength)
     noise = noise.to(pipe.device, pipe.dtype)
-    known = pipe.encode(inputs.image) if inputs.image is not None else None
+    held = inputs.image is not None and pipe.family.image_conditioning is None
+    known = pipe.encode(inputs.image) if held else None  # else the network reads the image
     if known is not None and len(shape) == 5:  # image → video: the image in every frame
         known = known.unsqueeze(2).expand(shape)
     start = float(sigmas[0])

@@ -9,7 +9,8 @@ from destatic.models.text import (
     T5TextEncoder,
     TextEncoder,
 )
-from destatic.models.wan_text import UMT5TextEncoder
+from destatic.models.wan_text import UMT5TextEncoder, WanImagePromptEncoder
+from destatic.pipelines.families.animatediff import ANIMATEDIFF
 from destatic.pipelines.families.base import (
     FAMILIES,
     Components,
@@ -27,9 +28,10 @@ from destatic.pipelines.families.sd3 import SD3
 from destatic.pipelines.families.sdxl import SDXL
 from destatic.pipelines.families.stable_diffusion import STABLE_DIFFUSION
 from destatic.pipelines.families.video import VIDEO, is_video_network
-from destatic.pipelines.families.wan import WAN
+from destatic.pipelines.families.wan import WAN, WAN_I2V
 
 __all__ = [
+    "ANIMATEDIFF",
     "DIT",
     "FAMILIES",
     "OWN",
@@ -40,6 +42,7 @@ __all__ = [
     "STABLE_DIFFUSION",
     "VIDEO",
     "WAN",
+    "WAN_I2V",
     "Components",
     "ConditioningContext",
     "Family",
@@ -53,10 +56,12 @@ __all__ = [
 def default_family(text_encoder: TextEncoder, network: object = None) -> Family:
     """The family of a pipeline put together in code rather than loaded from a folder, told
     by its text encoder (and a video network by its frame count)."""
+    if isinstance(text_encoder, WanImagePromptEncoder):
+        return WAN_I2V
     if isinstance(text_encoder, UMT5TextEncoder):
         return WAN
-    if is_video_network(network):
-        return VIDEO
+    if is_video_network(network):  # an SD U-Net with motion modules on CLIP is AnimateDiff
+        return ANIMATEDIFF if isinstance(text_encoder, CLIPTextEncoder) else VIDEO
     if isinstance(text_encoder, SD3TextEncoder):
         return SD3
     if isinstance(text_encoder, ClassLabelEncoder):

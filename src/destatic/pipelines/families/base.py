@@ -13,7 +13,9 @@ A family declares, in one small file, everything the generic pipeline must not h
   adds a frame axis ``(B, C, F, H, W)``, an audio family has ``(B, C, T)``;
 * ``save_text_encoder(encoder, folder)`` and ``diffusers_pipeline``: how ``save`` writes its
   text encoder (the ``model_index.json`` entries it returns) and which diffusers pipeline class
-  a saved folder is (None: a destatic folder).
+  a saved folder is (None: a destatic folder);
+* ``image_conditioning(pipe, request, inputs)``: for a network that reads the input image
+  itself (Wan image→video), its extra keyword inputs (None: the image starts the sampling).
 
 The networks, the autoencoder and the scheduler load the same way for every family
 (:func:`load_components`). Register a new family with :func:`register_family`; adding SDXL or a
@@ -147,6 +149,10 @@ class Family:
     # writes the text encoder under a folder being saved; its model_index.json entries
     save_text_encoder: Callable[[TextEncoder, Path], dict[str, Any]] = save_text_tower
     diffusers_pipeline: str | None = None  # the diffusers class a saved folder is; None: ours
+    # an image → video network that reads the input image itself (Wan I2V):
+    # (pipeline, resolved request, inputs or None) → keyword inputs of both guidance branches;
+    # None: the input image is the start (image → image) or a held frame
+    image_conditioning: Callable[..., dict[str, Any]] | None = None
 
     def load(self, folder: Path, index: Mapping[str, Any]) -> Components:
         """The components of ``folder`` (its ``model_index.json`` is ``index``)."""

@@ -24,9 +24,10 @@ def _text_encoder(folder: Path, index: Mapping[str, Any], network: nn.Module) ->
 
 
 def _matches(index: Mapping[str, Any]) -> bool:
-    """A U-Net and one CLIP text encoder (two, with a UNet, is SDXL: not this family)."""
+    """A U-Net and one CLIP text encoder (two, with a UNet, is SDXL; a U-Net with motion
+    modules is AnimateDiff: not this family)."""
     one_clip = entry(index, "text_encoder") in _CLIP and "text_encoder_2" not in index
-    return "unet" in index and one_clip
+    return "unet" in index and one_clip and entry(index, "unet") != "UNetMotionModel"
 
 
 STABLE_DIFFUSION = register_family(

@@ -1,5 +1,7 @@
 """destatic's own video models: a :class:`~destatic.models.video_dit.VideoDiT` trained here on
-clips (pixels or per-frame latents), conditioned on all-MiniLM-L6-v2 like the image models.
+clips (pixels or per-frame latents), or one of our image U-Nets animated with AnimateDiff motion
+modules (:class:`~destatic.models.animatediff.UNetMotion`), conditioned on all-MiniLM-L6-v2 like
+the image models.
 
 The state is ``(B, C, F, H, W)``: frames are one more axis of the same σ-space process, so the
 samplers, grids and guidance run unchanged; only the latent shape (a frame axis, its length
@@ -35,7 +37,13 @@ VIDEO = register_family(
     Family(
         name="destatic-video",
         description="destatic's own video DiT on MiniLM text",
-        matches=lambda index: entry(index, "transformer") in VIDEO_NETWORKS,
+        matches=lambda index: (
+            entry(index, "transformer") in VIDEO_NETWORKS
+            or (
+                entry(index, "unet") == "UNetMotionModel"
+                and entry(index, "text_encoder") == "MiniLMTextEncoder"
+            )
+        ),
         text_encoder=OWN.text_encoder,
         save_text_encoder=OWN.save_text_encoder,
         defaults=dict(OWN.defaults),

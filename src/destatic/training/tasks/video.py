@@ -9,6 +9,12 @@ Data (``[video] dataset``):
   same captions; emoji × motion pairs held out of training test composition;
 * ``"folder"``: a user's folder of videos with captions beside them (``[data] path``;
   :func:`destatic.data.video_folder.load_video_folder`).
+
+Network: a :class:`~destatic.models.video_dit.VideoDiT` from scratch (``[video.network]`` its
+fields), or — with ``[video] base`` an image model (``"emoji"`` or a folder) — AnimateDiff: the
+image U-Net inflated with motion modules (:class:`~destatic.models.animatediff.UNetMotion`,
+``[video.network]`` the adapter's fields) of which only the motion modules train unless
+``train_base``; the image model keeps its appearance, the modules learn the motion.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ class VideoTrainConfig:
     frames: int = 8  # frames per clip (the exported model's default num_frames)
     pairs: bool = True  # emoji_motion: also two-object scenes
     fps: int = 8  # playback rate of the sample clips
-    network: dict[str, Any] = field(default_factory=dict)  # VideoDiTConfig fields
+    network: dict[str, Any] = field(default_factory=dict)  # VideoDiT or motion adapter fields
+    base: str = ""  # an image model to animate (AnimateDiff): "emoji" or a pipeline folder
+    train_base: bool = False  # with base: train the image U-Net's weights too
 
     def check(self) -> None:
         choice("video.dataset", self.dataset, DATASETS)
@@ -79,25 +87,62 @@ class VideoTask(Task):
         self.cfg = cfg
         v: VideoTrainConfig = cfg.video
         self.clips = self._clips(progress)
-        self.text_encoder = MiniLMTextEncoder.from_package(max_length=cfg.model.text_max_length)
-        flat = [c for caps in self.clips.captions for c in caps]
-        self.bank = CaptionBank(self.text_encoder, flat, progress=progress)
-        self.caption_ids = [self.bank.ids(caps) for caps in self.clips.captions]
         try:
             self.objective = OBJECTIVES[cfg.objective.kind](**cfg.objective.options)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"[objective]: {e}") from e
+        if v.base:
+            self.text_encoder, self.trainable = self._animate(v)
+        else:
+            self.text_encoder = MiniLMTextEncoder.from_package(max_length=cfg.model.text_max_length)
+            self.trainable = self._video_dit(v)
+        self.trainable.to(device)
+        flat = [c for caps in self.clips.captions for c in caps]
+        self.bank = CaptionBank(self.text_encoder, flat, progress=progress)
+        self.caption_ids = [self.bank.ids(caps) for caps in self.clips.captions]
+
+    def _video_dit(self, v: VideoTrainConfig) -> nn.Module:
         fields = {
             **v.network,
             "in_channels": 3,
             "out_channels": 3,
-            "sample_size": cfg.data.size,
+            "sample_size": self.cfg.data.size,
             "num_frames": v.frames,
         }
         fields.setdefault("context_dim", self.text_encoder.dim)
         fields.setdefault("pooled_dim", self.text_encoder.pooled_dim)
-        self.trainable = VideoDiT(network_config(VideoDiTConfig, fields, "video.network"))
-        self.trainable.to(device)
+        return VideoDiT(network_config(VideoDiTConfig, fields, "video.network"))
+
+    def _animate(self, v: VideoTrainConfig) -> tuple[Any, nn.Module]:
+        """(text encoder, U-Net with motion modules) of the image model ``video.base``, which
+        must draw pixels at ``data.size`` with this run's noise process."""
+        from destatic.models.animatediff import UNetMotion
+        from destatic.models.unet import UNet2DCondition
+        from destatic.pipelines import load
+
+        base = load(v.base)
+        if not isinstance(base.network, UNet2DCondition) or base.autoencoder is not None:
+            raise ConfigError(
+                f"video.base = {v.base!r} is not a pixel-space U-Net image model (like 'emoji')"
+            )
+        if self.cfg.data.size != base.default_size:
+            raise ConfigError(
+                f"data.size = {self.cfg.data.size} but video.base draws {base.default_size}²"
+            )
+        if base.process != self.objective.process:
+            raise ConfigError(
+                f"[objective] makes {self.objective.process} but video.base was trained on "
+                f"{base.process}: use the base model's objective"
+            )
+        try:
+            model = UNetMotion.from_unet(base.network, num_frames=v.frames, **v.network)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"[video.network]: {e}") from e
+        if not v.train_base:
+            model.requires_grad_(False)
+            for p in model.motion_parameters():
+                p.requires_grad_(True)
+        return base.text_encoder, model
 
     def _clips(self, progress: bool):
         cfg, v = self.cfg, self.cfg.video
@@ -122,10 +167,9 @@ class VideoTask(Task):
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
         caption = batch["caption"]
-        cond = {
-            "context": self.bank.tokens[caption].to(device),
-            "pooled": self.bank.pooled[caption].to(device),
-        }
+        cond = {"context": self.bank.tokens[caption].to(device)}
+        if getattr(self.trainable, "takes_pooled", False):  # model may be wrapped (DDP)
+            cond["pooled"] = self.bank.pooled[caption].to(device)
         return self.objective.loss(
             model, batch["x0"].to(device), cond, sigma=batch["sigma"], noise=batch["noise"]
         )
