@@ -192,13 +192,6 @@ def test_image_to_video_keeps_the_given_first_frame(tiny_video_model):
     assert torch.allclose(partial[0, :, 0], given, atol=1e-5)
 
 
-def test_the_server_refuses_a_video_model_in_one_line(tiny_video_model):
-    from destatic.serve import create_app
-
-    with pytest.raises(ValueError, match="video model; use destatic generate"):
-        create_app(tiny_video_model)
-
-
 def test_the_per_frame_baseline_draws_each_frame_from_its_noise_slice():
     from destatic.metrics.video import draw_frames_independently
     from destatic.pipelines import GenerationRequest

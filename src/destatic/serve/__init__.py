@@ -4,7 +4,9 @@
     serve(app, host="127.0.0.1", port=7860)
 
 The UI lives at ``/``, the JSON API under ``/api`` (:mod:`destatic.serve.api`), and gradio's
-own API under ``/gradio_api``. One generation runs at a time (``concurrency``); further
+own API under ``/gradio_api``. A video model (``Family.media == "video"``, e.g. the bundled
+``emoji_video``) gets a Video tab and MP4 answers (:mod:`destatic.serve.videos`) instead of the
+image tabs and PNGs. One generation runs at a time (``concurrency``); further
 requests wait in a bounded queue and are refused once it is full. ``access``
 (:class:`~destatic.serve.security.Access`) adds a login, an API token and other sites allowed
 to call; whatever it says, :mod:`destatic.serve.security` guards both (body size, origin, file
@@ -64,8 +66,8 @@ def create_app(
     service = _service(model, limits or Limits(), pipeline, controlnet, (device, dtype))
     limits = service.limits
     app = FastAPI(title="destatic")
-    add_api_routes(app, service)
-    ui = build_ui(service)
+    add_api_routes(app, service, upload_dir)
+    ui = build_ui(service, upload_dir)
     ui.queue(max_size=limits.max_waiting, default_concurrency_limit=concurrency)
     app = gr.mount_gradio_app(
         app,
@@ -85,8 +87,8 @@ def create_app(
 def _service(model, limits: Limits, pipeline, controlnet, where=(None, None)) -> GenerationService:
     """The service on ``model`` (or ``pipeline``) with its companions: the bundled default
     model gets its inpainting variant for masked requests and its ControlNet
-    (:func:`destatic.bundled.companions`); ``controlnet`` names another. ``where`` is the
-    (device, dtype) of every pipeline (None: as loaded)."""
+    (:func:`destatic.bundled.companions`); ``controlnet`` names another. A video model has
+    none. ``where`` is the (device, dtype) of every pipeline (None: as loaded)."""
     from destatic.bundled import companions
     from destatic.models.registry import load_component
     from destatic.pipelines import load
@@ -94,11 +96,13 @@ def _service(model, limits: Limits, pipeline, controlnet, where=(None, None)) ->
     found = companions(model)
     if pipeline is None:
         pipeline = load(model)
-    if pipeline.family.media != "image":
+    if pipeline.family.media not in ("image", "video"):
         raise ValueError(
-            f"the server draws images, and {model} is a {pipeline.family.media} model; "
-            f"use destatic generate PROMPT --model {model} -o clip.mp4"
+            f"the server draws images and videos, and {model} is a {pipeline.family.media} "
+            f"model; use destatic generate PROMPT --model {model}"
         )
+    if pipeline.family.media == "video" and controlnet is not None:
+        raise ValueError(f"--controlnet is for image models; {model} is a video model")
     controlnet = controlnet or found.get("control")
     inpainter = found.get("inpaint")
     inpainter = None if inpainter is None else load(inpainter)

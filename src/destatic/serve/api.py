@@ -1,10 +1,15 @@
-"""The HTTP API: JSON in, PNGs (base64, with their parameters in the PNG text chunks) out.
+"""The HTTP API: JSON in, PNGs (base64, with their parameters in the PNG text chunks) out; for
+a video model, H.264 MP4s with their parameters in the file's ``comment`` metadata.
 
-    GET  /api/health      {"status": "ok", "model": …, "default_size": …, "limits": {…}}
+    GET  /api/health      {"status": "ok", "model": …, "media": "image" | "video",
+                           "default_size": …, "num_frames": …, "limits": {…}}
     GET  /api/samplers    {"samplers": […], "grids": […], "a1111": {label: sampler, …}}
     POST /api/generate    {"prompt": …, "steps": …, …, "image": base64 PNG?, "mask": …?}
                           → {"images": [base64 PNG…], "parameters": [{…}…], "warnings": […]}
+                          a video model: {…, "num_frames": F?, "fps": 8?}
+                          → {"videos": [base64 MP4…], "fps": …, "parameters": …, "warnings": …}
     POST /api/generate.png  the same request → the first image as image/png
+    POST /api/generate.mp4  a video model: the same request → the first clip as video/mp4
 
 Bad requests answer 400 with {"error": "…"}; a full waiting line answers 503; the guards of
 :mod:`destatic.serve.security` answer 401, 403, 411, 413 and 415 before a request gets here.
@@ -20,6 +25,7 @@ import binascii
 import dataclasses
 import io
 import json
+import tempfile
 from typing import Any
 
 from fastapi import Request as HttpRequest
@@ -36,6 +42,7 @@ from destatic.serve.service import (
     RequestError,
     request_from_json,
 )
+from destatic.serve.videos import mp4_bytes
 
 __all__ = ["add_api_routes", "internal_error", "parse_request", "png_bytes"]
 
@@ -64,9 +71,11 @@ def _decode_image(name: str, text: Any, limits: Limits, mode: str):
     return load_image(data, name, limits.max_side, limits.max_image_bytes, mode)
 
 
-def parse_request(body: bytes, limits: Limits) -> GenerationRequest:
-    """A JSON request body as a :class:`GenerationRequest`, its images decoded; blocking work (JSON,
-    base64, pixels), so run it off the event loop."""
+def parse_request(body: bytes, limits: Limits) -> tuple[GenerationRequest, Any]:
+    """A JSON request body as a :class:`GenerationRequest`, its images decoded, and its ``fps``
+    (how a clip plays, not part of the request; None if not given, checked by
+    :meth:`GenerationService.check_fps`); blocking work (JSON, base64, pixels), so run it off
+    the event loop."""
     try:
         fields = json.loads(body)
     except RecursionError:
@@ -78,15 +87,18 @@ def parse_request(body: bytes, limits: Limits) -> GenerationRequest:
     for name, mode in IMAGE_MODES.items():
         if fields.get(name) is not None:
             fields[name] = _decode_image(name, fields[name], limits, mode)
-    return request_from_json(fields)
+    fps = fields.pop("fps", None)
+    return request_from_json(fields), fps
 
 
-def _encode(result: Generated) -> dict:
-    images = [
-        base64.b64encode(png_bytes(im, r)).decode("ascii")
-        for im, r in zip(result.images, result.requests, strict=True)
-    ]
+def _encode(result: Generated, fps: int, folder: str) -> dict:
+    """The JSON answer: base64 PNGs, or for a video model base64 MP4s played at ``fps``."""
+    pairs = list(zip(result.images, result.requests, strict=True))
     params = [r.to_dict() for r in result.requests]
+    if result.clips:
+        videos = [base64.b64encode(mp4_bytes(c, r, fps, folder)).decode("ascii") for c, r in pairs]
+        return {"videos": videos, "fps": fps, "parameters": params, "warnings": result.warnings}
+    images = [base64.b64encode(png_bytes(im, r)).decode("ascii") for im, r in pairs]
     return {"images": images, "parameters": params, "warnings": result.warnings}
 
 
@@ -96,15 +108,30 @@ async def internal_error(http: HttpRequest, error: Exception) -> JSONResponse:
     return JSONResponse({"error": "internal server error (logged on the server)"}, 500)
 
 
-def add_api_routes(app, service: GenerationService) -> None:
-    """Register the routes above on a FastAPI ``app``."""
+def _wrong_media(service: GenerationService, video: bool) -> JSONResponse | None:
+    """A 400 naming the right endpoint when an endpoint for clips (``video``) or for images
+    is called on a model that draws the other."""
+    if service.video == video:
+        return None
+    right = "/api/generate.mp4" if service.video else "/api/generate.png"
+    kind = "a video" if service.video else "an image"
+    return JSONResponse({"error": f"this is {kind} model: POST {right}"}, status_code=400)
+
+
+def add_api_routes(app, service: GenerationService, folder: str | None = None) -> None:
+    """Register the routes above on a FastAPI ``app``; MP4s are encoded in temporary files
+    under ``folder`` (the server's own; default: the system's temporary folder)."""
     from destatic.sampling import GRIDS, SAMPLERS
+
+    folder = folder or tempfile.gettempdir()
 
     @app.get("/api/health")
     def health() -> dict:
         return {
             "status": "ok",
             "model": service.model_name or "destatic default",
+            "media": "video" if service.video else "image",
+            "num_frames": service.default_frames,
             "default_size": service.pipeline.default_size,
             "size_multiple": service.pipeline.size_multiple,
             "defaults": service.defaults,
@@ -118,27 +145,41 @@ def add_api_routes(app, service: GenerationService) -> None:
         labels = {k: v for k, v in SAMPLER_LABELS.items() if v in SAMPLERS}
         return {"samplers": sorted(SAMPLERS), "grids": list(GRIDS), "a1111": labels}
 
-    async def run_request(http: HttpRequest) -> tuple[Generated | None, JSONResponse | None]:
+    async def run_request(http: HttpRequest) -> tuple[Generated, int] | JSONResponse:
+        """(what the request draws, the fps its clips play at), or the error's answer."""
         try:
-            request = await run_in_threadpool(parse_request, await http.body(), service.limits)
+            request, fps = await run_in_threadpool(parse_request, await http.body(), service.limits)
             service.check(request)  # fail fast, before queueing
-            return await run_in_threadpool(service.run, request), None
+            fps = service.check_fps(fps)
+            return await run_in_threadpool(service.run, request), fps
         except RequestError as e:
-            return None, JSONResponse({"error": str(e)}, status_code=400)
+            return JSONResponse({"error": str(e)}, status_code=400)
         except Busy as e:
-            return None, JSONResponse({"error": str(e)}, status_code=503)
+            return JSONResponse({"error": str(e)}, status_code=503)
 
     @app.post("/api/generate")
     async def generate(http: HttpRequest):
-        result, error = await run_request(http)
-        if error is not None:
-            return error
-        return JSONResponse(await run_in_threadpool(_encode, result))
+        answer = await run_request(http)
+        if isinstance(answer, JSONResponse):
+            return answer
+        return JSONResponse(await run_in_threadpool(_encode, *answer, folder))
 
     @app.post("/api/generate.png")
     async def generate_png(http: HttpRequest):
-        result, error = await run_request(http)
-        if error is not None:
-            return error
+        answer = _wrong_media(service, video=False) or await run_request(http)
+        if isinstance(answer, JSONResponse):
+            return answer
+        result = answer[0]
         png = await run_in_threadpool(png_bytes, result.images[0], result.requests[0])
         return Response(png, media_type="image/png")
+
+    @app.post("/api/generate.mp4")
+    async def generate_mp4(http: HttpRequest):
+        answer = _wrong_media(service, video=True) or await run_request(http)
+        if isinstance(answer, JSONResponse):
+            return answer
+        result, fps = answer
+        clip, request = result.images[0], result.requests[0]
+        return Response(
+            await run_in_threadpool(mp4_bytes, clip, request, fps, folder), media_type="video/mp4"
+        )

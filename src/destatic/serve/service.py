@@ -1,6 +1,6 @@
 """One generation service behind the web UI and the HTTP API: checks a request against the
-server's limits, runs it on the pipeline one at a time, and returns PNG-ready images with
-their parameters.
+server's limits, runs it on the pipeline one at a time, and returns PNG-ready images (or, for
+a video model, clips of frames) with their parameters.
 
 Every check happens before any work, and every failure is a :class:`RequestError` with a
 one-line message for the user; the service itself never ends up in a bad state, so a burst of
@@ -20,6 +20,7 @@ from destatic.sampling import GRIDS, SAMPLERS
 
 __all__ = [
     "CLIENT_FIELDS",
+    "DEFAULT_FPS",
     "Busy",
     "Generated",
     "GenerationService",
@@ -27,6 +28,9 @@ __all__ = [
     "RequestError",
     "request_from_json",
 ]
+
+
+DEFAULT_FPS = 8  # frames per second of a clip whose request does not say (as destatic generate)
 
 
 class Busy(RuntimeError):
@@ -43,6 +47,8 @@ class Limits:
     max_upload_side: int = 4096  # pixels, per side of an image uploaded to the UI (resized)
     max_image_bytes: int = 8 * 2**20  # one encoded image (PNG, JPEG, WebP)
     max_body_bytes: int = 16 * 2**20  # one HTTP request body
+    max_frames: int = 64  # per clip, for a video model
+    max_fps: int = 120  # frames per second of a video's playback
 
 
 # What a client may set; the server fills the rest (its model, ControlNet and routing), so no
@@ -72,6 +78,7 @@ CLIENT_FIELDS = (
     "hires_scale",
     "hires_strength",
     "vae_tiling",
+    "num_frames",
 )
 _SERVER_FIELDS = ("model", "controlnet", "loras", "sampler_options", "keep_unmasked")
 
@@ -91,9 +98,14 @@ def request_from_json(fields: Any) -> GenerationRequest:
 
 @dataclass
 class Generated:
-    images: list[Any]  # PIL images
+    images: list[Any]  # PIL images; for a video model, clips (each a list of PIL frames)
     requests: list[GenerationRequest] = field(default_factory=list)  # the one of each image
     warnings: list[str] = field(default_factory=list)  # e.g. a truncated prompt
+
+    @property
+    def clips(self) -> bool:
+        """Whether these are a video model's clips rather than images."""
+        return bool(self.images) and isinstance(self.images[0], list)
 
 
 def _text(name: str, value: Any, limit: int) -> None:
@@ -169,6 +181,27 @@ class GenerationService:
         """The model's sampling defaults (steps, sampler, grid, guidance)."""
         return self.pipeline.sampling_defaults
 
+    @property
+    def video(self) -> bool:
+        """Whether the model draws clips (``Family.media == "video"``) rather than images."""
+        return self.pipeline.family.media == "video"
+
+    @property
+    def default_frames(self) -> int | None:
+        """The frames of a clip when a request leaves ``num_frames`` unset (None: images):
+        the network's, as :meth:`~destatic.pipelines.base.PipelineBase.latent_shape` fills it."""
+        return int(self.pipeline.network.config.num_frames) if self.video else None
+
+    def check_fps(self, fps: Any) -> int:
+        """``fps`` (frames per second of a clip's playback) if valid for this model;
+        :data:`DEFAULT_FPS` when it is None."""
+        if fps is None:
+            return DEFAULT_FPS
+        if not self.video:
+            raise RequestError("fps is for video models; this model draws still images")
+        _number("fps", fps, int, 1, self.limits.max_fps)
+        return fps
+
     # -- checks --------------------------------------------------------------------------------
     def check(self, r: GenerationRequest) -> None:
         """Raise :class:`RequestError` unless the request is valid and within the limits."""
@@ -202,6 +235,7 @@ class GenerationService:
         _flag("vae_tiling", r.vae_tiling)
         _number("hires_scale", r.hires_scale, float, 1, 4)
         _number("hires_strength", r.hires_strength, float, 0.01, 1)
+        _optional_number("num_frames", r.num_frames, int, 1, lim.max_frames)
         for name in ("image", "mask", "control_image"):
             _image(name, getattr(r, name))
         self._check_sizes(r)
@@ -215,6 +249,10 @@ class GenerationService:
             _number(name, side, int, m, lim.max_side)
             if side % m:
                 raise RequestError(f"{name} = {side} must be a multiple of {m} for this model")
+        try:  # the family's own check of the frames (a video model's only, in range)
+            self.pipeline.latent_shape(1, m, m, r.num_frames)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         if r.hires_scale != 1:
             self._check_hires(r)
         if r.image is not None:
@@ -290,15 +328,18 @@ class GenerationService:
                 warnings.simplefilter("always")
                 pipe, routed = self.route(r)
                 try:
-                    images = to_pil(pipe.run(routed))
+                    media = pipe.run(routed)
                 except ValueError as e:  # the pipeline's own checks: the user's to fix
                     raise RequestError(str(e)) from None
             notes = list(dict.fromkeys(str(w.message) for w in caught))
         finally:
             self._slots.release()
+        # images (B, C, H, W) → PIL images; clips (B, C, F, H, W) → lists of PIL frames
+        images = [to_pil(c.transpose(0, 1)) for c in media] if media.ndim == 5 else to_pil(media)
+        sizes = [(im[0] if isinstance(im, list) else im).size for im in images]
         shown = (self.controlnet_name or "controlnet") if r.control_image is not None else None
         requests = [
             dataclasses.replace(drawn, controlnet=shown)
-            for drawn in routed.for_images([im.size for im in images], pipe.default_size)
+            for drawn in routed.for_images(sizes, pipe.default_size)
         ]
         return Generated(images, requests, notes)

@@ -1,4 +1,5 @@
-"""The web UI (gradio): text → image, image → image and inpainting with a mask painter.
+"""The web UI (gradio): text → image, image → image and inpainting with a mask painter; for a
+video model, one Video tab (text → video, or image → video from a first frame) showing an MP4.
 
 Thin: every tab builds a :class:`~destatic.pipelines.GenerationRequest` and hands it to the shared
 :class:`~destatic.serve.service.GenerationService`; its errors become gradio error toasts.
@@ -8,11 +9,13 @@ least 256 px) while the parameters box gives the A1111 text of each image.
 Uploaded images reach the handlers as file paths and are decoded by
 :func:`~destatic.serve.images.load_image` only once their header shows they are within the
 limits; the mask painter's layers, which gradio decodes itself, are checked the same way first
-(:func:`check_before_decoding`).
+(:func:`check_before_decoding`). Clips are written under the server's own folder
+(:mod:`destatic.serve.videos`), from where gradio copies them to its cache.
 """
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import gradio as gr
@@ -20,7 +23,15 @@ from gradio.data_classes import FileData
 
 from destatic.pipelines import GenerationRequest
 from destatic.serve.images import load_image, open_image
-from destatic.serve.service import Busy, GenerationService, Limits, RequestError
+from destatic.serve.service import (
+    DEFAULT_FPS,
+    Busy,
+    Generated,
+    GenerationService,
+    Limits,
+    RequestError,
+)
+from destatic.serve.videos import write_mp4
 
 __all__ = ["build_ui", "check_before_decoding"]
 
@@ -70,8 +81,9 @@ class _Tabs:
     """The parts every tab shares (prompt boxes, settings, gallery) and the handlers that turn
     a tab's inputs into a :class:`GenerationRequest` for the service."""
 
-    def __init__(self, service: GenerationService):
+    def __init__(self, service: GenerationService, folder: str | None = None):
         self.service = service
+        self.folder = folder or tempfile.gettempdir()  # where clips are written
         self.lim = service.limits
         self.side = service.pipeline.default_size
         self.multiple = service.pipeline.size_multiple
@@ -82,9 +94,9 @@ class _Tabs:
         negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
         return prompt, negative
 
-    def sampling_controls(self) -> list:
+    def sampling_controls(self, clips: bool = False) -> list:
         """Sampler, grid, steps, guidance, seed, count and size, set to the model's defaults
-        (a distilled model's sampler and steps)."""
+        (a distilled model's sampler and steps); for ``clips`` the count is one, hidden."""
         from destatic.sampling import GRIDS, SAMPLERS
 
         d, lim = self.service.defaults, self.lim
@@ -104,7 +116,9 @@ class _Tabs:
                 guidance = gr.Slider(0, 15, value=d["guidance"], step=0.5, label="Guidance")
             with gr.Row():
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                count = gr.Slider(1, lim.max_images, value=4, step=1, label="Images")
+                count = gr.Slider(
+                    1, lim.max_images, 1 if clips else 4, step=1, label="Images", visible=not clips
+                )
                 m = self.multiple
                 size = gr.Slider(m, lim.max_side, value=self.side, step=m, label="Size (pixels)")
         return [sampler, grid, steps, guidance, seed, count, size]
@@ -122,8 +136,11 @@ class _Tabs:
         return gr.Image(type="filepath", image_mode=None, label=label, elem_id=elem_id)
 
     # -- handlers ------------------------------------------------------------------------------
-    def run(self, prompt, negative, sampler, grid, steps, guidance, seed, count, size, **extra):
-        """The request a tab describes, drawn by the service: (gallery, A1111 texts)."""
+    def draw(
+        self, prompt, negative, sampler, grid, steps, guidance, seed, count, size, **extra
+    ) -> Generated:
+        """The request a tab describes, drawn by the service; its errors as gradio errors and
+        its warnings as gradio warnings."""
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative or "",
@@ -143,6 +160,11 @@ class _Tabs:
             raise gr.Error(str(e)) from None
         for note in result.warnings:
             gr.Warning(note)
+        return result
+
+    def run(self, *knobs, **extra):
+        """:meth:`draw` for the gallery: (enlarged images, A1111 texts)."""
+        result = self.draw(*knobs, **extra)
         text = "\n\n".join(r.a1111() for r in result.requests)
         return [_enlarged(im) for im in result.images], text
 
@@ -239,15 +261,63 @@ class _Tabs:
         inputs = [prompt, negative, reference, canny, weight, start, end, *knobs]
         button.click(controlled, inputs, [gallery, text, traced], api_name="control")
 
+    def video(self) -> None:
+        """Text → video, or image → video holding an uploaded first frame; an MP4 out."""
+        prompt, negative = self.prompts("video")
+        first = self.uploaded("First frame (optional: image → video)", "video-input")
+        with gr.Row():
+            most = self.lim.max_frames
+            frames = gr.Slider(
+                1,
+                most,
+                min(self.service.default_frames, most),
+                step=1,
+                label="Frames",
+                elem_id="video-frames",
+            )
+            fps = gr.Slider(
+                1,
+                self.lim.max_fps,
+                DEFAULT_FPS,
+                step=1,
+                label="Frames per second",
+                elem_id="video-fps",
+            )
+        button = gr.Button("Generate", variant="primary", elem_id="video-generate")
+        knobs = self.sampling_controls(clips=True)
+        clip = gr.Video(label="Video", autoplay=True, loop=True, elem_id="video-output")
+        text = gr.Textbox(label="Parameters", lines=3, elem_id="video-parameters")
 
-def build_ui(service: GenerationService):
-    """A ``gradio.Blocks`` app on ``service`` (queue not yet configured)."""
-    tabs = _Tabs(service)
+        def video(prompt, negative, image, frames, fps, *knobs):
+            try:
+                fps = self.service.check_fps(int(fps))
+            except RequestError as e:
+                raise gr.Error(str(e)) from None
+            extra = {"num_frames": int(frames)}
+            if image is not None:
+                extra["image"] = self.fit(image, int(knobs[-1]))
+            result = self.draw(prompt, negative, *knobs, **extra)
+            request = result.requests[0]
+            path = write_mp4(result.images[0], request, fps, self.folder)
+            return str(path), f"{request.a1111()}, Frames: {int(frames)}, FPS: {fps}"
+
+        inputs = [prompt, negative, first, frames, fps, *knobs]
+        button.click(video, inputs, [clip, text], api_name="video")
+
+
+def build_ui(service: GenerationService, folder: str | None = None):
+    """A ``gradio.Blocks`` app on ``service`` (queue not yet configured); clips are written
+    under ``folder`` (the server's own; default: the system's temporary folder)."""
+    tabs = _Tabs(service, folder)
     with gr.Blocks(title="destatic") as ui:
         gr.Markdown(
             f"### destatic — {service.model_name or 'the bundled emoji model'} "
             f"({tabs.side}×{tabs.side}; sizes in multiples of {tabs.multiple})"
         )
+        if service.video:
+            with gr.Tab("Video"):
+                tabs.video()
+            return ui
         with gr.Tab("Text → image"):
             tabs.text_to_image()
         with gr.Tab("Image → image"):
