@@ -173,6 +173,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    parallel: str = "ddp"  # under torchrun: ddp (whole model per process) | fsdp (sharded)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -183,6 +184,7 @@ class TrainConfig:
 
     def check(self) -> None:
         choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             value = getattr(self, name)
             require(value >= 1, f"train.{name} = {value}: use a positive integer")

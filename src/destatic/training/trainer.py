@@ -4,8 +4,10 @@ Each optimizer step takes the next ``batch_size`` rows of an epoch permutation (
 ``seed`` and the epoch, so the data position is a pure function of the step) and draws every
 random number of the step (σ, noise, caption choice and dropout, latent samples) for the whole
 global batch from one generator. Process ``r`` of ``W`` then trains on its ``1/W`` share in
-``grad_accum`` micro-batches; DDP averages the gradients. One process with the same global batch
-therefore computes the same update, up to float summation order.
+``grad_accum`` micro-batches; DDP averages the gradients (or FSDP2 with ``[train] parallel =
+"fsdp"``, which shards weights, gradients, moments and EMA over the processes and gathers them
+whole into the checkpoints: :mod:`destatic.training.distributed`). One process with the same
+global batch therefore computes the same update, up to float summation order.
 
 Per step: AdamW with warm-up and an optional cosine/linear decay (``LambdaLR``), gradient
 clipping, an EMA of the weights (``torch.optim.swa_utils.AveragedModel`` with the usual warm-up
@@ -50,7 +52,20 @@ from destatic.io import (
     write_error_reason,
 )
 from destatic.training.config import Config, ConfigError
-from destatic.training.distributed import World, init_world
+from destatic.training.distributed import (
+    World,
+    full_model_state,
+    full_optimizer_state,
+    init_world,
+    load_full_model_state,
+    local,
+    meta_copy,
+    no_sync,
+    parallelize,
+    shard,
+    shard_optimizer_state,
+    whole_module,
+)
 from destatic.training.monitor import Monitor, plot_loss, save_grid
 from destatic.training.state import (
     DamagedCheckpoint,
@@ -128,7 +143,10 @@ def _finite(module: nn.Module) -> bool:
 
 
 def _finite_tensors(state: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+    """Whether every float tensor of ``state`` is finite (this process's shards when sharded)."""
+    return all(
+        bool(torch.isfinite(local(v)).all()) for v in state.values() if v.is_floating_point()
+    )
 
 
 #: Scheduler entries a checkpoint must have (in every torch version) and hold in this form.
@@ -242,20 +260,21 @@ class _Run:
         model = task.trainable.to(device)
         model.train()
         self.trainable = model
-        if world.size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            self.trained: nn.Module = DistributedDataParallel(model, device_ids=ids)
-        else:
-            self.trained = model
         o = cfg.optim
+        self.ema = _ema(model, o.ema_decay) if o.ema_decay > 0 else None
+        # fsdp: parameters, moments and EMA sharded over processes; the whole averaged module
+        # exists on rank 0 only while it is exported or sampled (``gathered``)
+        self.sharded = world.size > 1 and cfg.train.parallel == "fsdp"
+        self.frame = meta_copy(model) if self.sharded else None
+        self.whole: nn.Module | None = None
+        self.trained: nn.Module = parallelize(model, world, device, cfg.train.parallel)
+        if self.sharded and self.ema is not None:
+            shard(self.ema.module, world, device)  # cut like the trainable: a local update
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
-        self.ema = _ema(model, o.ema_decay) if o.ema_decay > 0 else None
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.amp = _autocast_dtype(cfg.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
@@ -284,6 +303,18 @@ class _Run:
             state["ema"] = self.ema.state_dict()
         return state
 
+    def saved_state(self) -> dict:
+        """What a checkpoint holds: :meth:`state` with whole tensors. Under fsdp the shards of
+        the weights, moments and EMA are gathered onto rank 0 (call in every process; the
+        others get empty sections)."""
+        state = self.state()
+        if self.sharded:
+            state["model"] = full_model_state(self.trainable)
+            state["optimizer"] = full_optimizer_state(self.optimizer)
+            if self.ema is not None:
+                state["ema"] = full_model_state(self.ema)
+        return state
+
     def restore(self, folder: Path) -> None:
         """Load checkpoint ``folder`` into this run, after checking that it verifies, that its
         sections match this config and that its state has this run's form.
@@ -308,10 +339,7 @@ class _Run:
                 "output.dir"
             )
         try:
-            self.trainable.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.ema is not None:
-                self.ema.load_state_dict(state["ema"])
+            self._load_weights(state)
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(
                 f"checkpoint {folder} does not fit this config ({str(e).splitlines()[0]}); "
@@ -328,6 +356,20 @@ class _Run:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = int(state["step"])
         self.bad = int(state["bad_steps"])
+
+    def _load_weights(self, state: dict) -> None:
+        """The model, optimizer and EMA sections of a checked checkpoint (whole tensors; under
+        fsdp each process keeps its shards)."""
+        if not self.sharded:
+            self.trainable.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            return
+        load_full_model_state(self.trainable, state["model"])
+        self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer))
+        if self.ema is not None:
+            load_full_model_state(self.ema, state["ema"])
 
     def _check_sections(self, saved: Any) -> None:
         """A ConfigError when the checkpoint's run had other model/task settings."""
@@ -372,8 +414,34 @@ class _Run:
     @property
     def averaged(self) -> nn.Module:
         """What is exported and sampled: the EMA of the trainable module, or the module itself
-        without EMA."""
+        without EMA. Under fsdp a whole copy on rank 0, inside :meth:`gathered` only."""
+        if self.sharded:
+            if self.whole is None:
+                raise RuntimeError("the sharded averaged module is whole only inside gathered()")
+            return self.whole
         return self.ema.module if self.ema is not None else self.trainable
+
+    @contextlib.contextmanager
+    def gathered(self, state: dict | None = None) -> Iterator[None]:
+        """Under fsdp, make :attr:`averaged` a whole module on rank 0 for the block, from
+        ``state`` (a :meth:`saved_state`) or else gathered now (then call in every process);
+        otherwise nothing to do."""
+        if not self.sharded:
+            yield
+            return
+        if state is None:
+            source = self.ema if self.ema is not None else self.trainable
+            weights = full_model_state(source)
+        else:
+            weights = state["ema"] if self.ema is not None else state["model"]
+        if self.ema is not None:
+            weights = {k[7:]: v for k, v in weights.items() if k.startswith("module.")}
+        if self.world.main:
+            self.whole = whole_module(self.frame, weights, self.device)
+        try:
+            yield
+        finally:
+            self.whole = None
 
     # -- one step ------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float] | None:
@@ -386,10 +454,7 @@ class _Run:
         total = torch.zeros((), device=self.device)
         for j, part in enumerate(parts):
             last = j == len(parts) - 1
-            sync = (
-                contextlib.nullcontext() if last or self.world.size == 1 else self.trained.no_sync()
-            )
-            with sync:
+            with contextlib.nullcontext() if last else no_sync(self.trained):
                 autocast = torch.autocast(
                     self.device.type, dtype=self.amp, enabled=self.amp is not None
                 )
@@ -401,8 +466,8 @@ class _Run:
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip or math.inf
         params = [p for p in self.trainable.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        loss_value, norm_value = float(total), float(grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # DTensors: over all shards
+        loss_value, norm_value = float(total), float(local(grad_norm))
         self.step += 1
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.bad += 1
@@ -452,17 +517,19 @@ class _Run:
             ) from e
 
     def checkpoint(self) -> None:
-        if not _finite(self.trainable) or (self.ema is not None and not _finite(self.ema.module)):
+        finite = _finite(self.trainable) and (self.ema is None or _finite(self.ema.module))
+        if not self.world.all(finite):
             good = latest_checkpoint(self.ckpt_dir)
             raise TrainingError(
                 f"the weights at step {self.step} are not finite; no checkpoint written "
                 f"(last good: {good}). Lower optim.lr and run again to resume from it"
             )
+        state = self.saved_state()
         if self.world.main:
-            save_checkpoint(
-                self.ckpt_dir, self.step, self.state(), keep=self.cfg.train.keep_checkpoints
-            )
-            self.export()
+            save_checkpoint(self.ckpt_dir, self.step, state, keep=self.cfg.train.keep_checkpoints)
+        with self.gathered(state):
+            if self.world.main:
+                self.export()
         self.world.barrier()
 
     @property
@@ -490,8 +557,13 @@ class _Run:
         return step if type(step) is int else None
 
     def samples(self) -> None:
-        if not self.world.main:
-            return
+        """The sample grid of this step, written by rank 0 (call in every process)."""
+        with self.gathered():
+            if self.world.main:
+                self._write_samples()
+
+    def _write_samples(self) -> None:
+        """Rank 0, inside :meth:`gathered`: the sample grid of this step."""
         out = self.out / "samples" / f"step-{self.step:08d}.png"
         images, labels = self.task.sample_grid(self.averaged, self.cfg)
         with self.writing(out):
@@ -501,15 +573,16 @@ class _Run:
         """Complete a finished run's outputs: ``model/`` from the final weights, the final sample
         grid and ``loss.png``. Each is written only when missing or stale, so a rerun after a
         kill anywhere between the final checkpoint and here fills in what is missing."""
-        if self.world.main:
-            if self.exported_step() != self.step:
-                self.export()
-            if not (self.out / "samples" / f"step-{self.step:08d}.png").is_file():
-                self.samples()
-            loss = self.out / "loss.png"
-            if monitor is not None and _older(loss, monitor.path):
-                with self.writing(loss):
-                    plot_loss(monitor.path, loss)
+        with self.gathered():
+            if self.world.main:
+                if self.exported_step() != self.step:
+                    self.export()
+                if not (self.out / "samples" / f"step-{self.step:08d}.png").is_file():
+                    self._write_samples()
+                loss = self.out / "loss.png"
+                if monitor is not None and _older(loss, monitor.path):
+                    with self.writing(loss):
+                        plot_loss(monitor.path, loss)
         self.world.barrier()
 
 
