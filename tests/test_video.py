@@ -208,3 +208,59 @@ def test_the_per_frame_baseline_draws_each_frame_from_its_noise_slice():
     noise = randn((1, 3, 4, 32, 32), generators([6]))[0, :, 2][None]  # clip 1 (seed 6), frame 2
     alone = image_pipe.run(GenerationRequest(prompt=["cat face"], **fields), noise=noise)
     assert torch.allclose(clips[1, :, 2], alone[0], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_image_model(tmp_path_factory) -> Path:
+    """A 16² pixel U-Net image model on MiniLM (flow), saved as a folder: an AnimateDiff base."""
+    from destatic.models.unet import UNet2DCondition, UNetConfig
+    from destatic.pipelines import save
+
+    torch.manual_seed(0)
+    net = UNet2DCondition(
+        UNetConfig(
+            sample_size=16,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            cross_attention_dim=384,
+            attention_head_dim=2,
+            norm_num_groups=8,
+        )
+    )
+    for p in net.parameters():  # not the zero-initialised start: a base that draws something
+        p.data.normal_(0, 0.05)
+    text = destatic.load().text_encoder
+    folder = tmp_path_factory.mktemp("base") / "image"
+    save(Pipeline(net, None, text, RectifiedFlow(), "flow"), folder)
+    return folder
+
+
+def test_animating_an_image_model_trains_only_the_motion_modules(clips, tiny_image_model, tmp_path):
+    from destatic.models.animatediff import UNetMotion
+    from destatic.training.config import ConfigError
+
+    cfg_path = write_config(tmp_path / "c.toml", clips, tmp_path / "run")
+    text = cfg_path.read_text().replace(
+        "frames = 4\n", f'frames = 4\nbase = "{tiny_image_model}"\n'
+    )
+    network = text[text.index("[video.network]") : text.index("[optim]")]
+    text = text.replace(network, "[video.network]\nmotion_num_attention_heads = 2\n\n")
+    cfg_path.write_text(text.replace("steps = 5", "steps = 3"))
+    model = train(load_config(cfg_path))
+    pipe = destatic.load(model)
+    assert isinstance(pipe.network, UNetMotion) and pipe.family.name == "destatic-video"
+    base = destatic.load(tiny_image_model).network.state_dict()
+    trained = pipe.network.state_dict()
+    # the image model is frozen (its EMA equals it up to float rounding)
+    assert all(torch.allclose(trained[k], v, rtol=1e-5, atol=1e-7) for k, v in base.items())
+    motion = [k for k in trained if ".motion_modules." in k and k.endswith("proj_out.weight")]
+    assert motion and all(trained[k].abs().max() > 0 for k in motion)  # and the modules moved
+    assert pipe.generate("a red square moves right", steps=2).shape == (1, 3, 4, 16, 16)
+
+    cfg_path.write_text(cfg_path.read_text().replace("size = 16", "size = 32"))
+    with pytest.raises(ConfigError, match=r"video\.base draws 16²"):
+        train(load_config(cfg_path))

@@ -407,7 +407,9 @@ class UNetMotion(UNet2DCondition):
     ) -> torch.Tensor:
         b, c, f, h, w = x.shape
         t = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)  # (B,)
-        frames = x.transpose(1, 2).reshape(b * f, c, h, w)  # (B·F, C, H, W)
+        # (B·F, C, H, W) in the standard layout: a channels-last input (a permuted uint8 clip)
+        # made torch 2.13's CPU backward crash with a segfault
+        frames = x.transpose(1, 2).contiguous().reshape(b * f, c, h, w)
         kwargs = {k: _per_frame(v, f) for k, v in kwargs.items()}
         out = super().forward(
             frames, t.repeat_interleave(f), context.repeat_interleave(f, 0), frames=f, **kwargs

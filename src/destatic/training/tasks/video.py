@@ -73,7 +73,8 @@ class FolderClips:
         return len(self.captions)
 
     def render(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.clips[index].permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        clips = self.clips[index].permute(0, 4, 1, 2, 3).contiguous()  # (n, 3, F, H, W)
+        return clips.float() / 127.5 - 1
 
 
 @register
