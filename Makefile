@@ -22,8 +22,9 @@ DEMO_PROMPTS := "grinning face" "red heart" "cat face" "pizza"
 SHEET_PROMPTS := "grinning face" "red heart" "cat face" "flag: japan" "pizza" "rocket" \
 	"thumbs up" "woman technologist: medium skin tone" "sun" "ghost" "green apple" "fire" \
 	"dog face" "star" "birthday cake" "flag: germany"
-VIDEO_PROMPTS := "red heart moves left" "cat face moves right" "rocket moves up" "pizza falls" \
-	"grinning face zooms in" "thumbs up rotates clockwise" "red heart bounces" "sun zooms out"
+# held-out emoji × motion pairs (never in training: destatic.data.motion.is_heldout)
+VIDEO_PROMPTS := "red heart moves down" "pizza bounces" "thumbs up rotates anticlockwise" \
+	"sun zooms out" "ghost moves up" "fire zooms in" "star zooms out" "birthday cake moves down"
 
 .PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint bundle-lcm bundle-video
 demo: $(VENV)/.installed
@@ -60,6 +61,7 @@ bundle-video: $(VENV)/.installed
 	rm -rf src/destatic/assets/emoji_video
 	$(BIN)/destatic export runs/emoji_video/model src/destatic/assets/emoji_video --half
 	$(BIN)/destatic generate $(VIDEO_PROMPTS) --model emoji_video -o /tmp/destatic-video --sheet docs/emoji_video.png
+	$(BIN)/destatic generate $(VIDEO_PROMPTS) --model emoji_video -o /tmp/destatic-video --sheet docs/emoji_video.gif --fps 6
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -157,6 +157,12 @@ def test_cli_writes_videos_and_from_replays_them(tiny_video_model, tmp_path):
     assert result.exit_code == 0, result.output
     (mp4,) = tmp_path.glob("*.mp4")
     assert read_video(mp4).shape[0] == 4
+    sheet = tmp_path / "sheets" / "grid.gif"  # an animated, labelled grid of the clips
+    args = ["generate", "a red square", "a blue square", *common, "-o", str(tmp_path / "two")]
+    assert runner.invoke(app, [*args, "--sheet", str(sheet)]).exit_code == 0
+    grid = read_video(sheet)
+    assert grid.shape[0] == 4 and grid.shape[2] > grid.shape[1]  # 4 frames, two cells a row
+    assert not np.array_equal(grid[0], grid[-1])
     first = tmp_path / "clip.webp"
     args = ["generate", "a blue square", *common, "--seed", "7", "-o", str(first)]
     assert runner.invoke(app, args).exit_code == 0

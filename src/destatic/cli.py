@@ -445,23 +445,33 @@ def _write_images(images: list, todo: list, paths: list[Path], upscale: int, fps
         typer.echo(f"wrote {path}")
 
 
-def _write_sheet(images: list, todo: list, sheet: Path) -> None:
-    """All images as one labelled sheet; a failed write is an OutputError."""
+def _write_sheet(images: list, todo: list, sheet: Path, fps: int) -> None:
+    """All images as one labelled sheet: a PNG (a clip as its frames side by side, one a row)
+    or, for clips and a video suffix, an animated grid; a failed write is an OutputError."""
     import numpy as np
     import torch
 
-    from destatic.data.sheets import save_grid
+    from destatic.data.sheets import grid_image, save_grid
+    from destatic.io.video import WRITE_SUFFIXES, write_video
     from destatic.pipelines.output import OutputError, describe_os_error
 
-    clips = isinstance(images[0], list)  # a clip shows as its frames side by side, one a row
-    frames = [im if clips else [im] for im in images]
-    arrays = np.stack(
-        [np.concatenate([np.asarray(f.convert("RGB")) for f in c], 1) for c in frames]
-    )
-    tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
-    columns = 1 if clips else min(8, len(images))
+    def tensor(arrays: list) -> torch.Tensor:
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+    labels = [p.prompt for p in todo]
+    clips = isinstance(images[0], list)
+    frames = [[np.asarray(f.convert("RGB")) for f in (im if clips else [im])] for im in images]
     try:
-        save_grid(tensor, [p.prompt for p in todo], sheet, columns=columns)
+        if clips and sheet.suffix.lower() in WRITE_SUFFIXES:
+            columns = min(4, len(images))
+            grids = [
+                np.asarray(grid_image(tensor([c[t] for c in frames]), labels, columns))
+                for t in range(len(frames[0]))
+            ]
+            write_video(sheet, np.stack(grids), fps)
+        else:
+            strips = tensor([np.concatenate(c, 1) for c in frames])
+            save_grid(strips, labels, sheet, columns=1 if clips else min(8, len(images)))
     except OSError as err:
         raise OutputError(
             f"could not write --sheet {sheet} ({describe_os_error(err)}); the images are written"
@@ -683,7 +693,11 @@ DtypeName = Annotated[
 ]
 Upscale = Annotated[int, typer.Option(min=1, max=16, help="Also enlarge the PNG (nearest).")]
 SheetPath = Annotated[
-    Path | None, typer.Option(help="Also write all images as one labelled PNG sheet.")
+    Path | None,
+    typer.Option(
+        help="Also write all images as one labelled PNG sheet (video: film strips, or an "
+        "animated grid as .gif, .webp or .mp4)."
+    ),
 ]
 FromPng = Annotated[
     Path | None,
@@ -804,7 +818,7 @@ def generate(
     try:
         _write_images(images, todo, paths, upscale, fps)
         if sheet is not None:
-            _write_sheet(images, todo, sheet)
+            _write_sheet(images, todo, sheet, fps)
     except ValueError as err:
         _fail(err)
 

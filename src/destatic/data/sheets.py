@@ -10,13 +10,20 @@ import torch
 
 from destatic.io import write_atomic
 
-__all__ = ["save_grid"]
+__all__ = ["grid_image", "save_grid"]
 
 
 def save_grid(
     images: torch.Tensor, labels: list[str], out: Path, columns: int = 8, scale: int = 0
 ) -> None:
-    """Images [B, 3, H, W] in [0, 1] in a grid, each with its label underneath."""
+    """Images [B, 3, H, W] in [0, 1] in a grid, each with its label underneath (a PNG)."""
+    sheet = grid_image(images, labels, columns, scale)
+    write_atomic(out, lambda f: sheet.save(f, format="PNG"))
+
+
+def grid_image(images: torch.Tensor, labels: list[str], columns: int = 8, scale: int = 0):
+    """The PIL image of :func:`save_grid`: images [B, 3, H, W] in [0, 1], each enlarged by
+    ``scale`` (default: to about 96 pixels) with its label underneath, ``columns`` a row."""
     from PIL import Image, ImageDraw, ImageFont
 
     b, _, h, w = images.shape
@@ -45,4 +52,4 @@ def save_grid(
         draw.multiline_text(
             (c * width + 2, y0 + cell_h + 1), "\n".join(lines[:2]), fill="black", font=font
         )
-    write_atomic(out, lambda f: sheet.save(f, format="PNG"))
+    return sheet
