@@ -170,9 +170,12 @@ def test_cli_writes_videos_and_from_replays_them(tiny_video_model, tmp_path):
     result = runner.invoke(app, ["generate", "--from", str(first), "-o", str(again)])
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(read_video(first), read_video(again))
-    # a video model names video files; an image model PNGs
+    # a video model names video files, or a .png for one PNG a frame; an image model PNGs
     result = runner.invoke(app, ["generate", "x", *common, "-o", str(tmp_path / "x.png")])
-    assert result.exit_code == 2 and "video model" in result.output
+    assert result.exit_code == 0, result.output
+    frames = sorted(tmp_path.glob("x-*.png"))
+    assert [f.name for f in frames] == [f"x-{t:03d}.png" for t in range(4)]
+    assert not (tmp_path / "x.png").exists()
     result = runner.invoke(app, ["generate", "x", "--steps", "1", "-o", str(tmp_path / "x.mp4")])
     assert result.exit_code == 2 and "draws images" in result.output
 

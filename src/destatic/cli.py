@@ -384,9 +384,12 @@ def _media_paths(paths: list[Path], out: Path, video: bool) -> list[Path]:
 
     if paths != [out]:
         return [p.with_suffix(".mp4") for p in paths] if video else paths
-    if video and out.suffix.lower() not in WRITE_SUFFIXES:
+    if video and out.suffix.lower() not in {*WRITE_SUFFIXES, ".png"}:
         kinds = ", ".join(sorted(WRITE_SUFFIXES))
-        raise ValueError(f"-o {out}: this is a video model; name a {kinds} file or a folder")
+        raise ValueError(
+            f"-o {out}: this is a video model; name a {kinds} file, a .png (one PNG a frame: "
+            "name-000.png, …) or a folder"
+        )
     if not video and out.suffix.lower() != ".png":
         raise ValueError(f"-o {out}: this model draws images; name a .png file or a folder")
     return paths
@@ -405,7 +408,8 @@ def _check_outputs(paths: list[Path], sheet: Path | None, preview: Path | None) 
 
 
 def _write_one(path: Path, image, request, upscale: int, fps: int) -> None:
-    """One image as a PNG, or one clip (a list of frames) as a video, with its request."""
+    """One image as a PNG, or one clip (a list of frames) as a video or, for a .png path, as
+    numbered PNG frames, with its request."""
     import numpy as np
 
     from destatic.io.video import write_video
@@ -416,6 +420,10 @@ def _write_one(path: Path, image, request, upscale: int, fps: int) -> None:
         frames = [f.resize((f.width * upscale, f.height * upscale), 0) for f in frames]
     if not isinstance(image, list):
         write_png_atomic(path, frames[0], request.png_info())
+        return
+    if path.suffix.lower() == ".png":  # a clip as an image sequence: name-000.png, …
+        for t, frame in enumerate(frames):
+            write_png_atomic(path.with_name(f"{path.stem}-{t:03d}.png"), frame, request.png_info())
         return
     clip = np.stack([np.asarray(f.convert("RGB")) for f in frames])
     write_video(path, clip, fps, comment=request.to_json())
@@ -442,7 +450,10 @@ def _write_images(images: list, todo: list, paths: list[Path], upscale: int, fps
                 "free space or choose another -o, then rerun"
             ) from None
         written.append(path)
-        typer.echo(f"wrote {path}")
+        if isinstance(image, list) and path.suffix.lower() == ".png":
+            typer.echo(f"wrote {path.with_name(path.stem + '-000.png')} … ({len(image)} frames)")
+        else:
+            typer.echo(f"wrote {path}")
 
 
 def _write_sheet(images: list, todo: list, sheet: Path, fps: int) -> None:
