@@ -390,8 +390,12 @@ class UNetMotion(UNet2DCondition):
     ) -> UNetMotion:
         """``unet``'s weights with ``adapter``'s motion modules (fresh, zero-output ones when
         there is no adapter: then the clip is the image model's, frame by frame)."""
+        unknown = set(extra) - _ADAPTER_FIELDS - {"num_frames"}
+        if unknown:
+            raise ValueError(f"unknown motion module option(s) {sorted(unknown)}")
         adapter = adapter or MotionAdapter(_adapter_config(unet.config, **extra))
-        config = UNetMotionConfig.from_unet(unet.config, adapter.config, **_frames(extra))
+        frames = {k: v for k, v in extra.items() if k == "num_frames"}
+        config = UNetMotionConfig.from_unet(unet.config, adapter.config, **frames)
         with torch.device("meta"):
             model = cls(config)
         state = {**unet.state_dict(), **adapter.state_dict()}
@@ -439,10 +443,3 @@ def _adapter_config(unet: UNetConfig, **extra: Any) -> MotionAdapterConfig:
         motion_layers_per_block=unet.per_block("layers_per_block"),
         **chosen,
     )
-
-
-def _frames(extra: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(extra) - _ADAPTER_FIELDS - {"num_frames"}
-    if unknown:
-        raise ValueError(f"unknown motion module option(s) {sorted(unknown)}")
-    return {k: v for k, v in extra.items() if k == "num_frames"}
