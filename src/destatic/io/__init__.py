@@ -2,6 +2,13 @@
 (:mod:`destatic.io.weights`), atomic writes and checksums (:mod:`destatic.io.files`), and the
 one-line errors of both (:mod:`destatic.io.errors`). Nothing here knows a model class."""
 
+from destatic.io.audio import (
+    AudioFileError,
+    read_audio,
+    read_audio_request,
+    spectrogram_image,
+    write_audio,
+)
 from destatic.io.errors import WRITE_ERRORS, CheckpointError, CheckpointWriteError
 from destatic.io.files import (
     CHECKSUMS_NAME,
@@ -34,6 +41,7 @@ __all__ = [
     "CONFIG_NAME",
     "SAVE_WEIGHTS_NAME",
     "WRITE_ERRORS",
+    "AudioFileError",
     "CheckpointError",
     "CheckpointWriteError",
     "atomic_file",
@@ -46,13 +54,17 @@ __all__ = [
     "load_safetensors",
     "load_weights",
     "probe_writable",
+    "read_audio",
+    "read_audio_request",
     "read_json",
     "read_model_index",
     "read_safetensors_header",
     "read_video",
     "read_video_comment",
+    "spectrogram_image",
     "verify_checksums",
     "write_atomic",
+    "write_audio",
     "write_checksums",
     "write_error_reason",
     "write_video",

@@ -15,7 +15,14 @@ from destatic.models.layers import (
     timestep_embedding,
 )
 from destatic.models.mmdit import MMDIT_MODELS, MMDiT, MMDiTConfig
+from destatic.models.oobleck import AutoencoderOobleck, OobleckConfig
 from destatic.models.speedups import fuse_projections, optimize, unfuse_projections
+from destatic.models.stable_audio import (
+    StableAudioDiT,
+    StableAudioDiTConfig,
+    StableAudioProjection,
+    StableAudioProjectionConfig,
+)
 from destatic.models.text import (
     CLIPTextEncoder,
     MiniLMTextEncoder,
@@ -36,6 +43,7 @@ __all__ = [
     "AutoencoderConfig",
     "AutoencoderKL",
     "AutoencoderKLWan",
+    "AutoencoderOobleck",
     "BasicTransformerBlock",
     "CLIPTextEncoder",
     "DiagonalGaussian",
@@ -44,10 +52,15 @@ __all__ = [
     "MMDiT",
     "MMDiTConfig",
     "MiniLMTextEncoder",
+    "OobleckConfig",
     "ResnetBlock",
     "SD3TextEncoder",
     "SDXLTextEncoder",
     "SpatialTransformer",
+    "StableAudioDiT",
+    "StableAudioDiTConfig",
+    "StableAudioProjection",
+    "StableAudioProjectionConfig",
     "TextEmbedding",
     "TextEncoder",
     "TimestepEmbedding",

@@ -39,8 +39,16 @@ from destatic.models.controlnet import ControlNet, ControlNetConfig
 from destatic.models.dit import DiT, DiTConfig
 from destatic.models.flux import Flux, FluxConfig
 from destatic.models.flux_controlnet import FluxControlNet, FluxControlNetConfig
+from destatic.models.mel import MelCodec, MelCodecConfig
 from destatic.models.mmdit import MMDiT, MMDiTConfig
+from destatic.models.oobleck import AutoencoderOobleck, OobleckConfig
 from destatic.models.pixart import PixArt, PixArtConfig
+from destatic.models.stable_audio import (
+    StableAudioDiT,
+    StableAudioDiTConfig,
+    StableAudioProjection,
+    StableAudioProjectionConfig,
+)
 from destatic.models.unet import UNet2DCondition, UNetConfig
 from destatic.models.video_dit import VideoDiT, VideoDiTConfig
 from destatic.models.wan import WanConfig, WanTransformer3DModel
@@ -153,6 +161,10 @@ COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "VideoDiT": (VideoDiT, VideoDiTConfig),
     "WanTransformer3DModel": (WanTransformer3DModel, WanConfig),
     "AutoencoderKLWan": (AutoencoderKLWan, WanVAEConfig),
+    "StableAudioDiTModel": (StableAudioDiT, StableAudioDiTConfig),
+    "StableAudioProjectionModel": (StableAudioProjection, StableAudioProjectionConfig),
+    "AutoencoderOobleck": (AutoencoderOobleck, OobleckConfig),
+    "MelCodec": (MelCodec, MelCodecConfig),  # weight-free: log-mel frames, Griffin-Lim decode
 }
 
 
@@ -173,6 +185,10 @@ SAVED_AS: dict[type, tuple[str, str]] = {
     VideoDiT: ("transformer", "VideoDiT"),
     WanTransformer3DModel: ("transformer", "WanTransformer3DModel"),
     AutoencoderKLWan: ("vae", "AutoencoderKLWan"),
+    StableAudioDiT: ("transformer", "StableAudioDiTModel"),
+    StableAudioProjection: ("projection_model", "StableAudioProjectionModel"),
+    AutoencoderOobleck: ("vae", "AutoencoderOobleck"),
+    MelCodec: ("vae", "MelCodec"),
 }
 
 
