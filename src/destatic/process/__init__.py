@@ -6,12 +6,13 @@ from destatic.process.consistency import (
     LCMTarget,
     consistency_coefficients,
 )
-from destatic.process.edm import EDM
+from destatic.process.edm import EDM, CosineEDM
 from destatic.process.flow import RectifiedFlow, resolution_shift
 from destatic.process.targets import (
     TARGETS,
     Denoiser,
     EDMTarget,
+    EDMVTarget,
     EpsilonTarget,
     FlowTarget,
     SampleTarget,
@@ -27,8 +28,10 @@ __all__ = [
     "EDM",
     "TARGETS",
     "ConsistencyTarget",
+    "CosineEDM",
     "Denoiser",
     "EDMTarget",
+    "EDMVTarget",
     "EpsilonTarget",
     "FlowTarget",
     "LCMTarget",

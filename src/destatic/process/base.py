@@ -40,6 +40,13 @@ class Process(ABC):
 
     #: number of discrete training timesteps (the length of :meth:`sigma_table`)
     num_timesteps: int = 1000
+    #: precision of the σ-space grids (``karras``, ``exponential``) for this process. float32
+    #: keeps the σ's of a scheduler that computes them in float32 to the bit, where the noise
+    #: depends on them (a Brownian tree resolves query times to 1e-6).
+    grid_dtype: torch.dtype = torch.float64
+    #: the noise the stochastic samplers draw by default (:data:`destatic.sampling.noise.NOISE`):
+    #: ``"gaussian"`` (fresh per-step draws) or ``"brownian"`` (increments of a Brownian tree).
+    sde_noise: str = "gaussian"
 
     @property
     @abstractmethod

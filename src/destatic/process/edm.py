@@ -4,17 +4,24 @@ Diffusion-Based Generative Models"): ``x = x0 + σ·n`` with σ itself as time.
 Preconditioning (Table 1 of the paper): the network sees ``c_in(σ)·x`` with
 ``c_in = 1/√(σ² + σ_data²)`` and the noise label ``c_noise = ¼·ln σ``; its output F becomes the
 denoiser ``D = c_skip·x + c_out·F`` through :class:`destatic.process.targets.EDMTarget`.
+
+:class:`CosineEDM` is Stable Audio's variant (Evans et al. 2024, "Stable Audio Open"; diffusers'
+``CosineDPMSolverMultistepScheduler``): the same preconditioning, with the time of the cosine
+schedule as the label. In v-diffusion's terms (Salimans & Ho 2022) the VP state is
+``α·x0 + s·n`` with ``α = cos(πt/2)``, ``s = sin(πt/2)``, so ``σ = s/α = tan(πt/2)`` and the
+label is ``t = 2/π·atan σ`` ∈ [0, 1].
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from destatic.process.base import Process
 
-__all__ = ["EDM"]
+__all__ = ["EDM", "CosineEDM"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +62,23 @@ class EDM(Process):
 
     def label_to_sigma(self, label: torch.Tensor) -> torch.Tensor:
         return (4 * torch.as_tensor(label, dtype=torch.float64)).exp()
+
+
+@dataclass(frozen=True)
+class CosineEDM(EDM):
+    """EDM preconditioning with the cosine-schedule label ``t = 2/π·atan σ`` (Stable Audio;
+    defaults from Stable Audio Open). Its reference scheduler computes the σ grid in float32
+    and draws SDE noise from a Brownian tree, so this process asks for both."""
+
+    min_sigma: float = 0.3
+    max_sigma: float = 500.0
+    sigma_data: float = 1.0
+
+    grid_dtype = torch.float32
+    sde_noise = "brownian"
+
+    def noise_label(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma.atan() * (2 / math.pi)
+
+    def label_to_sigma(self, label: torch.Tensor) -> torch.Tensor:
+        return (torch.as_tensor(label, dtype=torch.float64) * (math.pi / 2)).tan()

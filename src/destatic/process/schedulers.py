@@ -1,7 +1,8 @@
 """diffusers scheduler configs ↔ our processes and targets: which noise process and prediction
 target a ``scheduler_config.json`` describes (VP β-schedules with ε / v / x0, flow matching with
-its shift, EDM, LCM's consistency boundary condition), the config that writes ours back for
-diffusers to read, and the sampling defaults a scheduler class implies (few-step LCM / TCD)."""
+its shift, EDM with F- or v-prediction, Stable Audio's cosine DPM-Solver, LCM's consistency
+boundary condition), the config that writes ours back for diffusers to read, and the sampling
+defaults a scheduler class implies (few-step LCM / TCD, the cosine scheduler's SDE solver)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Any
 from destatic.io import CheckpointError
 from destatic.process import (
     EDM,
+    CosineEDM,
     EDMTarget,
+    EDMVTarget,
     LCMTarget,
     RectifiedFlow,
     Target,
@@ -53,6 +56,7 @@ VP_SCHEDULERS = (
 )
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+COSINE_SCHEDULER = "CosineDPMSolverMultistepScheduler"  # Stable Audio: CosineEDM
 VP_TARGETS = ("epsilon", "v_prediction", "sample")
 
 
@@ -63,28 +67,18 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str | T
     :class:`VPDiscrete`; ``FlowMatchEulerDiscreteScheduler`` gives a :class:`RectifiedFlow` with
     its static ``shift`` and target ``"flow"``. A ``use_dynamic_shifting`` scheduler (Flux)
     keeps its μ-line (``RectifiedFlow.resolution``); the grid stage picks the shift for the
-    image size (``RectifiedFlow.at_resolution``). ``LCMScheduler`` gives
+    image size (``RectifiedFlow.at_resolution``). The EDM schedulers give :class:`EDM`, and
+    ``CosineDPMSolverMultistepScheduler`` (Stable Audio) :class:`CosineEDM`, with EDM's
+    F-prediction (their ``"epsilon"``) or :class:`~destatic.process.EDMVTarget`
+    (``"v_prediction"``). ``LCMScheduler`` gives
     the VP process and an :class:`~destatic.process.LCMTarget` over its ``prediction_type``
     (the consistency function of an LCM-distilled network or LCM-LoRA); ``TCDScheduler`` the
     VP process and the plain target (TCD applies no boundary condition).
     """
     name = cfg.get("_class_name")
     steps = int(cfg.get("num_train_timesteps", 1000))
-    if name in EDM_SCHEDULERS:
-        # diffusers' EDM "epsilon" is EDM's F-prediction (c_out = σ·σ_d/√(σ²+σ_d²)).
-        if cfg.get("prediction_type", "epsilon") != "epsilon":
-            raise CheckpointError(
-                f"{name} with prediction_type={cfg.get('prediction_type')!r} is not supported; "
-                "only 'epsilon' (EDM's F-prediction) is"
-            )
-        sigma_data = float(cfg.get("sigma_data", 0.5))
-        process = EDM(
-            min_sigma=float(cfg.get("sigma_min", 0.002)),
-            max_sigma=float(cfg.get("sigma_max", 80.0)),
-            sigma_data=sigma_data,
-            num_timesteps=steps,
-        )
-        return process, EDMTarget(sigma_data)
+    if name in (*EDM_SCHEDULERS, COSINE_SCHEDULER):
+        return _edm_from_config(name, cfg, steps)
     if name in FLOW_SCHEDULERS:
         shift = float(cfg.get("shift", 1.0))
         if not (math.isfinite(shift) and shift > 0):
@@ -108,7 +102,7 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str | T
     if name not in VP_SCHEDULERS:
         raise CheckpointError(
             f"unsupported scheduler class {name!r}; supported: "
-            f"{', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS + EDM_SCHEDULERS)}"
+            f"{', '.join((*VP_SCHEDULERS, *FLOW_SCHEDULERS, *EDM_SCHEDULERS, COSINE_SCHEDULER))}"
         )
     if cfg.get("trained_betas") is not None:
         raise CheckpointError(
@@ -142,6 +136,54 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> tuple[Process, str | T
     return process, target
 
 
+def _edm_from_config(name: str, cfg: dict[str, Any], steps: int) -> tuple[Process, Target]:
+    """An EDM-style scheduler: its σ range and σ_data, and the target its ``prediction_type``
+    names — diffusers' EDM ``"epsilon"`` is EDM's F-prediction (c_out = σ·σ_d/√(σ²+σ_d²)),
+    ``"v_prediction"`` the same with c_out negated (:class:`EDMVTarget`)."""
+    cosine = name == COSINE_SCHEDULER
+    cls = CosineEDM if cosine else EDM
+    kind = cfg.get("prediction_type", "v_prediction" if cosine else "epsilon")
+    if kind not in ("epsilon", "v_prediction"):
+        raise CheckpointError(
+            f"{name} with prediction_type={kind!r} is not supported; only 'epsilon' (EDM's "
+            "F-prediction) and 'v_prediction' are"
+        )
+    if cosine:
+        _check_cosine(cfg)
+    base = cls()
+    sigma_data = float(cfg.get("sigma_data", base.sigma_data))
+    try:
+        process = cls(
+            min_sigma=float(cfg.get("sigma_min", base.min_sigma)),
+            max_sigma=float(cfg.get("sigma_max", base.max_sigma)),
+            sigma_data=sigma_data,
+            num_timesteps=steps,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}; fix config.json") from e
+    return process, (EDMVTarget if kind == "v_prediction" else EDMTarget)(sigma_data)
+
+
+def _check_cosine(cfg: dict[str, Any]) -> None:
+    """What of ``CosineDPMSolverMultistepScheduler`` destatic reproduces: the exponential or
+    Karras (ρ = 7) grid ending at σ = 0, first- or second-order DPM-Solver++ with the midpoint
+    rule (its ``euler_at_final`` and ``lower_order_final`` change nothing on such a grid)."""
+    checks = {
+        "sigma_schedule": (("exponential", "karras"), "exponential"),
+        "final_sigmas_type": (("zero",), "zero"),
+        "solver_type": (("midpoint", "logrho", "bh1", "bh2"), "midpoint"),  # the rest: midpoint
+        "solver_order": ((1, 2), 2),
+    }
+    for key, (allowed, default) in checks.items():
+        if cfg.get(key, default) not in allowed:
+            raise CheckpointError(
+                f"{COSINE_SCHEDULER} {key}={cfg[key]!r} is not supported; use one of "
+                f"{', '.join(map(repr, allowed))}"
+            )
+    if cfg.get("sigma_schedule", "exponential") == "karras" and float(cfg.get("rho", 7.0)) != 7:
+        raise CheckpointError(f"{COSINE_SCHEDULER} rho={cfg['rho']!r}: the karras grid uses 7")
+
+
 def scheduler_sampling_defaults(cfg: dict[str, Any], guidance_embedded: bool) -> dict[str, Any]:
     """The generation defaults a scheduler class implies, under a folder's stored ones.
 
@@ -149,10 +191,16 @@ def scheduler_sampling_defaults(cfg: dict[str, Any], guidance_embedded: bool) ->
     (LCMScheduler.set_timesteps' timesteps); ``TCDScheduler`` → 4 steps of ``tcd`` on the same
     grid. Guidance: a network that embeds the scale (``time_cond_proj_dim``, an LCM-distilled
     U-Net) defaults to diffusers' LatentConsistencyModelPipeline's 8.5; otherwise (LCM-LoRA, TCD
-    LoRA on a plain U-Net) to 1, no classifier-free guidance, as those adapters are used. Other
-    schedulers imply nothing (the family's defaults apply).
+    LoRA on a plain U-Net) to 1, no classifier-free guidance, as those adapters are used.
+    ``CosineDPMSolverMultistepScheduler`` (always its SDE variant) → ``dpmpp_2m_sde`` (its first
+    order is ``euler_ancestral``, the same rule) on its ``sigma_schedule`` grid; the Brownian
+    noise comes with its process (:class:`CosineEDM`). Other schedulers imply nothing (the
+    family's defaults apply).
     """
     name = cfg.get("_class_name")
+    if name == COSINE_SCHEDULER:
+        sampler = "dpmpp_2m_sde" if cfg.get("solver_order", 2) == 2 else "euler_ancestral"
+        return {"sampler": sampler, "grid": cfg.get("sigma_schedule", "exponential")}
     if name not in ("LCMScheduler", "TCDScheduler"):
         return {}
     original = cfg.get("original_inference_steps", 50)
@@ -169,7 +217,8 @@ def scheduler_sampling_defaults(cfg: dict[str, Any], guidance_embedded: bool) ->
 def scheduler_config_from_process(process: Process, target: str | Target) -> dict[str, Any]:
     """The inverse of :func:`process_from_scheduler_config`: a diffusers-compatible scheduler
     config (``EulerDiscreteScheduler`` for VP, ``FlowMatchEulerDiscreteScheduler`` for flow,
-    ``EDMEulerScheduler`` for EDM)."""
+    ``EDMEulerScheduler`` for EDM, ``CosineDPMSolverMultistepScheduler`` for CosineEDM with
+    Stable Audio's exponential grid)."""
     target_obj = get_target(target)
     if isinstance(target_obj, LCMTarget):
         if target_obj.process != process or target_obj.sigma_data != 0.5:
@@ -189,21 +238,7 @@ def scheduler_config_from_process(process: Process, target: str | Target) -> dic
         return config
     target = target_obj.name
     if isinstance(process, EDM):
-        if not isinstance(target_obj, EDMTarget) or target_obj.sigma_data != process.sigma_data:
-            raise CheckpointError(
-                "an EDM process needs the EDM target with the same sigma_data "
-                f"({process.sigma_data}); got {target_obj!r}"
-            )
-        return {
-            "_class_name": "EDMEulerScheduler",
-            "num_train_timesteps": process.num_timesteps,
-            "sigma_min": process.min_sigma,
-            "sigma_max": process.max_sigma,
-            "sigma_data": process.sigma_data,
-            "sigma_schedule": "karras",
-            "rho": 7.0,
-            "prediction_type": "epsilon",
-        }
+        return _edm_config(process, target_obj)
     if isinstance(process, IntegerTimestepFlow) and target == "flow":
         return flow_sigmas_config(process)
     if isinstance(process, RectifiedFlow):
@@ -241,6 +276,37 @@ def scheduler_config_from_process(process: Process, target: str | Target) -> dic
         f"{type(process).__name__} has no diffusers scheduler; only VPDiscrete and "
         "RectifiedFlow processes are saved"
     )
+
+
+def _edm_config(process: EDM, target: Target) -> dict[str, Any]:
+    """``EDMEulerScheduler`` (Karras grid) for EDM, ``CosineDPMSolverMultistepScheduler`` for
+    CosineEDM; ``prediction_type`` from the target (F-prediction is their ``"epsilon"``)."""
+    if not isinstance(target, EDMTarget) or target.sigma_data != process.sigma_data:
+        raise CheckpointError(
+            "an EDM process needs the EDM target with the same sigma_data "
+            f"({process.sigma_data}); got {target!r}"
+        )
+    config = {
+        "_class_name": "EDMEulerScheduler",
+        "num_train_timesteps": process.num_timesteps,
+        "sigma_min": process.min_sigma,
+        "sigma_max": process.max_sigma,
+        "sigma_data": process.sigma_data,
+        "sigma_schedule": "karras",
+        "rho": 7.0,
+        "prediction_type": "v_prediction" if isinstance(target, EDMVTarget) else "epsilon",
+    }
+    if isinstance(process, CosineEDM):
+        config.update(
+            _class_name=COSINE_SCHEDULER,
+            sigma_schedule="exponential",
+            solver_order=2,
+            solver_type="midpoint",
+            lower_order_final=True,
+            euler_at_final=False,
+            final_sigmas_type="zero",
+        )
+    return config
 
 
 def _dynamic_shift_config(resolution: ResolutionShift | None) -> dict[str, Any]:

@@ -16,6 +16,9 @@ where F is the raw network, ``c_in``/``c_noise`` come from the :class:`Process` 
   ``x_t = (1-t)·x0 + t·n`` with t = σ/(1+σ), so ``x0 = x_t - t·v``:
   c_skip = 1/(1+σ), c_out = -σ/(1+σ).
 * **EDM** F-prediction: c_skip = σ_d²/(σ²+σ_d²), c_out = σ·σ_d/√(σ²+σ_d²).
+* **EDM v** (diffusers' EDM schedulers with ``v_prediction``, Stable Audio): the same with
+  c_out = -σ·σ_d/√(σ²+σ_d²), so ``F* = (σ_d·n - σ·x0/σ_d)/√(σ²+σ_d²)``, the v of the data
+  scaled to unit variance (the v row above when σ_d = 1).
 
 Training needs the inverse: the regression target is ``F* = (x0 - c_skip·x)/c_out``, which each
 target gives in closed form (:meth:`Target.target`), and :meth:`Denoiser.raw_output` inverts the
@@ -40,6 +43,7 @@ __all__ = [
     "TARGETS",
     "Denoiser",
     "EDMTarget",
+    "EDMVTarget",
     "EpsilonTarget",
     "FlowTarget",
     "SampleTarget",
@@ -123,12 +127,22 @@ class EDMTarget(Target):
         return (x0 - c_skip * (x0 + sigma * noise)) / c_out
 
 
+@dataclass(frozen=True)
+class EDMVTarget(EDMTarget):
+    name = "edm_v"
+
+    def coefficients(self, sigma):
+        c_skip, c_out = super().coefficients(sigma)
+        return c_skip, -c_out
+
+
 TARGETS: dict[str, Callable[[], Target]] = {
     "epsilon": EpsilonTarget,
     "sample": SampleTarget,
     "v_prediction": VTarget,
     "flow": FlowTarget,
     "edm": EDMTarget,
+    "edm_v": EDMVTarget,
 }
 
 

@@ -5,7 +5,15 @@ from destatic.sampling.base import SAMPLER_INFO, SAMPLERS, SamplerInfo, StepInfo
 from destatic.sampling.grids import GRIDS, make_sigmas
 from destatic.sampling.guidance import ClassifierFreeGuidance
 from destatic.sampling.inpaint import KnownRegion
-from destatic.sampling.noise import generators, noise_sampler, randn, slerp
+from destatic.sampling.noise import (
+    NOISE,
+    brownian_noise,
+    generators,
+    noise_sampler,
+    randn,
+    resolve_noise,
+    slerp,
+)
 from destatic.sampling.sample import (
     NonFiniteError,
     check_sigmas,
@@ -16,6 +24,7 @@ from destatic.sampling.sample import (
 
 __all__ = [
     "GRIDS",
+    "NOISE",
     "SAMPLERS",
     "SAMPLER_INFO",
     "ClassifierFreeGuidance",
@@ -24,12 +33,14 @@ __all__ = [
     "SamplerInfo",
     "StepInfo",
     "ancestral_step",
+    "brownian_noise",
     "check_sigmas",
     "generators",
     "initial_noise",
     "make_sigmas",
     "noise_sampler",
     "randn",
+    "resolve_noise",
     "sample",
     "sampler_info",
     "slerp",

@@ -15,6 +15,10 @@ e^{-(1+η)h} and fresh noise of std ``σ_next·√(1 - e^{-2ηh})`` is added.
 * 3M fits a quadratic through three x̂0 values (k-diffusion's ``sample_dpmpp_3m_sde``).
 
 The step into σ = 0 returns D (the limit h → ∞ of every rule).
+
+``dpmpp_2m_sde`` (η = 1, midpoint) with Brownian-tree noise (``noise="brownian"``) is diffusers'
+``CosineDPMSolverMultistepScheduler``, Stable Audio's sampler, step for step (its first order is
+``euler_ancestral``: with e^{-2h} = σ_next²/σ² both are the DDPM posterior step).
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ Every grid is ``steps + 1`` decreasing σ values ending in 0. Two kinds:
 
 ``snap=True`` moves each σ to the nearest trained timestep of a discrete model (round t(σ)), as
 diffusers does for its multistep schedulers; repeated values are merged.
+
+``karras`` and ``exponential`` are computed in float64, or in the process's ``grid_dtype``:
+float32 for Stable Audio's :class:`~destatic.process.CosineEDM`, whose scheduler computes them
+in float32 (the exponential one rising, then reversed) and whose Brownian-tree noise depends on
+the exact σ's, so the grid is the scheduler's to the bit.
 """
 
 from __future__ import annotations
@@ -73,16 +78,22 @@ def _optimized(name: str):
     return grid
 
 
-def _karras(steps, sigma_min, sigma_max, *, rho: float = 7.0, **_):
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+def _grid_dtype(process: Process | None) -> torch.dtype:
+    return torch.float64 if process is None else process.grid_dtype
+
+
+def _karras(steps, sigma_min, sigma_max, *, rho: float = 7.0, process=None, **_):
+    ramp = torch.linspace(0, 1, steps, dtype=_grid_dtype(process))
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
 
 
-def _exponential(steps, sigma_min, sigma_max, **_):
-    return torch.linspace(
-        math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64
-    ).exp()
+def _exponential(steps, sigma_min, sigma_max, *, process=None, **_):
+    dtype = _grid_dtype(process)
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    if dtype == torch.float64:
+        return torch.linspace(hi, lo, steps, dtype=dtype).exp()
+    return torch.linspace(lo, hi, steps, dtype=dtype).exp().flip(0)
 
 
 def _polyexponential(steps, sigma_min, sigma_max, *, rho: float = 1.0, **_):

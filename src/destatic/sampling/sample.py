@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 import torch
 
+from destatic.process.base import Process
 from destatic.sampling.base import SAMPLER_INFO, SAMPLERS, Callback, StepInfo, sigma_batch
-from destatic.sampling.noise import Generators, NoiseFn, noise_sampler, randn
+from destatic.sampling.noise import Generators, NoiseFn, randn, resolve_noise
 
 __all__ = ["NonFiniteError", "check_sigmas", "initial_noise", "sample", "sampler_info"]
 
@@ -99,23 +100,29 @@ def sample(
     *,
     generator: Generators = None,
     callback: Callback | None = None,
-    noise: NoiseFn | None = None,
+    noise: NoiseFn | str | None = None,
+    process: Process | None = None,
     **options,
 ) -> torch.Tensor:
     """Run ``sampler`` from state ``x`` at ``sigmas[0]`` down the grid; returns the final state.
 
     ``generator`` (one, or one per sample) seeds every fresh noise draw; ``noise`` replaces the
-    draws entirely (k-diffusion's ``noise_sampler(sigma, sigma_next)``). ``callback`` gets a
+    draws entirely (k-diffusion's ``noise_sampler(sigma, sigma_next)``) or names their kind,
+    ``"gaussian"`` or ``"brownian"`` (:func:`~destatic.sampling.noise.resolve_noise`; unset:
+    the ``process``'s ``sde_noise``). ``process``, the model's, also goes to the samplers that
+    need it (``tcd``). ``callback`` gets a
     :class:`StepInfo` after each model call of a step, with the running evaluation count.
     """
-    sampler_info(sampler)  # unknown names fail here, listing the valid ones
+    info = sampler_info(sampler)  # unknown names fail here, listing the valid ones
     sigmas = check_sigmas(sigmas)
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"x must be [batch, ...] with batch >= 1, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError("the initial state x contains NaN or inf")
     counted = _Counted(denoiser)
-    noise = noise if noise is not None else noise_sampler(x, generator)
+    noise = resolve_noise(noise, x, sigmas, generator, process)
+    if info.needs_process and process is not None:
+        options["process"] = process
     report = None
     if callback is not None:
 
