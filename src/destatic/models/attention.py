@@ -85,6 +85,7 @@ class Attention(nn.Module):
             qkv = self.to_qkv(x).view(B, N, 3, self.heads, -1)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         elif self.fused:
+            context = x if context is None else context  # no context (AudioLDM): attend to x
             q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
             kv = self.to_kv(context).view(B, context.shape[1], 2, self.heads, -1)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)

@@ -61,6 +61,10 @@ class ControlNetConfig(UNetConfig):
         if len(tuple(self.up_block_types)) != len(tuple(self.down_block_types)):
             self.up_block_types = tuple(mirrored.get(b, b) for b in self.down_block_types)[::-1]
         super().__post_init__()
+        if self.class_embed_type is not None or isinstance(self.cross_attention_dim, tuple):
+            raise ValueError(
+                "a ControlNet takes no class embedding and one cross_attention_dim (not AudioLDM's)"
+            )
         if not self.conditioning_embedding_out_channels:
             raise ValueError("conditioning_embedding_out_channels needs at least one entry")
 

@@ -13,6 +13,17 @@ MLP (``add_embedding``) whose output is added to the timestep embedding,
 
     temb = MLP_t(sin(t)) + MLP_add([text_embeds, sin(time_ids_1), …, sin(time_ids_k)]).
 
+AudioLDM's U-Net (Liu et al. 2023, "AudioLDM: Text-to-Audio Generation with Latent Diffusion
+Models", §3.2) runs on mel-spectrogram latents and is conditioned on one CLAP text vector c
+through the timestep embedding instead of cross-attention (``class_embed_type=
+"simple_projection"``, ``class_embeddings_concat``): the resnets receive
+
+    temb = [MLP_t(sin(t)), W_c·c + b_c]        (concatenated: width 2·4·C0),
+
+and its transformers get no context, so their second attention attends to the feature map
+itself, with one key/value width per block (``cross_attention_dim`` as a tuple, the blocks'
+channels).
+
 Config field names and ``state_dict`` keys are those of diffusers' ``UNet2DConditionModel``, so a
 diffusers checkpoint loads with ``UNet2DCondition(UNetConfig.from_diffusers(cfg))`` and
 ``load_state_dict(weights, strict=True)``, with no key mapping.
@@ -83,7 +94,9 @@ class UNetConfig(JsonConfig):
     dropout: float = 0.0
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
-    cross_attention_dim: int = 768  # text-token width (CLIP ViT-L: 768; OpenCLIP ViT-H: 1024)
+    # text-token width (CLIP ViT-L: 768; OpenCLIP ViT-H: 1024); a tuple: one per down block (the
+    # key/value width of each block's second attention; AudioLDM: the blocks' channels)
+    cross_attention_dim: int | tuple[int, ...] = 768
     transformer_layers_per_block: int | tuple[int, ...] = 1
     attention_head_dim: int | tuple[int, ...] = 8  # number of heads per block (see above)
     use_linear_projection: bool = False  # SD 2.x: Linear proj_in/out; SD 1.x: 1×1 conv
@@ -96,12 +109,17 @@ class UNetConfig(JsonConfig):
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    # AudioLDM's class conditioning (module docstring): "simple_projection" embeds a vector
+    # ``class_labels`` (B, projection_class_embeddings_input_dim) with one Linear layer, added to
+    # the time embedding, or concatenated to it with ``class_embeddings_concat``
+    class_embed_type: str | None = None
+    class_embeddings_concat: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # not used by the model
 
     def __post_init__(self) -> None:
         for name in ("down_block_types", "up_block_types", "block_out_channels"):
             setattr(self, name, tuple(getattr(self, name)))
-        for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+        for name in _PER_BLOCK:
             value = getattr(self, name)
             if isinstance(value, list | tuple):
                 setattr(self, name, tuple(value))
@@ -110,7 +128,7 @@ class UNetConfig(JsonConfig):
             raise ValueError(
                 "down_block_types, up_block_types and block_out_channels differ in length"
             )
-        for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+        for name in _PER_BLOCK:
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != n:
                 raise ValueError(f"{name} must be an int or have one entry per block ({n})")
@@ -135,6 +153,17 @@ class UNetConfig(JsonConfig):
                 "addition_embed_type='text_time' needs addition_time_embed_dim and "
                 "projection_class_embeddings_input_dim"
             )
+        if self.class_embed_type not in (None, "simple_projection"):
+            raise ValueError(
+                f"unsupported class_embed_type {self.class_embed_type!r}; "
+                "supported: None, 'simple_projection'"
+            )
+        if self.class_embed_type and self.projection_class_embeddings_input_dim is None:
+            raise ValueError(
+                "class_embed_type='simple_projection' needs projection_class_embeddings_input_dim"
+            )
+        if self.class_embeddings_concat and self.class_embed_type is None:
+            raise ValueError("class_embeddings_concat needs a class_embed_type")
 
     def validate(self) -> None:
         """Raise a ValueError naming the first field that cannot build a working U-Net: sizes
@@ -172,8 +201,8 @@ class UNetConfig(JsonConfig):
                 )
 
     def per_block(self, name: str) -> tuple[int, ...]:
-        """``layers_per_block``, ``transformer_layers_per_block`` or ``attention_head_dim`` as a
-        tuple with one entry per down block."""
+        """``layers_per_block``, ``transformer_layers_per_block``, ``attention_head_dim`` or
+        ``cross_attention_dim`` as a tuple with one entry per down block."""
         value = getattr(self, name)
         return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
 
@@ -183,17 +212,25 @@ class UNetConfig(JsonConfig):
     def from_diffusers(cls, cfg: dict[str, Any]) -> UNetConfig:
         """Read a diffusers ``UNet2DConditionModel`` config.json dict.
 
-        Options SD 1.x/2.x/XL do not use (class embeddings, other addition embeddings, other
-        block types, ...) must be absent or at their diffusers default, otherwise a ValueError
-        names the option.
+        Options SD 1.x/2.x/XL and AudioLDM do not use (other class embeddings, other addition
+        embeddings, other block types, ...) must be absent or at their diffusers default,
+        otherwise a ValueError names the option.
         """
-        cfg, private = cls._read_diffusers(cfg, _UNSUPPORTED_DEFAULTS, "UNet")
-        if isinstance(cfg.get("cross_attention_dim"), list | tuple):
-            raise ValueError("unsupported diffusers UNet option cross_attention_dim as a list")
+        unsupported = {k: v for k, v in _UNSUPPORTED_DEFAULTS.items() if k not in _CLASS_OPTIONS}
+        cfg, private = cls._read_diffusers(cfg, unsupported, "UNet")
         config = cls(**cfg, extra=private)
         config.validate()
         return config
 
+
+_PER_BLOCK = (
+    "layers_per_block",
+    "transformer_layers_per_block",
+    "attention_head_dim",
+    "cross_attention_dim",
+)
+# AudioLDM's class conditioning: fields of UNetConfig, still unsupported by the ControlNet
+_CLASS_OPTIONS = ("class_embed_type", "class_embeddings_concat")
 
 # diffusers options outside SD 1.x/2.x: accepted only at these (default) values.
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
@@ -247,12 +284,13 @@ class DownBlock(nn.Module):
         cfg: UNetConfig,
         heads: int,
         depth: int,
+        context_dim: int | None = None,  # None: cfg.cross_attention_dim (an int)
     ) -> None:
         super().__init__()
         groups, eps, p = cfg.norm_num_groups, cfg.norm_eps, cfg.dropout
         if cross_attn:  # registered first, as in diffusers, so state_dict key order matches
             self.attentions = nn.ModuleList(
-                _transformer(out_ch, heads, depth, cfg) for _ in range(layers)
+                _transformer(out_ch, heads, depth, cfg, context_dim) for _ in range(layers)
             )
         self.resnets = nn.ModuleList(
             ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps, p)
@@ -281,10 +319,18 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """resnet → SpatialTransformer → resnet at the lowest resolution."""
 
-    def __init__(self, ch: int, temb_ch: int, cfg: UNetConfig, heads: int, depth: int) -> None:
+    def __init__(
+        self,
+        ch: int,
+        temb_ch: int,
+        cfg: UNetConfig,
+        heads: int,
+        depth: int,
+        context_dim: int | None = None,
+    ) -> None:
         super().__init__()
         groups, eps, p = cfg.norm_num_groups, cfg.norm_eps, cfg.dropout
-        self.attentions = nn.ModuleList([_transformer(ch, heads, depth, cfg)])
+        self.attentions = nn.ModuleList([_transformer(ch, heads, depth, cfg, context_dim)])
         self.resnets = nn.ModuleList(ResnetBlock(ch, ch, temb_ch, groups, eps, p) for _ in range(2))
 
     def forward(
@@ -313,12 +359,13 @@ class UpBlock(nn.Module):
         cfg: UNetConfig,
         heads: int,
         depth: int,
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         groups, eps, p = cfg.norm_num_groups, cfg.norm_eps, cfg.dropout
         if cross_attn:
             self.attentions = nn.ModuleList(
-                _transformer(out_ch, heads, depth, cfg) for _ in range(layers)
+                _transformer(out_ch, heads, depth, cfg, context_dim) for _ in range(layers)
             )
         self.resnets = nn.ModuleList()
         for i in range(layers):
@@ -349,12 +396,14 @@ class UpBlock(nn.Module):
         return x
 
 
-def _transformer(ch: int, heads: int, depth: int, cfg: UNetConfig) -> SpatialTransformer:
+def _transformer(
+    ch: int, heads: int, depth: int, cfg: UNetConfig, context_dim: int | None
+) -> SpatialTransformer:
     return SpatialTransformer(
         ch,
         heads,
         ch // heads,
-        cfg.cross_attention_dim,
+        cfg.cross_attention_dim if context_dim is None else context_dim,
         depth,
         cfg.norm_num_groups,
         cfg.use_linear_projection,
@@ -387,10 +436,14 @@ class UNet2DCondition(nn.Module):
         layers = cfg.per_block("layers_per_block")
         heads = cfg.per_block("attention_head_dim")
         depth = cfg.per_block("transformer_layers_per_block")
+        cross = cfg.per_block("cross_attention_dim")
         temb_ch = 4 * ch[0]
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch, cfg.time_cond_proj_dim)
+        if cfg.class_embed_type == "simple_projection":  # AudioLDM (module docstring)
+            self.class_embedding = nn.Linear(cfg.projection_class_embeddings_input_dim, temb_ch)
+        block_temb = 2 * temb_ch if cfg.class_embeddings_concat else temb_ch
         if cfg.addition_embed_type == "text_time":  # SDXL micro-conditioning (module docstring)
             self.add_embedding = TimestepEmbedding(
                 cfg.projection_class_embeddings_input_dim, temb_ch
@@ -402,17 +455,18 @@ class UNet2DCondition(nn.Module):
                 DownBlock(
                     ch[max(i - 1, 0)],
                     ch[i],
-                    temb_ch,
+                    block_temb,
                     layers[i],
                     kind == "CrossAttnDownBlock2D",
                     add_downsample=i < n - 1,
                     cfg=cfg,
                     heads=heads[i],
                     depth=depth[i],
+                    context_dim=cross[i],
                 )
             )
 
-        rch, rlayers, rheads, rdepth = ch[::-1], layers[::-1], heads[::-1], depth[::-1]
+        rch, rlayers, rheads, rdepth, rcross = (v[::-1] for v in (ch, layers, heads, depth, cross))
         self.up_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.up_block_types):
             self.up_blocks.append(
@@ -420,18 +474,19 @@ class UNet2DCondition(nn.Module):
                     in_ch=rch[min(i + 1, n - 1)],
                     out_ch=rch[i],
                     prev_ch=rch[max(i - 1, 0)],
-                    temb_ch=temb_ch,
+                    temb_ch=block_temb,
                     layers=rlayers[i] + 1,
                     cross_attn=kind == "CrossAttnUpBlock2D",
                     add_upsample=i < n - 1,
                     cfg=cfg,
                     heads=rheads[i],
                     depth=rdepth[i],
+                    context_dim=rcross[i],
                 )
             )
 
         # Registered after up_blocks, as in diffusers, so state_dict key order matches.
-        self.mid_block = MidBlock(ch[-1], temb_ch, cfg, heads[-1], depth[-1])
+        self.mid_block = MidBlock(ch[-1], block_temb, cfg, heads[-1], depth[-1], cross[-1])
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_act = nn.SiLU()
@@ -469,26 +524,18 @@ class UNet2DCondition(nn.Module):
         sin = sin.reshape(text.shape[0], -1)  # (B, k·addition_time_embed_dim)
         return self.add_embedding(torch.cat([text, sin], dim=-1).to(dtype))
 
-    def forward(
+    def embedding(
         self,
         x: torch.Tensor,
         timestep: torch.Tensor | float,
-        context: torch.Tensor,
-        control: Any = None,
         guidance: torch.Tensor | float | None = None,
         added_cond: dict[str, torch.Tensor] | None = None,
-        frames: int = 1,
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, in_channels, H, W) latents; timestep: scalar or (B,), fractional allowed;
-        context: (B, tokens, cross_attention_dim). Returns (B, out_channels, H, W).
-        ``control`` (a :class:`~destatic.models.controlnet.ControlResiduals`) adds a ControlNet's
-        residuals to the skip connections and the mid block's output. ``guidance`` (scalar or
-        (B,)): the classifier-free guidance scale w a guidance-distilled network
-        (``time_cond_proj_dim``) was taught to reproduce, see :func:`guidance_embedding`.
-        ``added_cond`` (SDXL, ``addition_embed_type="text_time"``; diffusers'
-        ``added_cond_kwargs``): ``{"text_embeds": (B, P), "time_ids": (B, k)}``, see
-        :meth:`micro_embedding`. ``frames``: how many consecutive images of the batch are one clip
-        (the motion modules of :class:`~destatic.models.animatediff.UNetMotion`)."""
+        """The embedding every resnet receives (B, 4·C0), or (B, 8·C0) with
+        ``class_embeddings_concat``: the timestep's, with the guidance scale, SDXL's
+        micro-conditioning and AudioLDM's class vector where the config has them (see
+        :meth:`forward`)."""
         cfg = self.config
         t = torch.as_tensor(timestep, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t  # (B,)
@@ -505,6 +552,15 @@ class UNet2DCondition(nn.Module):
             w = w.expand(x.shape[0]) if w.numel() == 1 else w  # (B,)
             wemb = guidance_embedding(w, cfg.time_cond_proj_dim)  # (B, time_cond_proj_dim)
         temb = self.time_embedding(temb.to(x.dtype), wemb)  # (B, 4·C0)
+        if (class_labels is None) != (cfg.class_embed_type is None):
+            raise ValueError(
+                "this U-Net is class-conditioned (AudioLDM): pass class_labels="
+                if class_labels is None
+                else "this U-Net takes no class_labels (class_embed_type is None)"
+            )
+        if class_labels is not None:
+            cemb = self.class_embedding(class_labels.to(x.dtype))  # (B, 4·C0)
+            temb = torch.cat([temb, cemb], -1) if cfg.class_embeddings_concat else temb + cemb
         if (added_cond is None) != (cfg.addition_embed_type is None):
             raise ValueError(
                 "this U-Net is micro-conditioned (SDXL): pass added_cond={'text_embeds', "
@@ -514,7 +570,34 @@ class UNet2DCondition(nn.Module):
             )
         if added_cond is not None:
             temb = temb + self.micro_embedding(added_cond, temb.dtype)  # (B, 4·C0)
+        return temb
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        context: torch.Tensor | None = None,
+        control: Any = None,
+        guidance: torch.Tensor | float | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
+        frames: int = 1,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, in_channels, H, W) latents; timestep: scalar or (B,), fractional allowed;
+        context: (B, tokens, cross_attention_dim), or None (AudioLDM: the second attention of
+        each transformer attends to the feature map). Returns (B, out_channels, H, W).
+        ``control`` (a :class:`~destatic.models.controlnet.ControlResiduals`) adds a ControlNet's
+        residuals to the skip connections and the mid block's output. ``guidance`` (scalar or
+        (B,)): the classifier-free guidance scale w a guidance-distilled network
+        (``time_cond_proj_dim``) was taught to reproduce, see :func:`guidance_embedding`.
+        ``added_cond`` (SDXL, ``addition_embed_type="text_time"``; diffusers'
+        ``added_cond_kwargs``): ``{"text_embeds": (B, P), "time_ids": (B, k)}``, see
+        :meth:`micro_embedding`. ``frames``: how many consecutive images of the batch are one clip
+        (the motion modules of :class:`~destatic.models.animatediff.UNetMotion`).
+        ``class_labels`` (AudioLDM, ``class_embed_type``): the class vector
+        (B, projection_class_embeddings_input_dim), see the module docstring."""
+        cfg = self.config
+        temb = self.embedding(x, timestep, guidance, added_cond, class_labels)
         if cfg.center_input_sample:
             x = 2 * x - 1
         h = self.conv_in(x)  # (B, C0, H, W)

@@ -64,6 +64,8 @@ class PipelineBase:
     # "guidance", "grid"; "guidance_range": the folded-in scales it was trained on)
     defaults: dict = field(default_factory=dict)
     family: Family | None = None  # None: guessed from the text encoder
+    # components a family needs beyond these (Stable Audio's "projection_model", a vocoder)
+    extras: dict[str, nn.Module] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -80,16 +82,43 @@ class PipelineBase:
 
     @property
     def latent_channels(self) -> int:
-        if self.autoencoder is None:
-            return int(self.network.config.out_channels)
-        return self.autoencoder.config.latent_channels
+        channels = getattr(getattr(self.autoencoder, "config", None), "latent_channels", None)
+        return int(self.network.config.out_channels if channels is None else channels)
+
+    @property
+    def media(self) -> str:
+        """What the model draws: ``"image"``, ``"video"`` or ``"audio"`` (its family's)."""
+        return self.family.media
+
+    @property
+    def sample_rate(self) -> int:
+        """An audio model's samples per second (one line for other models)."""
+        if self.media != "audio":
+            raise ValueError(f"this model draws {self.media}s; only audio has a sample rate")
+        return self.family.sample_rate(self)
+
+    @property
+    def max_seconds(self) -> float:
+        """The longest audio a fixed-length model makes: the network's ``sample_size`` latent
+        frames of its autoencoder's ``hop_length`` samples each; for a model that makes any
+        length (AudioLDM), its default length."""
+        hop = getattr(self.autoencoder, "hop_length", None)
+        if hop is None:
+            return self.audio_span(0.0, None)[1]
+        return int(self.network.config.sample_size) * int(hop) / self.sample_rate
+
+    def audio_span(self, start: float, seconds: float | None) -> tuple[float, float]:
+        """The span ``(start, end)`` in seconds a request asks of an audio model, checked
+        (:attr:`Family.audio_span`)."""
+        return self.family.audio_span(
+            self, float(start), None if seconds is None else float(seconds)
+        )
 
     @property
     def latent_factor(self) -> int:
         """Pixels per latent pixel along a side (1 for a pixel-space model)."""
-        if self.autoencoder is None:
-            return 1
-        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
+        blocks = getattr(getattr(self.autoencoder, "config", None), "block_out_channels", None)
+        return 1 if blocks is None else 2 ** (len(blocks) - 1)
 
     @property
     def size_multiple(self) -> int:
@@ -137,22 +166,38 @@ class PipelineBase:
         width: int | None = None,
         height: int | None = None,
         negative: bool = False,
+        seconds: tuple[float, float] | None = None,
     ) -> dict:
         """The denoiser's keyword inputs for ``prompts`` (the ``negative`` branch of guidance or
-        not) at an image size (default :attr:`default_size`), as the family builds them."""
+        not) at an image size (default :attr:`default_size`) or, for audio, a span of
+        ``seconds`` (start, end), as the family builds them."""
         embedding = self.text_encoder.encode(prompts)
-        size = self.default_size
+        size = self.default_size if self.media != "audio" else 0
         context = ConditioningContext(
-            tuple(prompts), width or size, height or size, negative, self.text_encoder
+            tuple(prompts),
+            width or size,
+            height or size,
+            negative,
+            self.text_encoder,
+            seconds,
+            self.extras,
         )
         cond = self.family.conditioning(self.network, embedding, context)
         return _to(cond, self.device, self.dtype)
 
     def latent_shape(
-        self, batch: int, width: int, height: int, frames: int | None = None
+        self,
+        batch: int,
+        width: int,
+        height: int,
+        frames: int | None = None,
+        seconds: tuple[float, float] | None = None,
     ) -> tuple[int, ...]:
         """The shape of the latents of ``batch`` samples of this size (and frames, for video:
-        the network's ``num_frames`` unless ``frames`` is given)."""
+        the network's ``num_frames`` unless ``frames`` is given; for audio, of the span
+        ``seconds``: :attr:`Family.audio_shape`)."""
+        if self.media == "audio":
+            return self.family.audio_shape(self, batch, seconds or self.audio_span(0.0, None))
         if frames is None and self.family.media == "video":
             frames = int(self.network.config.num_frames)
         return self.family.latent_shape(
@@ -171,6 +216,8 @@ class PipelineBase:
         return {k: chosen[k] for k in SAMPLING}
 
     def check_size(self, width: int, height: int) -> None:
+        if self.media == "audio":
+            return
         m = self.size_multiple
         for name, side in (("width", width), ("height", height)):
             if side < m or side % m:
@@ -287,7 +334,10 @@ class PipelineBase:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space samples → images in [0, 1] (float32); clips ``(B, C, F, H, W)``
-        frame by frame through an image autoencoder."""
+        frame by frame through an image autoencoder; for audio, waveforms ``(B, channels,
+        samples)`` in [-1, 1] (:attr:`Family.decode_audio`)."""
+        if self.media == "audio":
+            return self.family.decode_audio(self, latents).float()
         if self.autoencoder is not None:
             latents = _images_from_latents(self.autoencoder, latents)
         return (latents.float() / 2 + 0.5).clamp(0, 1)

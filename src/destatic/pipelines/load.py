@@ -58,7 +58,7 @@ def load(
     if motion_adapter is not None:
         c.network, family = animate(c.network, family, _locate(motion_adapter))
     return Pipeline(
-        c.network, c.autoencoder, c.text_encoder, c.process, c.target, c.defaults, family
+        c.network, c.autoencoder, c.text_encoder, c.process, c.target, c.defaults, family, c.extras
     )
 
 
@@ -87,8 +87,13 @@ def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> 
     diffusers_class = pipeline.family.diffusers_pipeline
     library = "destatic" if diffusers_class is None else "diffusers"
     index = {"_class_name": diffusers_class or "DestaticPipeline", "vae": [None, None]}
-    for key, module in ((network_key, pipeline.network), ("vae", pipeline.autoencoder)):
+    parts = [(network_key, pipeline.network), ("vae", pipeline.autoencoder)]
+    for key, module in [*parts, *pipeline.extras.items()]:
         if module is None:
+            continue
+        if hasattr(module, "save_pretrained"):  # a transformers model (AudioLDM's vocoder)
+            module.save_pretrained(folder / key, safe_serialization=True)
+            index[key] = ["transformers", type(module).__name__]
             continue
         name = saved_as(module)[1]
         config = module.config.to_dict()

@@ -20,6 +20,7 @@ from destatic.pipelines.base import PipelineBase
 from destatic.pipelines.prompt_chunks import same_token_count
 from destatic.pipelines.request import GenerationRequest
 from destatic.pipelines.stages import (
+    audio_span,
     encode_conditioning,
     initial_state,
     prepare_inputs,
@@ -53,7 +54,9 @@ class Pipeline(PipelineBase):
         progress: bool = False,
         preview: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Media for ``request`` as a float tensor in [0, 1] ([B, C, H, W] for images).
+        """Media for ``request`` as a float tensor in [0, 1] ([B, C, H, W] for images,
+        [B, C, F, H, W] for clips); for an audio model, waveforms [B, channels, samples] in
+        [-1, 1], cut to the span the request asks for (``seconds_start`` … ``+ seconds``).
 
         ``noise`` replaces the seeded initial noise (unit variance, latent shape); ``sigmas``
         the request's grid; ``callback(StepInfo)`` sees every step; ``progress`` shows a bar;
@@ -67,11 +70,15 @@ class Pipeline(PipelineBase):
             images = self._draw(r, noise, sigmas, **live)
             if r.hires_scale != 1:
                 images = self._draw(self.hires_request(r, images), None, None, **live)
+        if self.media == "audio":
+            start, end = audio_span(self, r)
+            rate = self.sample_rate
+            return images[..., int(start * rate) : int(end * rate)]
         return images
 
     def _draw(self, r: GenerationRequest, noise, sigmas, *, callback, progress, preview):
         """One pass of the stages for a resolved request (see :meth:`run`)."""
-        info = sampler_info(r.sampler)  # unknown names fail before any work
+        sampler_info(r.sampler)  # unknown names fail before any work
         self.use_loras(r.loras)
         inputs = prepare_inputs(r, self.default_size, len(r.prompts))
         self.check_size(inputs.width, inputs.height)
@@ -99,7 +106,7 @@ class Pipeline(PipelineBase):
                 sigmas,
                 generator=state.generators,
                 callback=report,
-                **({"process": self.process} if info.needs_process else {}),
+                process=self.process,  # tcd reads it; it picks the noise (CosineEDM)
                 **r.sampler_options,
             )
         return self.decode(latents)
@@ -108,6 +115,8 @@ class Pipeline(PipelineBase):
         """The hires fix's second pass (A1111's): the first pass's ``images`` enlarged by
         ``r.hires_scale`` with Lanczos (sides rounded to the model's multiple), redrawn image →
         image at ``r.hires_strength`` with the same prompts and seeds."""
+        if self.media == "audio":
+            raise ValueError("the hires pass is for images; leave hires_scale at 1 for audio")
         if r.hires_scale < 1:
             raise ValueError(f"hires_scale must be at least 1, got {r.hires_scale:g}")
         if r.image is not None or r.controlnet is not None:
@@ -160,8 +169,11 @@ class Pipeline(PipelineBase):
 
     def __call__(self, prompt: str | Sequence[str], **kwargs):
         """``generate`` as a list of ``PIL.Image`` (the docs/architecture.md contract); for a
-        video model, a list of clips, each a list of frames."""
+        video model, a list of clips, each a list of frames; for an audio model, a list of
+        float32 numpy waveforms (channels, samples) at :attr:`sample_rate`."""
         media = self.generate(prompt, **kwargs)
+        if self.media == "audio":
+            return list(media.cpu().numpy())
         if media.ndim == 5:  # (B, C, F, H, W)
             return [to_pil(clip.transpose(0, 1)) for clip in media]
         return to_pil(media)
@@ -182,6 +194,8 @@ class Pipeline(PipelineBase):
             dtype = pick_dtype(dtype, device or self.device)
         self.network.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device, dtype=dtype)
+        for module in self.extras.values():
+            module.to(device=device, dtype=dtype)
         if self.autoencoder is not None:
             self.autoencoder.to(device=device, dtype=upcast_dtype(self.autoencoder.config, dtype))
         return self

@@ -59,6 +59,7 @@ _FLOATS = (
     "control_start",
     "control_end",
     "seconds",
+    "seconds_start",
 )
 _FLAGS = ("keep_unmasked", "control_canny", "vae_tiling")
 _SOURCES = ("config", "tokenizer", "vae", "motion_adapter")  # load()'s keywords beside the model
@@ -115,7 +116,8 @@ class GenerationRequest:
     loras: list[list] = field(default_factory=list)
     # other media: frames of a video model, seconds of an audio model
     num_frames: int | None = None
-    seconds: float | None = None
+    seconds: float | None = None  # duration of the audio (None: as long as the model makes)
+    seconds_start: float = 0.0  # where it starts in the model's timeline (Stable Audio's)
     # large images: a hires-fix pass (draw, enlarge by hires_scale with Lanczos, then image →
     # image at hires_strength; 1 = off) and a VAE run in overlapping tiles (bounded memory)
     hires_scale: float = 1.0
@@ -295,17 +297,28 @@ class GenerationRequest:
 
     @classmethod
     def from_file(cls, path: str | Path) -> GenerationRequest:
-        """The request a file written by ``destatic generate`` was drawn with: a video's
-        (``.mp4``, ``.gif``, ``.webp``: the JSON in its metadata), else a PNG's
-        (:meth:`from_png`)."""
-        from destatic.io.video import READ_SUFFIXES, read_video_comment
+        """The request a file written by ``destatic generate`` was drawn with: a sound's
+        (``.wav``, ``.flac``, …) or a video's (``.mp4``, ``.gif``, ``.webp``: the JSON in its
+        metadata), else a PNG's (:meth:`from_png`)."""
+        from destatic.io.audio import READ_SUFFIXES as SOUNDS
+        from destatic.io.audio import read_audio_request
+        from destatic.io.video import READ_SUFFIXES as VIDEOS
+        from destatic.io.video import read_video_comment
 
-        if Path(path).suffix.lower() not in READ_SUFFIXES:
+        suffix = Path(path).suffix.lower()
+        if suffix in SOUNDS:
+            try:
+                stored = read_audio_request(path)
+            except FileNotFoundError as e:
+                raise RequestError(str(e)) from None
+            text, what = (None if stored is None else json.dumps(stored)), "sounds"
+        elif suffix in VIDEOS:
+            text, what = read_video_comment(path), "videos"
+        else:
             return cls.from_png(path)
-        text = read_video_comment(path)
         if text is None:
             raise RequestError(
-                f"{path} carries no destatic generation parameters: only videos written by "
+                f"{path} carries no destatic generation parameters: only {what} written by "
                 "destatic generate do"
             )
         try:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Conditioning",
     "State",
+    "audio_span",
     "encode_conditioning",
     "initial_state",
     "prepare_inputs",
@@ -128,6 +129,8 @@ def encode_conditioning(
     size = {"width": r.width, "height": r.height}
     if inputs is not None:
         size = {"width": inputs.width, "height": inputs.height}
+    if pipe.media == "audio":
+        size = {"seconds": audio_span(pipe, r)}
     reads_image = pipe.family.image_conditioning
     image = reads_image(pipe, r, inputs) if reads_image is not None else {}
     cond = {**pipe.conditioning(prompts, **size), **image}
@@ -151,6 +154,11 @@ def encode_conditioning(
     if guidance != 1:
         uncond = {**pipe.conditioning(negatives, negative=True, **size), **image}
     return Conditioning(cond, uncond, guidance)
+
+
+def audio_span(pipe: Pipeline, r: GenerationRequest) -> tuple[float, float] | None:
+    """The span (start, end) in seconds an audio request asks for (None for other media)."""
+    return pipe.audio_span(r.seconds_start, r.seconds) if pipe.media == "audio" else None
 
 
 def strength_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
@@ -184,7 +192,9 @@ def sigma_grid(
     if sigmas is None:
         size = pipe.default_size
         width, height = (inputs.width, inputs.height) if inputs else (r.width, r.height)
-        shape = pipe.latent_shape(1, width or size, height or size, r.num_frames)
+        shape = pipe.latent_shape(
+            1, width or size, height or size, r.num_frames, audio_span(pipe, r)
+        )
         process = pipe.family.process_for(pipe.process, shape)
         if r.image is not None and (r.sampler, r.grid) == ("lcm", "lcm"):
             return make_sigmas("lcm", r.steps, process=process, strength=r.strength)
@@ -213,7 +223,7 @@ def initial_state(
     variations), scaled to σ_0; image → image adds the encoded image, except inpainting at full
     strength, which starts from pure noise (as diffusers' img2img and inpaint pipelines do)."""
     batch = len(r.prompts)
-    shape = pipe.latent_shape(batch, inputs.width, inputs.height, r.num_frames)
+    shape = pipe.latent_shape(batch, inputs.width, inputs.height, r.num_frames, audio_span(pipe, r))
     gens = generators(r.seeds)
     if noise is None:
         noise = randn(shape, gens, device=pipe.device, dtype=pipe.dtype)

@@ -72,7 +72,8 @@ def draw_captions(
 
 
 class CaptionBank:
-    """Every distinct caption encoded once: ``tokens[i]``, ``pooled[i]``; index 0 is ``""``.
+    """Every distinct caption encoded once: ``tokens[i]``, ``pooled[i]`` and the tokens'
+    padding ``mask[i]`` (True for real tokens); index 0 is ``""``.
 
     The embeddings are cached under ``$DESTATIC_CACHE/text`` keyed by the encoder's weights,
     its ``max_length`` and the captions, so a resumed or repeated run skips the encoding.
@@ -94,20 +95,24 @@ class CaptionBank:
         h.update("\n".join(names).encode())
         path = (cache_dir or cache_root() / "text") / f"{h.hexdigest()[:20]}.safetensors"
         stored = _read_cache(path)
-        if stored is not None:
+        if stored is not None and "mask" in stored:  # caches of earlier versions lack the mask
             self.tokens, self.pooled = stored["tokens"], stored["pooled"]
+            self.mask = stored["mask"].bool()
             return
         from tqdm.auto import tqdm
 
-        tokens, pooled = [], []
+        tokens, pooled, mask = [], [], []
         starts = range(0, len(names), batch_size)
         for start in tqdm(starts, desc="encoding captions", disable=not progress):
             emb = encoder.encode(names[start : start + batch_size])
             tokens.append(emb.tokens.float().cpu())
             pooled.append(emb.pooled.float().cpu())
+            mask.append(emb.mask.cpu())
         self.tokens = torch.cat(tokens)  # [K, T, D]
         self.pooled = torch.cat(pooled)  # [K, P]
-        _write_cache(path, {"tokens": self.tokens, "pooled": self.pooled})
+        self.mask = torch.cat(mask).bool()  # [K, T]
+        cached = {"tokens": self.tokens, "pooled": self.pooled, "mask": self.mask.to(torch.uint8)}
+        _write_cache(path, cached)
 
     def __len__(self) -> int:
         return len(self.index)

@@ -11,6 +11,8 @@ from destatic.models.text import (
 )
 from destatic.models.wan_text import UMT5TextEncoder, WanImagePromptEncoder
 from destatic.pipelines.families.animatediff import ANIMATEDIFF
+from destatic.pipelines.families.audio import AUDIO, is_audio_network
+from destatic.pipelines.families.audioldm import AUDIOLDM, CLAPTextEncoder
 from destatic.pipelines.families.base import (
     FAMILIES,
     Components,
@@ -26,12 +28,15 @@ from destatic.pipelines.families.own import OWN
 from destatic.pipelines.families.pixart import PIXART, PIXART_SIGMA, TOKENS
 from destatic.pipelines.families.sd3 import SD3
 from destatic.pipelines.families.sdxl import SDXL
+from destatic.pipelines.families.stable_audio import STABLE_AUDIO
 from destatic.pipelines.families.stable_diffusion import STABLE_DIFFUSION
 from destatic.pipelines.families.video import VIDEO, is_video_network
 from destatic.pipelines.families.wan import WAN, WAN_I2V
 
 __all__ = [
     "ANIMATEDIFF",
+    "AUDIO",
+    "AUDIOLDM",
     "DIT",
     "FAMILIES",
     "OWN",
@@ -39,6 +44,7 @@ __all__ = [
     "PIXART_SIGMA",
     "SD3",
     "SDXL",
+    "STABLE_AUDIO",
     "STABLE_DIFFUSION",
     "VIDEO",
     "WAN",
@@ -55,7 +61,12 @@ __all__ = [
 
 def default_family(text_encoder: TextEncoder, network: object = None) -> Family:
     """The family of a pipeline put together in code rather than loaded from a folder, told
-    by its text encoder (and a video network by its frame count)."""
+    by its text encoder (and a video network by its frame count, an audio network by its
+    class)."""
+    if is_audio_network(network):  # Stable Audio's on T5, ours on MiniLM
+        return STABLE_AUDIO if isinstance(text_encoder, T5TextEncoder) else AUDIO
+    if isinstance(text_encoder, CLAPTextEncoder):
+        return AUDIOLDM
     if isinstance(text_encoder, WanImagePromptEncoder):
         return WAN_I2V
     if isinstance(text_encoder, UMT5TextEncoder):

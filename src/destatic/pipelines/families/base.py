@@ -15,7 +15,12 @@ A family declares, in one small file, everything the generic pipeline must not h
   text encoder (the ``model_index.json`` entries it returns) and which diffusers pipeline class
   a saved folder is (None: a destatic folder);
 * ``image_conditioning(pipe, request, inputs)``: for a network that reads the input image
-  itself (Wan image→video), its extra keyword inputs (None: the image starts the sampling).
+  itself (Wan image→video), its extra keyword inputs (None: the image starts the sampling);
+* for audio (``media = "audio"``): ``load_extras`` (components beyond network, autoencoder and
+  text encoder: Stable Audio's ``projection_model``, AudioLDM's ``vocoder``), ``audio_span``
+  (the request's ``seconds_start``/``seconds`` checked and filled: the span in seconds),
+  ``audio_shape`` (the latents of that span), ``decode_audio`` (latents → waveforms) and
+  ``sample_rate``.
 
 The networks, the autoencoder and the scheduler load the same way for every family
 (:func:`load_components`). Register a new family with :func:`register_family`; adding SDXL or a
@@ -69,6 +74,7 @@ class Components:
     process: Process
     target: str | Target
     defaults: dict = field(default_factory=dict)
+    extras: dict[str, nn.Module] = field(default_factory=dict)  # e.g. "projection_model"
 
 
 def _image_latents(
@@ -82,14 +88,17 @@ def _image_latents(
 @dataclass(frozen=True)
 class ConditioningContext:
     """What a family's conditioning may read besides the text embedding: the prompts encoded,
-    whether they are the negative (unconditional) branch of guidance, the image size in pixels
-    and the pipeline's text encoder (its settings, e.g. SDXL's)."""
+    whether they are the negative (unconditional) branch of guidance, the image size in pixels,
+    the pipeline's text encoder (its settings, e.g. SDXL's) and, for audio, the span in seconds
+    (Stable Audio's timing conditioning)."""
 
     prompts: tuple[str, ...]
     width: int
     height: int
     negative: bool = False
     text_encoder: TextEncoder | None = None
+    seconds: tuple[float, float] | None = None  # audio: the span (start, end) asked for
+    extras: Mapping[str, Any] = field(default_factory=dict)  # the pipeline's extra components
 
 
 def _token_conditioning(
@@ -101,6 +110,36 @@ def _token_conditioning(
     if getattr(network, "takes_pooled", False):
         cond["pooled"] = embedding.pooled
     return cond
+
+
+def _fixed_length_span(pipe: Any, start: float, seconds: float | None) -> tuple[float, float]:
+    """The span ``(start, end)`` in seconds of a model that makes latents of one length (its
+    network's ``sample_size``): ``seconds`` None runs to the end; one line when the span does
+    not fit."""
+    longest = pipe.max_seconds
+    end = longest if seconds is None else start + seconds
+    if not (0 <= start < longest) or (seconds is not None and not seconds > 0):
+        raise ValueError(
+            f"seconds_start={start:g}, seconds={seconds}: need seconds_start ≥ 0 and seconds > 0"
+        )
+    if end > longest + 1e-6:
+        raise ValueError(
+            f"this model makes at most {longest:.3g} s of audio; asked for {start:g} … {end:g} s"
+        )
+    return start, min(end, longest)
+
+
+def _fixed_length_latents(pipe: Any, batch: int, span: tuple[float, float]) -> tuple[int, ...]:
+    """``(B, C, T)`` with T the network's ``sample_size``, whatever the span."""
+    return (batch, pipe.latent_channels, int(pipe.network.config.sample_size))
+
+
+def _autoencoder_waveforms(pipe: Any, latents: Any) -> Any:
+    return pipe.autoencoder.waveforms_from_latents(latents)
+
+
+def _autoencoder_rate(pipe: Any) -> int:
+    return int(pipe.autoencoder.config.sampling_rate)
 
 
 def _same_process(process: Process, latent_shape: tuple[int, ...]) -> Process:
@@ -153,10 +192,20 @@ class Family:
     # (pipeline, resolved request, inputs or None) → keyword inputs of both guidance branches;
     # None: the input image is the start (image → image) or a held frame
     image_conditioning: Callable[..., dict[str, Any]] | None = None
+    # audio (module docstring): components beyond the three, the span asked for, its latent
+    # shape, latents → waveforms (B, channels, samples) in [-1, 1], and the sample rate
+    load_extras: Callable[[Path, Mapping[str, Any]], dict[str, nn.Module]] | None = None
+    audio_span: Callable[..., tuple[float, float]] = _fixed_length_span
+    audio_shape: Callable[..., tuple[int, ...]] = _fixed_length_latents
+    decode_audio: Callable[..., Any] = _autoencoder_waveforms
+    sample_rate: Callable[..., int] = _autoencoder_rate
 
     def load(self, folder: Path, index: Mapping[str, Any]) -> Components:
         """The components of ``folder`` (its ``model_index.json`` is ``index``)."""
-        return load_components(folder, index, self.text_encoder, self.required)
+        components = load_components(folder, index, self.text_encoder, self.required)
+        if self.load_extras is not None:
+            components.extras = self.load_extras(folder, index)
+        return components
 
 
 FAMILIES: dict[str, Family] = {}
