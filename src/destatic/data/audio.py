@@ -28,10 +28,12 @@ from destatic.data.emoji import split_of
 from destatic.io import read_audio, write_atomic
 
 __all__ = [
+    "AUDIO_DATASETS",
     "AudioClips",
     "cache_dir",
     "cached_clips",
     "fit_length",
+    "load_audio_dataset",
     "load_mono",
     "resample",
     "sounding_span",
@@ -191,3 +193,23 @@ def cached_clips(
     clips = build()
     _save(path, clips)
     return clips
+
+
+#: The built-in captioned sound sets: name → (module, loader), each loader returning
+#: :class:`AudioClips` and taking ``sample_rate``, ``samples`` and ``progress``.
+AUDIO_DATASETS: dict[str, tuple[str, str]] = {
+    "notes": ("destatic.data.notes", "load_notes"),
+    "speech": ("destatic.data.speech", "load_speech"),
+    "effects": ("destatic.data.sound_effects", "load_sound_effects"),
+}
+
+
+def load_audio_dataset(name: str, **options: object) -> AudioClips:
+    """The :data:`AUDIO_DATASETS` set ``name`` (``options``: its loader's keywords); one line
+    for an unknown name."""
+    import importlib
+
+    if name not in AUDIO_DATASETS:
+        raise ValueError(f"unknown audio dataset {name!r}; choose from {', '.join(AUDIO_DATASETS)}")
+    module, loader = AUDIO_DATASETS[name]
+    return getattr(importlib.import_module(module), loader)(**options)

@@ -2,6 +2,8 @@
 (``[train] task``); :mod:`~destatic.training.tasks.base` says what a task is."""
 
 from destatic.training.tasks import (  # noqa: F401  (fill the registry)
+    audio,
+    audio_evaluator,
     autoencoder,
     control,
     denoiser,
@@ -11,6 +13,8 @@ from destatic.training.tasks import (  # noqa: F401  (fill the registry)
     reflow,
     video,
 )
+from destatic.training.tasks.audio import AudioTask
+from destatic.training.tasks.audio_evaluator import AudioEvaluatorTask
 from destatic.training.tasks.autoencoder import AutoencoderTask
 from destatic.training.tasks.base import TASKS, Batch, Task, make_task, register, task_sections
 from destatic.training.tasks.control import ControlTask
@@ -23,6 +27,8 @@ from destatic.training.tasks.video import VideoTask
 
 __all__ = [
     "TASKS",
+    "AudioEvaluatorTask",
+    "AudioTask",
     "AutoencoderTask",
     "Batch",
     "ControlTask",

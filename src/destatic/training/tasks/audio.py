@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from destatic.data.audio import AUDIO_DATASETS, load_audio_dataset
 from destatic.models.mel import MelCodec, MelCodecConfig
 from destatic.models.stable_audio import (
     StableAudioDiT,
@@ -45,7 +46,7 @@ from destatic.training.tasks.base import Batch, Task, network_config, register
 
 __all__ = ["AudioDenoiser", "AudioTask", "AudioTrainConfig", "audible_seconds"]
 
-DATASETS = ("notes", "speech", "effects", "folder")
+DATASETS = (*AUDIO_DATASETS, "folder")
 
 
 @dataclass
@@ -99,23 +100,13 @@ class AudioDenoiser(nn.Module):
 
 def _clips(cfg: Config, progress: bool):
     a: AudioTrainConfig = cfg.audio
-    rate, samples = a.sample_rate, a.samples
-    if a.dataset == "notes":
-        from destatic.data.notes import load_notes
-
-        return load_notes(rate, samples, progress=progress)
-    if a.dataset == "speech":
-        from destatic.data.speech import load_speech
-
-        return load_speech(sample_rate=rate, samples=samples, progress=progress)
-    if a.dataset == "effects":
-        from destatic.data.sound_effects import load_sound_effects
-
-        return load_sound_effects(sample_rate=rate, samples=samples, progress=progress)
+    options = {"sample_rate": a.sample_rate, "samples": a.samples, "progress": progress}
+    if a.dataset != "folder":
+        return load_audio_dataset(a.dataset, **options)
     require(bool(cfg.data.path), 'audio.dataset = "folder" needs [data] path')
     from destatic.data.audio_folder import load_audio_folder
 
-    return load_audio_folder(cfg.data.path, sample_rate=rate, samples=samples, progress=progress)
+    return load_audio_folder(cfg.data.path, **options)
 
 
 @register
