@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, NoReturn
 
 import typer
 
@@ -165,7 +165,8 @@ def data_clipart(
 
 
 MODEL_HELP = (
-    "Pipeline folder, a bundled one by name (emoji, emoji_inpaint, emoji_lcm), a repo id in "
+    "Pipeline folder, a bundled one by name (emoji, emoji_inpaint, emoji_lcm, emoji_video, "
+    "notes), a repo id in "
     "the local Hugging Face cache (org/name; never downloaded) or a single-file SD 1.x "
     ".safetensors checkpoint."
 )
@@ -251,7 +252,27 @@ FROM_REPLACES = (
     "lora",
     "hires",
     "hires_strength",
+    "seconds",
+    "seconds_start",
 )
+# generate options an audio model has no use for, and those only an audio model has
+NOT_FOR_AUDIO = (
+    "size",
+    "width",
+    "height",
+    "upscale",
+    "sheet",
+    "preview",
+    "frames",
+    "fps",
+    "image",
+    "mask",
+    "controlnet",
+    "control",
+    "hires",
+    "vae_tiling",
+)
+AUDIO_ONLY = ("seconds", "seconds_start", "spectrogram")
 
 
 def _fail(err: object) -> NoReturn:
@@ -265,6 +286,13 @@ def _finite(value: float | None) -> float | None:
     """Option callback: refuse inf and NaN (typer's ``min``/``max`` let them through)."""
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _positive(value: float | None) -> float | None:
+    """Option callback: a finite number above 0 (or unset)."""
+    if _finite(value) is not None and value <= 0:
+        raise typer.BadParameter(f"must be above 0, got {value:g}")
     return value
 
 
@@ -320,9 +348,12 @@ def _check_combinations(ctx: typer.Context) -> None:
 def _has_destatic_chunk(path: Path) -> bool:
     """Whether the PNG holds destatic's request (else A1111's text, which names no model
     folder: --model then says which model draws it)."""
+    from destatic.io import audio, video
     from destatic.pipelines.inputs import open_image
     from destatic.pipelines.request import CHUNK
 
+    if path.suffix.lower() in {*video.READ_SUFFIXES, *audio.READ_SUFFIXES}:
+        return True  # only destatic stores a request in a video or a sound
     return CHUNK in open_image(path, "RGB").info
 
 
@@ -363,9 +394,12 @@ def _slug(prompt: str) -> str:
 def _output_paths(out: Path, todo: list) -> list[Path]:
     """Where each image of ``todo`` goes, decided before any sampling: ``out`` itself when it
     is a .png and there is one image; else ``NNN-prompt-seedS.png`` in the folder ``out``."""
+    from destatic.io.audio import WRITE_SUFFIXES as AUDIO_SUFFIXES
     from destatic.io.video import WRITE_SUFFIXES
     from destatic.pipelines.output import OutputError
 
+    if out.suffix.lower() in AUDIO_SUFFIXES and not out.is_dir():
+        return _numbered(out, len(todo))
     if out.suffix.lower() in {".png", *WRITE_SUFFIXES} and not out.is_dir():
         if len(todo) > 1:
             raise OutputError(
@@ -377,25 +411,62 @@ def _output_paths(out: Path, todo: list) -> list[Path]:
     return [out / f"{i:03d}-{_slug(p.prompt)}-seed{p.seed}.png" for i, p in enumerate(todo)]
 
 
-def _media_paths(paths: list[Path], out: Path, video: bool) -> list[Path]:
-    """``paths`` for what the model draws: in a folder, a video model's clips are ``.mp4``;
-    a file named by ``-o`` must be of the model's kind (one line otherwise)."""
+def _numbered(path: Path, count: int) -> list[Path]:
+    """``path`` itself for one file; ``name-0.ext``, ``name-1.ext``, … for several."""
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def _media_paths(paths: list[Path], out: Path, media: str) -> list[Path]:
+    """``paths`` for what the model makes (``Family.media``): in a folder, a video model's
+    clips are ``.mp4`` and an audio model's sounds ``.wav``; a file named by ``-o`` must be of
+    the model's kind (one line otherwise)."""
+    from destatic.io.audio import WRITE_SUFFIXES as AUDIO_SUFFIXES
     from destatic.io.video import WRITE_SUFFIXES
 
-    if paths != [out]:
-        return [p.with_suffix(".mp4") for p in paths] if video else paths
-    if video and out.suffix.lower() not in {*WRITE_SUFFIXES, ".png"}:
+    suffix = out.suffix.lower()
+    if out.is_dir() or suffix not in {".png", *WRITE_SUFFIXES, *AUDIO_SUFFIXES}:  # a folder
+        folder_suffix = {"video": ".mp4", "audio": ".wav"}.get(media)
+        return [p.with_suffix(folder_suffix) for p in paths] if folder_suffix else paths
+    if media == "video" and suffix not in {*WRITE_SUFFIXES, ".png"}:
         kinds = ", ".join(sorted(WRITE_SUFFIXES))
         raise ValueError(
             f"-o {out}: this is a video model; name a {kinds} file, a .png (one PNG a frame: "
             "name-000.png, …) or a folder"
         )
-    if not video and out.suffix.lower() != ".png":
+    if media == "audio" and suffix not in AUDIO_SUFFIXES:
+        raise ValueError(
+            f"-o {out}: this is an audio model; name a .wav or .flac file or a folder "
+            f"(--spectrogram {out.with_suffix('.png').name} also draws each sound's spectrogram)"
+        )
+    if media == "image" and suffix != ".png":
         raise ValueError(f"-o {out}: this model draws images; name a .png file or a folder")
     return paths
 
 
-def _check_outputs(paths: list[Path], sheet: Path | None, preview: Path | None) -> None:
+def _check_media(ctx: typer.Context, media: str) -> None:
+    """Refuse options that would do nothing for what the model makes: an image model's sizes,
+    sheets and inputs for an audio model, and the seconds and spectrograms of an audio model
+    for the others."""
+    given = _given(ctx)
+    if media == "audio":
+        wrong = [_flag(ctx, name) for name in given if name in NOT_FOR_AUDIO]
+        if wrong:
+            raise ValueError(
+                f"{wrong[0]} is for image and video models; this is an audio model "
+                "(--seconds sets how long each sound lasts, --spectrogram draws it)"
+            )
+        return
+    wrong = [_flag(ctx, name) for name in given if name in AUDIO_ONLY]
+    if wrong:
+        made = "clips" if media == "video" else "images"
+        raise ValueError(f"{wrong[0]} needs an audio model; this model draws {made}")
+
+
+def _check_outputs(
+    paths: list[Path], sheet: Path | None, preview: Path | None, spectrogram: Path | None = None
+) -> None:
     """Every output folder exists (created if needed) and takes a file: a read-only or full
     disk fails here, before the model is loaded, not after sampling."""
     from destatic.pipelines.output import check_writable
@@ -403,18 +474,34 @@ def _check_outputs(paths: list[Path], sheet: Path | None, preview: Path | None) 
     check_writable(paths[0].parent, "-o")
     if sheet is not None:
         _check_file_output(sheet, "--sheet")
+    if spectrogram is not None:
+        if spectrogram.suffix.lower() != ".png":
+            raise ValueError(f"--spectrogram {spectrogram}: name a .png file")
+        _check_file_output(spectrogram, "--spectrogram")
     if preview is not None:
         check_writable(preview, "--preview")
 
 
+class _Sound(NamedTuple):
+    """One sound an audio model made: (channels, samples) float32 in [-1, 1], and its rate."""
+
+    waveform: Any
+    sample_rate: int
+
+
 def _write_one(path: Path, image, request, upscale: int, fps: int) -> None:
-    """One image as a PNG, or one clip (a list of frames) as a video or, for a .png path, as
-    numbered PNG frames, with its request."""
+    """One image as a PNG, one clip (a list of frames) as a video or, for a .png path, as
+    numbered PNG frames, or one sound as a WAV or FLAC, with its request."""
     import numpy as np
 
     from destatic.io.video import write_video
     from destatic.pipelines.output import write_png_atomic
 
+    if isinstance(image, _Sound):
+        from destatic.io.audio import write_audio
+
+        write_audio(path, image.waveform, image.sample_rate, request.to_dict())
+        return
     frames = image if isinstance(image, list) else [image]
     if upscale > 1:
         frames = [f.resize((f.width * upscale, f.height * upscale), 0) for f in frames]
@@ -490,6 +577,25 @@ def _write_sheet(images: list, todo: list, sheet: Path, fps: int) -> None:
     typer.echo(f"wrote {sheet}")
 
 
+def _write_spectrograms(sounds: list[_Sound], todo: list, path: Path) -> None:
+    """Each sound's spectrogram as a PNG (``path``, or ``name-0.png``, … for several) holding
+    the sound's request, so ``--from`` on it makes the sound again; a failed write is an
+    OutputError."""
+    from destatic.io.audio import spectrogram_image
+    from destatic.pipelines.output import OutputError, describe_os_error, write_png_atomic
+
+    for sound, request, target in zip(sounds, todo, _numbered(path, len(sounds)), strict=True):
+        image = spectrogram_image(sound.waveform, sound.sample_rate)
+        try:
+            write_png_atomic(target, image, request.png_info())
+        except OSError as err:
+            raise OutputError(
+                f"could not write --spectrogram {target} ({describe_os_error(err)}); "
+                "the sounds are written"
+            ) from None
+        typer.echo(f"wrote {target}")
+
+
 def _out_of_memory(err: RuntimeError) -> bool:
     """Whether a RuntimeError from torch is a failed allocation."""
     text = str(err).lower()
@@ -533,6 +639,8 @@ def _request_from_options(o: dict) -> GenerationRequest:
         keep_unmasked=o["mask"] is not None,  # the kept pixels come back as they were
         variation_seed=o["variation_seed"],
         variation_strength=o["variation_strength"],
+        seconds=o["seconds"],
+        seconds_start=o["seconds_start"],
         controlnet=_path(o["controlnet"]),
         control_image=_path(o["control"]),
         control_canny=o["canny"],
@@ -548,8 +656,9 @@ def _request_from_options(o: dict) -> GenerationRequest:
 
 
 def _request_from_file(o: dict) -> GenerationRequest:
-    """The request stored in the ``--from`` PNG (or video); with ``--variation-strength``, ``-n``
-    variations of it, one per variation seed (the stored seed + 1, … or ``--variation-seed``)."""
+    """The request stored in the ``--from`` PNG (or video, or sound); with
+    ``--variation-strength``, ``-n`` variations of it, one per variation seed (the stored seed
+    + 1, … or ``--variation-seed``)."""
     import dataclasses
 
     from destatic.pipelines import GenerationRequest
@@ -572,8 +681,8 @@ def _request_from_file(o: dict) -> GenerationRequest:
 
 
 def _draw(ctx: typer.Context, out: Path, sheet: Path | None, preview: Path | None):
-    """Build, route and resolve the request; check the outputs; sample. Returns the images,
-    the request of each and their paths."""
+    """Build, route and resolve the request; check the outputs; sample. Returns the images
+    (clips, or an audio model's sounds), the request of each and their paths."""
     from destatic.pipelines import load, to_pil
     from destatic.pipelines.devices import pick_device
 
@@ -586,14 +695,19 @@ def _draw(ctx: typer.Context, out: Path, sheet: Path | None, preview: Path | Non
         raise ValueError("--controlnet and --control go together")
     todo = [request.for_image(i) for i in range(len(request.prompts))]
     paths = _output_paths(out, todo)
-    _check_outputs(paths, sheet, preview)
+    _check_outputs(paths, sheet, preview, o["spectrogram"])
     pipe = load(request.model or None, **request.load_options()).to(device, dtype)
-    paths = _media_paths(paths, out, pipe.family.media == "video")
+    _check_media(ctx, pipe.family.media)
+    paths = _media_paths(paths, out, pipe.family.media)
     for name in ("size", "width", "height"):
-        _check_side(o[name], pipe.size_multiple, _flag(ctx, name))
+        if o[name] is not None:
+            _check_side(o[name], pipe.size_multiple, _flag(ctx, name))
     request = request.resolved(pipe)
     live = {"progress": o["progress"], "preview": _preview_writer(preview, todo)}
     media = pipe.run(request, **live)
+    if pipe.family.media == "audio":  # waveforms (B, C, samples)
+        sounds = [_Sound(w.float().cpu().numpy(), pipe.sample_rate) for w in media]
+        return sounds, [request.for_image(i) for i in range(len(sounds))], paths
     # images: one PIL image each; clips: a list of frames each
     images = [to_pil(c.transpose(0, 1)) for c in media] if media.ndim == 5 else to_pil(media)
     first = [im[0] if isinstance(im, list) else im for im in images]
@@ -609,7 +723,8 @@ OutPath = Annotated[
         "-o",
         "--out",
         help="A folder (created if needed; NNN-prompt-seedS.png per image), or a .png file "
-        "when the call makes one image.",
+        "when the call makes one image; an audio model's a .wav or .flac file (name-0.wav, … "
+        "for several sounds).",
     ),
 ]
 Steps = Annotated[
@@ -750,6 +865,28 @@ Frames = Annotated[
     typer.Option(min=1, max=256, help="Frames per clip, for video models (default: the model's)."),
 ]
 Fps = Annotated[int, typer.Option(min=1, max=120, help="Frames per second of written videos.")]
+Seconds = Annotated[
+    float | None,
+    typer.Option(
+        callback=_positive,
+        help="Audio models: how long each sound lasts (default: the model's).",
+    ),
+]
+SecondsStart = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        callback=_finite,
+        help="Audio models: where the sound starts in the model's time (timing conditioning).",
+    ),
+]
+SpectrogramPath = Annotated[
+    Path | None,
+    typer.Option(
+        help="Audio models: also write each sound's spectrogram as this PNG (name-0.png, … for "
+        "several), holding the request as the sound does."
+    ),
+]
 PreviewDir = Annotated[
     Path | None,
     typer.Option(help="Write a sheet of the decoded estimate x̂0 after every step to this folder."),
@@ -802,6 +939,9 @@ def generate(
     vae_tiling: VaeTiling = False,
     frames: Frames = None,
     fps: Fps = 8,
+    seconds: Seconds = None,
+    seconds_start: SecondsStart = 0.0,
+    spectrogram: SpectrogramPath = None,
     vae: VaePath = None,
     motion_adapter: MotionAdapterPath = None,
     tokenizer: TokenizerPath = None,
@@ -811,7 +951,8 @@ def generate(
 ) -> None:
     """Text → image (or image → image, inpainting, control) with any sampler; writes one PNG
     per image, with the request that draws it in the PNG's text chunks (A1111's "parameters"
-    and a "destatic" JSON that --from reads back)."""
+    and a "destatic" JSON that --from reads back). A video model writes clips, an audio model
+    WAV or FLAC sounds (the request in their metadata, for --from too)."""
     from destatic.sampling import NonFiniteError
 
     try:
@@ -830,6 +971,8 @@ def generate(
         _write_images(images, todo, paths, upscale, fps)
         if sheet is not None:
             _write_sheet(images, todo, sheet, fps)
+        if spectrogram is not None:
+            _write_spectrograms(images, todo, spectrogram)
     except ValueError as err:
         _fail(err)
 
@@ -846,6 +989,11 @@ def export(
 
     import destatic
     from destatic.io import CheckpointError, read_json
+    from destatic.metrics.audio import (
+        is_audio_evaluator_folder,
+        load_audio_classifier,
+        save_audio_evaluator,
+    )
     from destatic.metrics.evaluator import (
         is_evaluator_folder,
         load_image_text_model,
@@ -860,6 +1008,8 @@ def export(
         dtype = torch.float16 if half else None
         if is_evaluator_folder(source):
             save_evaluator(load_image_text_model(source), dest, dtype=dtype)
+        elif is_audio_evaluator_folder(source):
+            save_audio_evaluator(load_audio_classifier(source), dest, dtype=dtype)
         elif (source / "config.json").is_file() and not (source / "model_index.json").is_file():
             component = load_component(source)  # a ControlNet, a VAE, a U-Net, …
             name = read_json(source / "config.json")["_class_name"]
@@ -948,6 +1098,25 @@ def _eval_video(pipe, scorer, n: int, seed: int, batch: int, out: Path, baseline
     typer.echo(f"wrote {out / 'results.md'}, {out / 'results.json'}")
 
 
+def _eval_audio(pipe, evaluator: Path | None, n: int, seed: int, batch: int, out: Path) -> None:
+    """``destatic eval`` on an audio model: the pitch / label / FAD table of held-out and train
+    compositions (destatic.metrics.audio) as results.md and results.json, and the spectrograms
+    of generated vs real held-out sounds as spectrograms.png, in ``out``."""
+    from destatic.io import write_atomic
+    from destatic.metrics.audio import audio_table, evaluate_audio, load_audio_evaluator
+
+    scorer = load_audio_evaluator(evaluator)
+    rows, sheet = evaluate_audio(pipe, scorer, n=n, seed=seed, batch_size=batch)
+    table = audio_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+    rows_json = [r.as_dict() for r in rows]
+    (out / "results.json").write_text(json.dumps(rows_json, indent=2), encoding="utf-8")
+    write_atomic(out / "spectrograms.png", lambda f: sheet.save(f, format="PNG"))
+    typer.echo(table)
+    typer.echo(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'spectrograms.png'}")
+
+
 def _check_eval_choices(metrics: list[str]) -> None:
     """Known metrics (at least one), checked before any model is loaded."""
     choices = f"choose from {', '.join(EVAL_METRICS)}"
@@ -1026,8 +1195,9 @@ def eval_(
         check_writable(out, "-o")
         pipe = destatic.load(model).to(*pick_device(device, dtype))
         if pipe.family.media == "video":
-            _eval_video(pipe, load_evaluator(evaluator), n, seed, batch_size, out, baseline)
-            return
+            return _eval_video(pipe, load_evaluator(evaluator), n, seed, batch_size, out, baseline)
+        if pipe.family.media == "audio":
+            return _eval_audio(pipe, evaluator, n, seed, batch_size, out)
         reference = reference_set(data, pipe.default_size, data_path, n=n, seed=seed)
         scorer = load_evaluator(evaluator) if {"retrieval", "clip"} & set(wanted) else None
         inception = InceptionFeatures() if {"fid", "kid", "pr"} & set(wanted) else None
@@ -1074,6 +1244,9 @@ def serve(
     max_images: int = typer.Option(8, min=1, help="Most images per request."),
     max_steps: int = typer.Option(100, min=1, help="Most sampler steps per request."),
     max_frames: int = typer.Option(64, min=1, help="Most frames per clip (video models)."),
+    max_seconds: float = typer.Option(
+        30.0, callback=_positive, help="Longest sound in seconds (audio models)."
+    ),
     queue: int = typer.Option(16, min=0, help="Requests that may wait behind the running one."),
     controlnet: Path = typer.Option(
         None, help="A ControlNet folder for the Control tab (default: the bundled one)."
@@ -1090,8 +1263,8 @@ def serve(
     device: DeviceName = "auto",
     dtype: DtypeName = "auto",
 ) -> None:
-    """Web UI (text → image, image → image, inpainting; a video model's Video tab) and HTTP API
-    on one local server."""
+    """Web UI (text → image, image → image, inpainting; a video model's Video tab, an audio
+    model's Audio tab) and HTTP API on one local server."""
     from destatic.io import CheckpointError
     from destatic.pipelines.devices import pick_device
     from destatic.serve import Access, Limits, create_app
@@ -1110,6 +1283,7 @@ def serve(
         max_images=max_images,
         max_steps=max_steps,
         max_frames=max_frames,
+        max_seconds=max_seconds,
         max_waiting=queue,
     )
     try:

@@ -6,8 +6,9 @@
 The UI lives at ``/``, the JSON API under ``/api`` (:mod:`destatic.serve.api`), and gradio's
 own API under ``/gradio_api``. A video model (``Family.media == "video"``, e.g. the bundled
 ``emoji_video``) gets a Video tab and MP4 answers (:mod:`destatic.serve.videos`) instead of the
-image tabs and PNGs. One generation runs at a time (``concurrency``); further
-requests wait in a bounded queue and are refused once it is full. ``access``
+image tabs and PNGs; an audio model (``"audio"``, e.g. the bundled ``notes``) an Audio tab and
+WAV answers (:mod:`destatic.serve.audio`). One generation runs at a time (``concurrency``);
+further requests wait in a bounded queue and are refused once it is full. ``access``
 (:class:`~destatic.serve.security.Access`) adds a login, an API token and other sites allowed
 to call; whatever it says, :mod:`destatic.serve.security` guards both (body size, origin, file
 arguments).
@@ -87,8 +88,8 @@ def create_app(
 def _service(model, limits: Limits, pipeline, controlnet, where=(None, None)) -> GenerationService:
     """The service on ``model`` (or ``pipeline``) with its companions: the bundled default
     model gets its inpainting variant for masked requests and its ControlNet
-    (:func:`destatic.bundled.companions`); ``controlnet`` names another. A video model has
-    none. ``where`` is the (device, dtype) of every pipeline (None: as loaded)."""
+    (:func:`destatic.bundled.companions`); ``controlnet`` names another. A video or audio
+    model has none. ``where`` is the (device, dtype) of every pipeline (None: as loaded)."""
     from destatic.bundled import companions
     from destatic.models.registry import load_component
     from destatic.pipelines import load
@@ -96,13 +97,15 @@ def _service(model, limits: Limits, pipeline, controlnet, where=(None, None)) ->
     found = companions(model)
     if pipeline is None:
         pipeline = load(model)
-    if pipeline.family.media not in ("image", "video"):
+    media = pipeline.family.media
+    if media not in ("image", "video", "audio"):
         raise ValueError(
-            f"the server draws images and videos, and {model} is a {pipeline.family.media} "
-            f"model; use destatic generate PROMPT --model {model}"
+            f"the server makes images, videos and sounds, and {model} is a {media} model; "
+            f"use destatic generate PROMPT --model {model}"
         )
-    if pipeline.family.media == "video" and controlnet is not None:
-        raise ValueError(f"--controlnet is for image models; {model} is a video model")
+    if media != "image" and controlnet is not None:
+        kind = "an audio" if media == "audio" else "a video"
+        raise ValueError(f"--controlnet is for image models; {model} is {kind} model")
     controlnet = controlnet or found.get("control")
     inpainter = found.get("inpaint")
     inpainter = None if inpainter is None else load(inpainter)

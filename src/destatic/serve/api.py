@@ -1,15 +1,19 @@
 """The HTTP API: JSON in, PNGs (base64, with their parameters in the PNG text chunks) out; for
-a video model, H.264 MP4s with their parameters in the file's ``comment`` metadata.
+a video model, H.264 MP4s with their parameters in the file's ``comment`` metadata; for an
+audio model, WAVs with their parameters in the file's metadata (:mod:`destatic.serve.audio`).
 
-    GET  /api/health      {"status": "ok", "model": …, "media": "image" | "video",
-                           "default_size": …, "num_frames": …, "limits": {…}}
+    GET  /api/health      {"status": "ok", "model": …, "media": "image" | "video" | "audio",
+                           "default_size": …, "num_frames": …, "sample_rate": …, "limits": {…}}
     GET  /api/samplers    {"samplers": […], "grids": […], "a1111": {label: sampler, …}}
     POST /api/generate    {"prompt": …, "steps": …, …, "image": base64 PNG?, "mask": …?}
                           → {"images": [base64 PNG…], "parameters": [{…}…], "warnings": […]}
                           a video model: {…, "num_frames": F?, "fps": 8?}
                           → {"videos": [base64 MP4…], "fps": …, "parameters": …, "warnings": …}
     POST /api/generate.png  the same request → the first image as image/png
+                          an audio model: {…, "seconds": S?, "seconds_start": 0?}
+                          → {"audio": [base64 WAV…], "sample_rate": …, "parameters": …, …}
     POST /api/generate.mp4  a video model: the same request → the first clip as video/mp4
+    POST /api/generate.wav  an audio model: the same request → the first sound as audio/wav
 
 Bad requests answer 400 with {"error": "…"}; a full waiting line answers 503; the guards of
 :mod:`destatic.serve.security` answer 401, 403, 411, 413 and 415 before a request gets here.
@@ -33,6 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from destatic.pipelines import GenerationRequest
+from destatic.serve.audio import wav_bytes
 from destatic.serve.images import load_image
 from destatic.serve.service import (
     Busy,
@@ -47,6 +52,13 @@ from destatic.serve.videos import mp4_bytes
 __all__ = ["add_api_routes", "internal_error", "parse_request", "png_bytes"]
 
 IMAGE_MODES = {"image": "RGB", "mask": "L", "control_image": "RGB"}
+# the endpoint answering each kind of model (Family.media) with one file, and its name
+ENDPOINTS = {
+    "image": "/api/generate.png",
+    "video": "/api/generate.mp4",
+    "audio": "/api/generate.wav",
+}
+KINDS = {"image": "an image", "video": "a video", "audio": "an audio"}
 
 
 def png_bytes(image, request: GenerationRequest) -> bytes:
@@ -92,9 +104,19 @@ def parse_request(body: bytes, limits: Limits) -> tuple[GenerationRequest, Any]:
 
 
 def _encode(result: Generated, fps: int, folder: str) -> dict:
-    """The JSON answer: base64 PNGs, or for a video model base64 MP4s played at ``fps``."""
+    """The JSON answer: base64 PNGs, for a video model base64 MP4s played at ``fps``, for an
+    audio model base64 WAVs."""
     pairs = list(zip(result.images, result.requests, strict=True))
     params = [r.to_dict() for r in result.requests]
+    if result.sounds:
+        rate = result.sample_rate
+        sounds = [base64.b64encode(wav_bytes(w, rate, r, folder)).decode("ascii") for w, r in pairs]
+        return {
+            "audio": sounds,
+            "sample_rate": rate,
+            "parameters": params,
+            "warnings": result.warnings,
+        }
     if result.clips:
         videos = [base64.b64encode(mp4_bytes(c, r, fps, folder)).decode("ascii") for c, r in pairs]
         return {"videos": videos, "fps": fps, "parameters": params, "warnings": result.warnings}
@@ -108,13 +130,12 @@ async def internal_error(http: HttpRequest, error: Exception) -> JSONResponse:
     return JSONResponse({"error": "internal server error (logged on the server)"}, 500)
 
 
-def _wrong_media(service: GenerationService, video: bool) -> JSONResponse | None:
-    """A 400 naming the right endpoint when an endpoint for clips (``video``) or for images
-    is called on a model that draws the other."""
-    if service.video == video:
+def _wrong_media(service: GenerationService, media: str) -> JSONResponse | None:
+    """A 400 naming the right endpoint when the endpoint for ``media`` ("image", "video",
+    "audio") is called on a model that makes another."""
+    if service.media == media:
         return None
-    right = "/api/generate.mp4" if service.video else "/api/generate.png"
-    kind = "a video" if service.video else "an image"
+    kind, right = KINDS[service.media], ENDPOINTS[service.media]
     return JSONResponse({"error": f"this is {kind} model: POST {right}"}, status_code=400)
 
 
@@ -130,8 +151,9 @@ def add_api_routes(app, service: GenerationService, folder: str | None = None) -
         return {
             "status": "ok",
             "model": service.model_name or "destatic default",
-            "media": "video" if service.video else "image",
+            "media": service.media,
             "num_frames": service.default_frames,
+            "sample_rate": service.sample_rate,
             "default_size": service.pipeline.default_size,
             "size_multiple": service.pipeline.size_multiple,
             "defaults": service.defaults,
@@ -166,7 +188,7 @@ def add_api_routes(app, service: GenerationService, folder: str | None = None) -
 
     @app.post("/api/generate.png")
     async def generate_png(http: HttpRequest):
-        answer = _wrong_media(service, video=False) or await run_request(http)
+        answer = _wrong_media(service, "image") or await run_request(http)
         if isinstance(answer, JSONResponse):
             return answer
         result = answer[0]
@@ -175,7 +197,7 @@ def add_api_routes(app, service: GenerationService, folder: str | None = None) -
 
     @app.post("/api/generate.mp4")
     async def generate_mp4(http: HttpRequest):
-        answer = _wrong_media(service, video=True) or await run_request(http)
+        answer = _wrong_media(service, "video") or await run_request(http)
         if isinstance(answer, JSONResponse):
             return answer
         result, fps = answer
@@ -183,3 +205,14 @@ def add_api_routes(app, service: GenerationService, folder: str | None = None) -
         return Response(
             await run_in_threadpool(mp4_bytes, clip, request, fps, folder), media_type="video/mp4"
         )
+
+    @app.post("/api/generate.wav")
+    async def generate_wav(http: HttpRequest):
+        answer = _wrong_media(service, "audio") or await run_request(http)
+        if isinstance(answer, JSONResponse):
+            return answer
+        result = answer[0]
+        wav = await run_in_threadpool(
+            wav_bytes, result.images[0], result.sample_rate, result.requests[0], folder
+        )
+        return Response(wav, media_type="audio/wav")

@@ -1,6 +1,6 @@
 """One generation service behind the web UI and the HTTP API: checks a request against the
 server's limits, runs it on the pipeline one at a time, and returns PNG-ready images (or, for
-a video model, clips of frames) with their parameters.
+a video model, clips of frames; for an audio model, waveforms) with their parameters.
 
 Every check happens before any work, and every failure is a :class:`RequestError` with a
 one-line message for the user; the service itself never ends up in a bad state, so a burst of
@@ -49,6 +49,7 @@ class Limits:
     max_body_bytes: int = 16 * 2**20  # one HTTP request body
     max_frames: int = 64  # per clip, for a video model
     max_fps: int = 120  # frames per second of a video's playback
+    max_seconds: float = 30.0  # per sound, for an audio model
 
 
 # What a client may set; the server fills the rest (its model, ControlNet and routing), so no
@@ -79,8 +80,12 @@ CLIENT_FIELDS = (
     "hires_strength",
     "vae_tiling",
     "num_frames",
+    "seconds",
+    "seconds_start",
 )
 _SERVER_FIELDS = ("model", "controlnet", "loras", "sampler_options", "keep_unmasked")
+# what an audio model has no use for (left unset)
+_PICTURE_FIELDS = ("width", "height", "image", "mask", "control_image", "num_frames")
 
 
 def request_from_json(fields: Any) -> GenerationRequest:
@@ -98,14 +103,22 @@ def request_from_json(fields: Any) -> GenerationRequest:
 
 @dataclass
 class Generated:
-    images: list[Any]  # PIL images; for a video model, clips (each a list of PIL frames)
+    # PIL images; for a video model, clips (each a list of PIL frames); for an audio model,
+    # waveforms (each a (channels, samples) float32 array in [-1, 1])
+    images: list[Any]
     requests: list[GenerationRequest] = field(default_factory=list)  # the one of each image
     warnings: list[str] = field(default_factory=list)  # e.g. a truncated prompt
+    sample_rate: int | None = None  # of the waveforms (None: images or clips)
 
     @property
     def clips(self) -> bool:
         """Whether these are a video model's clips rather than images."""
         return bool(self.images) and isinstance(self.images[0], list)
+
+    @property
+    def sounds(self) -> bool:
+        """Whether these are an audio model's waveforms."""
+        return self.sample_rate is not None
 
 
 def _text(name: str, value: Any, limit: int) -> None:
@@ -182,9 +195,24 @@ class GenerationService:
         return self.pipeline.sampling_defaults
 
     @property
+    def media(self) -> str:
+        """What the model makes: "image", "video" (clips) or "audio" (``Family.media``)."""
+        return self.pipeline.family.media
+
+    @property
     def video(self) -> bool:
         """Whether the model draws clips (``Family.media == "video"``) rather than images."""
-        return self.pipeline.family.media == "video"
+        return self.media == "video"
+
+    @property
+    def audio(self) -> bool:
+        """Whether the model makes sounds (``Family.media == "audio"``)."""
+        return self.media == "audio"
+
+    @property
+    def sample_rate(self) -> int | None:
+        """An audio model's samples per second (None: images or clips)."""
+        return self.pipeline.sample_rate if self.audio else None
 
     @property
     def default_frames(self) -> int | None:
@@ -198,7 +226,8 @@ class GenerationService:
         if fps is None:
             return DEFAULT_FPS
         if not self.video:
-            raise RequestError("fps is for video models; this model draws still images")
+            made = "sounds" if self.audio else "still images"
+            raise RequestError(f"fps is for video models; this model makes {made}")
         _number("fps", fps, int, 1, self.limits.max_fps)
         return fps
 
@@ -238,7 +267,34 @@ class GenerationService:
         _optional_number("num_frames", r.num_frames, int, 1, lim.max_frames)
         for name in ("image", "mask", "control_image"):
             _image(name, getattr(r, name))
+        if self.audio:
+            self._check_sound(r)
+            return
+        if r.seconds is not None or r.seconds_start != 0:
+            made = "clips" if self.video else "images"
+            raise RequestError(f"seconds needs an audio model; this model draws {made}")
         self._check_sizes(r)
+
+    def _check_sound(self, r: GenerationRequest) -> None:
+        """An audio model's request: no image fields, and the span [seconds_start,
+        seconds_start + seconds] within the model's length and the server's limit."""
+        for name in _PICTURE_FIELDS:
+            if getattr(r, name) is not None:
+                raise RequestError(f"{name} is for image and video models; this is an audio model")
+        if r.hires_scale != 1:
+            raise RequestError("hires_scale is for image models; this is an audio model")
+        most = self.limits.max_seconds
+        _optional_number("seconds", r.seconds, float, 0, most)
+        _number("seconds_start", r.seconds_start, float, 0, self.pipeline.max_seconds)
+        try:
+            start, end = self.pipeline.audio_span(r.seconds_start, r.seconds)
+        except ValueError as e:  # the model's own check: the span does not fit
+            raise RequestError(str(e)) from None
+        if end - start > most + 1e-9:  # seconds unset: the model's whole length
+            raise RequestError(
+                f"without seconds, this model makes {end - start:.3g} s (to its end at "
+                f"{end:.3g} s); the server's limit is {most:g} s: ask for seconds ≤ {most:g}"
+            )
 
     def _check_sizes(self, r: GenerationRequest) -> None:
         lim, m = self.limits, self.pipeline.size_multiple
@@ -334,6 +390,10 @@ class GenerationService:
             notes = list(dict.fromkeys(str(w.message) for w in caught))
         finally:
             self._slots.release()
+        if self.audio:  # waveforms (B, channels, samples)
+            sounds = [w.float().cpu().numpy() for w in media]
+            requests = [routed.for_image(i) for i in range(len(sounds))]
+            return Generated(sounds, requests, notes, sample_rate=pipe.sample_rate)
         # images (B, C, H, W) → PIL images; clips (B, C, F, H, W) → lists of PIL frames
         images = [to_pil(c.transpose(0, 1)) for c in media] if media.ndim == 5 else to_pil(media)
         sizes = [(im[0] if isinstance(im, list) else im).size for im in images]

@@ -1,5 +1,6 @@
 """The web UI (gradio): text → image, image → image and inpainting with a mask painter; for a
-video model, one Video tab (text → video, or image → video from a first frame) showing an MP4.
+video model, one Video tab (text → video, or image → video from a first frame) showing an MP4;
+for an audio model, one Audio tab (text → audio of a chosen length) playing a WAV.
 
 Thin: every tab builds a :class:`~destatic.pipelines.GenerationRequest` and hands it to the shared
 :class:`~destatic.serve.service.GenerationService`; its errors become gradio error toasts.
@@ -9,8 +10,9 @@ least 256 px) while the parameters box gives the A1111 text of each image.
 Uploaded images reach the handlers as file paths and are decoded by
 :func:`~destatic.serve.images.load_image` only once their header shows they are within the
 limits; the mask painter's layers, which gradio decodes itself, are checked the same way first
-(:func:`check_before_decoding`). Clips are written under the server's own folder
-(:mod:`destatic.serve.videos`), from where gradio copies them to its cache.
+(:func:`check_before_decoding`). Clips and sounds are written under the server's own folder
+(:mod:`destatic.serve.videos`, :mod:`destatic.serve.audio`), from where gradio copies them to
+its cache.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from destatic.pipelines import GenerationRequest
+from destatic.serve.audio import write_wav
 from destatic.serve.images import load_image, open_image
 from destatic.serve.service import (
     DEFAULT_FPS,
@@ -89,14 +92,15 @@ class _Tabs:
         self.multiple = service.pipeline.size_multiple
 
     # -- components ----------------------------------------------------------------------------
-    def prompts(self, tab: str):
-        prompt = gr.Textbox(label="Prompt", value="red heart", elem_id=f"{tab}-prompt")
+    def prompts(self, tab: str, value: str = "red heart"):
+        prompt = gr.Textbox(label="Prompt", value=value, elem_id=f"{tab}-prompt")
         negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
         return prompt, negative
 
-    def sampling_controls(self, clips: bool = False) -> list:
+    def sampling_controls(self, clips: bool = False, sized: bool = True) -> list:
         """Sampler, grid, steps, guidance, seed, count and size, set to the model's defaults
-        (a distilled model's sampler and steps); for ``clips`` the count is one, hidden."""
+        (a distilled model's sampler and steps); for ``clips`` (or sounds) the count is one,
+        hidden; without ``sized`` (sounds) there is no size."""
         from destatic.sampling import GRIDS, SAMPLERS
 
         d, lim = self.service.defaults, self.lim
@@ -119,6 +123,8 @@ class _Tabs:
                 count = gr.Slider(
                     1, lim.max_images, 1 if clips else 4, step=1, label="Images", visible=not clips
                 )
+                if not sized:
+                    return [sampler, grid, steps, guidance, seed, count]
                 m = self.multiple
                 size = gr.Slider(m, lim.max_side, value=self.side, step=m, label="Size (pixels)")
         return [sampler, grid, steps, guidance, seed, count, size]
@@ -139,8 +145,8 @@ class _Tabs:
     def draw(
         self, prompt, negative, sampler, grid, steps, guidance, seed, count, size, **extra
     ) -> Generated:
-        """The request a tab describes, drawn by the service; its errors as gradio errors and
-        its warnings as gradio warnings."""
+        """The request a tab describes (``size`` None: a sound's), drawn by the service; its
+        errors as gradio errors and its warnings as gradio warnings."""
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative or "",
@@ -150,8 +156,8 @@ class _Tabs:
             guidance=float(guidance),
             seed=int(seed or 0),
             num_images=int(count),
-            width=int(size),
-            height=int(size),
+            width=None if size is None else int(size),
+            height=None if size is None else int(size),
             **extra,
         )
         try:
@@ -304,16 +310,53 @@ class _Tabs:
         inputs = [prompt, negative, first, frames, fps, *knobs]
         button.click(video, inputs, [clip, text], api_name="video")
 
+    def audio(self) -> None:
+        """Text → audio: one sound of the chosen length, as a WAV the browser plays."""
+        prompt, negative = self.prompts("audio", "acoustic grand piano, C4")
+        longest = min(self.service.pipeline.max_seconds, self.lim.max_seconds)
+        seconds = gr.Slider(
+            0.01, longest, longest, step=0.01, label="Seconds", elem_id="audio-seconds"
+        )
+        button = gr.Button("Generate", variant="primary", elem_id="audio-generate")
+        knobs = self.sampling_controls(clips=True, sized=False)
+        sound = gr.Audio(
+            label="Audio",
+            type="filepath",
+            format="wav",
+            elem_id="audio-output",
+            waveform_options=gr.WaveformOptions(show_recording_waveform=False),  # <audio controls>
+        )
+        text = gr.Textbox(label="Parameters", lines=3, elem_id="audio-parameters")
+
+        def audio(prompt, negative, seconds, *knobs):
+            result = self.draw(prompt, negative, *knobs, None, seconds=float(seconds))
+            request = result.requests[0]
+            path = write_wav(result.images[0], result.sample_rate, request, self.folder)
+            return str(path), f"{request.a1111()}, Seconds: {float(seconds):g}"
+
+        inputs = [prompt, negative, seconds, *knobs]
+        button.click(audio, inputs, [sound, text], api_name="audio")
+
+
+def _title(service: GenerationService, tabs: _Tabs) -> str:
+    """The page's heading: the model, and its size (an audio model: its rate and length)."""
+    name = service.model_name or "the bundled emoji model"
+    if service.audio:
+        longest = service.pipeline.max_seconds
+        return f"### destatic — {name} ({service.sample_rate} Hz, up to {longest:.3g} s)"
+    return f"### destatic — {name} ({tabs.side}×{tabs.side}; sizes in multiples of {tabs.multiple})"
+
 
 def build_ui(service: GenerationService, folder: str | None = None):
-    """A ``gradio.Blocks`` app on ``service`` (queue not yet configured); clips are written
-    under ``folder`` (the server's own; default: the system's temporary folder)."""
+    """A ``gradio.Blocks`` app on ``service`` (queue not yet configured); clips and sounds are
+    written under ``folder`` (the server's own; default: the system's temporary folder)."""
     tabs = _Tabs(service, folder)
     with gr.Blocks(title="destatic") as ui:
-        gr.Markdown(
-            f"### destatic — {service.model_name or 'the bundled emoji model'} "
-            f"({tabs.side}×{tabs.side}; sizes in multiples of {tabs.multiple})"
-        )
+        gr.Markdown(_title(service, tabs))
+        if service.audio:
+            with gr.Tab("Audio"):
+                tabs.audio()
+            return ui
         if service.video:
             with gr.Tab("Video"):
                 tabs.video()
