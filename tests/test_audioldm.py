@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +101,11 @@ def audible(vocoder: torch.nn.Module) -> None:
 @pytest.fixture(scope="module")
 def audioldm(tmp_path_factory):
     """A tiny AudioLDMPipeline with random weights, saved by diffusers, and the pipeline."""
-    tmp = tmp_path_factory.mktemp("audioldm")
+    return build_audioldm(tmp_path_factory.mktemp("audioldm"))
+
+
+def build_audioldm(tmp: Path):
+    """:func:`audioldm` under ``tmp`` (also what benchmarks/audio.py times)."""
     torch.manual_seed(0)
     tokenizer = roberta_tokenizer(tmp / "tokenizer_src")
     text = transformers.ClapTextModelWithProjection(

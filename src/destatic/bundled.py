@@ -17,6 +17,7 @@ from pathlib import Path
 __all__ = [
     "ASSETS",
     "BUNDLED",
+    "DEFAULT_AUDIO_EVALUATOR",
     "DEFAULT_CONTROLNET",
     "DEFAULT_EVALUATOR",
     "DEFAULT_INPAINT_MODEL",
@@ -68,10 +69,22 @@ BUNDLED: dict[str, BundledModel] = {
             "text → 8-frame 32×32 emoji clips (the emoji U-Net + AnimateDiff motion modules)",
         ),
         BundledModel(
+            "notes",
+            "pipeline",
+            "configs/notes.toml",
+            "text → 1 s instrument notes at 16 kHz (an audio DiT on mel frames)",
+        ),
+        BundledModel(
             "emoji_evaluator",
             "component",
             "configs/emoji_evaluator.toml",
             "prompt-adherence scorer",
+        ),
+        BundledModel(
+            "notes_evaluator",
+            "component",
+            "configs/notes_evaluator.toml",
+            "audio scorer: a notes' instrument, pitch class and octave; FAD embedding",
         ),
     )
 }
@@ -86,6 +99,8 @@ DEFAULT_CONTROLNET = BUNDLED["emoji_control"].folder
 DEFAULT_LCM_MODEL = BUNDLED["emoji_lcm"].folder
 #: The prompt-adherence scorer for emoji.
 DEFAULT_EVALUATOR = BUNDLED["emoji_evaluator"].folder
+#: The scorer of sounds (destatic.metrics.audio), trained on the notes.
+DEFAULT_AUDIO_EVALUATOR = BUNDLED["notes_evaluator"].folder
 
 
 def resolve(path: str | os.PathLike | None) -> Path:
