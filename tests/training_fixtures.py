@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,19 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: fl
     assert a.keys() == b.keys()
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     assert worst <= atol, worst
+
+
+def poison_losses(monkeypatch, task_cls: type, bad: Callable[[int], bool]) -> None:
+    """Make ``task_cls.loss`` NaN on the calls ``n`` (counted from 1) where ``bad(n)``."""
+    real = task_cls.loss
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch, device):
+        calls["n"] += 1
+        loss = real(self, model, batch, device)
+        return loss * float("nan") if bad(calls["n"]) else loss
+
+    monkeypatch.setattr(task_cls, "loss", poisoned)
 
 
 def kill_after_checkpoint(cfg_path: Path, out: Path, step: int) -> int:

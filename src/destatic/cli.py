@@ -254,6 +254,10 @@ FROM_REPLACES = (
     "hires_strength",
     "seconds",
     "seconds_start",
+    "temperature",
+    "top_k",
+    "top_p",
+    "beams",
 )
 # generate options an audio model has no use for, and those only an audio model has
 NOT_FOR_AUDIO = (
@@ -273,6 +277,21 @@ NOT_FOR_AUDIO = (
     "vae_tiling",
 )
 AUDIO_ONLY = ("seconds", "seconds_start", "spectrogram")
+# generate options a token model has no use for (no σ, no latents to steer)
+NOT_FOR_TOKENS = (
+    "grid",
+    "image",
+    "mask",
+    "controlnet",
+    "control",
+    "lora",
+    "hires",
+    "variation_seed",
+    "variation_strength",
+    "vae_tiling",
+    "frames",
+    "preview",
+)
 
 
 def _fail(err: object) -> NoReturn:
@@ -464,6 +483,23 @@ def _check_media(ctx: typer.Context, media: str) -> None:
         raise ValueError(f"{wrong[0]} needs an audio model; this model draws {made}")
 
 
+def _check_tokens(ctx: typer.Context, pipe) -> None:
+    """Refuse options a token model cannot use, and a sampler that is no token decoder, in one
+    line saying what it takes."""
+    from destatic.pipelines.tokens import TAKES, TokenPipeline
+
+    if not isinstance(pipe, TokenPipeline):
+        return
+    given = _given(ctx)
+    wrong = [_flag(ctx, name) for name in given if name in NOT_FOR_TOKENS]
+    sampler = ctx.params["sampler"]
+    if sampler is not None and sampler not in pipe.decoders:
+        wrong.insert(0, f"--sampler {sampler}")
+    if wrong:
+        decoders = ", ".join(pipe.decoders)
+        raise ValueError(f"{wrong[0]} is not for token models; {TAKES} (--sampler {decoders})")
+
+
 def _check_outputs(
     paths: list[Path], sheet: Path | None, preview: Path | None, spectrogram: Path | None = None
 ) -> None:
@@ -651,6 +687,10 @@ def _request_from_options(o: dict) -> GenerationRequest:
         hires_scale=o["hires"] or 1.0,
         hires_strength=o["hires_strength"],
         vae_tiling=o["vae_tiling"],
+        temperature=o["temperature"],
+        top_k=o["top_k"],
+        top_p=o["top_p"],
+        beams=o["beams"],
         num_frames=o["frames"],
     )
 
@@ -698,6 +738,7 @@ def _draw(ctx: typer.Context, out: Path, sheet: Path | None, preview: Path | Non
     _check_outputs(paths, sheet, preview, o["spectrogram"])
     pipe = load(request.model or None, **request.load_options()).to(device, dtype)
     _check_media(ctx, pipe.family.media)
+    _check_tokens(ctx, pipe)
     paths = _media_paths(paths, out, pipe.family.media)
     for name in ("size", "width", "height"):
         if o[name] is not None:
@@ -891,6 +932,36 @@ PreviewDir = Annotated[
     Path | None,
     typer.Option(help="Write a sheet of the decoded estimate x̂0 after every step to this folder."),
 ]
+Temperature = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=100.0,
+        callback=_finite,
+        help="Token models: sampling temperature of the codes (0: greedy; default: the model's).",
+    ),
+]
+TopK = Annotated[
+    int | None,
+    typer.Option(min=0, help="Token models: sample among the k likeliest codes (0: all)."),
+]
+TopP = Annotated[
+    float | None,
+    typer.Option(
+        callback=_positive,
+        max=1.0,
+        help="Token models: sample among the likeliest codes holding this share of the "
+        "probability (nucleus; 1: all).",
+    ),
+]
+Beams = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=64,
+        help="Autoregressive token models: beam search with this many beams (1: sampling).",
+    ),
+]
 Loras = Annotated[
     list[str] | None,
     typer.Option(
@@ -934,6 +1005,10 @@ def generate(
     progress: Progress = True,
     preview: PreviewDir = None,
     lora: Loras = None,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    beams: Beams = None,
     hires: Hires = None,
     hires_strength: HiresStrength = 0.7,
     vae_tiling: VaeTiling = False,
@@ -1117,6 +1192,24 @@ def _eval_audio(pipe, evaluator: Path | None, n: int, seed: int, batch: int, out
     typer.echo(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'spectrograms.png'}")
 
 
+def _token_settings(pipe, counts: list[int], guidance: float, scales: list[float]):
+    """A token model's sweep settings: the steps sweep of a MaskGIT model is its passes; an
+    autoregressive model is drawn by sampling (temperature 1), greedily and by beam search
+    (4 beams) at ``guidance``; the guidance sweep uses the model's default decoder."""
+    from destatic.metrics.sweep import Setting
+
+    defaults = pipe.sampling_defaults
+    n, decoder = defaults["steps"], defaults["sampler"]
+    if decoder == "maskgit":
+        steps = [Setting("maskgit", k, guidance) for k in counts if k <= pipe.num_tokens]
+        return steps, [Setting("maskgit", n, g) for g in scales]
+    steps = [
+        Setting("autoregressive", n, guidance, None, (("temperature", t),)) for t in (1.0, 0.0)
+    ]
+    steps.append(Setting("beam", n, guidance, None, (("beams", 4),)))
+    return steps, [Setting("autoregressive", n, g) for g in scales]
+
+
 def _check_eval_choices(metrics: list[str]) -> None:
     """Known metrics (at least one), checked before any model is loaded."""
     choices = f"choose from {', '.join(EVAL_METRICS)}"
@@ -1174,12 +1267,14 @@ def eval_(
     dtype: DtypeName = "auto",
 ) -> None:
     """Quality against steps per sampler and against guidance, on the held-out prompts: a table,
-    results.json and plots (quality_vs_nfe.png, quality_vs_guidance.png) in --out."""
+    results.json and plots (quality_vs_nfe.png, quality_vs_guidance.png) in --out, with the
+    network GFLOP per image. A token model sweeps its decoders instead of samplers (MaskGIT:
+    --steps are its passes; autoregressive: sampling, greedy and 4-beam search)."""
     import destatic
     from destatic.io import CheckpointError
     from destatic.metrics.evaluator import load_evaluator
-    from destatic.metrics.inception import InceptionFeatures, MissingInceptionError
-    from destatic.metrics.sweep import evaluate, reference_set
+    from destatic.metrics.inception import MissingInceptionError
+    from destatic.metrics.sweep import reference_set
     from destatic.pipelines.devices import pick_device
     from destatic.pipelines.output import check_writable
     from destatic.sampling import NonFiniteError
@@ -1198,15 +1293,13 @@ def eval_(
             return _eval_video(pipe, load_evaluator(evaluator), n, seed, batch_size, out, baseline)
         if pipe.family.media == "audio":
             return _eval_audio(pipe, evaluator, n, seed, batch_size, out)
+        if pipe.family.name == "destatic-tokens":
+            step_settings, guide_settings = _token_settings(pipe, counts, guidance, scales)
         reference = reference_set(data, pipe.default_size, data_path, n=n, seed=seed)
         scorer = load_evaluator(evaluator) if {"retrieval", "clip"} & set(wanted) else None
-        inception = InceptionFeatures() if {"fid", "kid", "pr"} & set(wanted) else None
-        common = dict(evaluator=scorer, inception=inception, metrics=wanted, seed=seed)
-        real, by_steps = evaluate(pipe, step_settings, reference, **common, batch_size=batch_size)
-        _, by_guidance = (
-            evaluate(pipe, guide_settings, reference, **common, batch_size=batch_size)
-            if guide_settings
-            else (real, [])
+        common = dict(evaluator=scorer, metrics=wanted, seed=seed, batch_size=batch_size)
+        real, by_steps, by_guidance = _sweeps(
+            pipe, step_settings, guide_settings, reference, common
         )
     except (CheckpointError, ValueError, OSError, MissingInceptionError, NonFiniteError) as err:
         _fail(err)
@@ -1218,6 +1311,21 @@ def eval_(
         "evaluator": str(evaluator or destatic.DEFAULT_EVALUATOR) if scorer else None,
     }
     _write_eval_report(real, by_steps, by_guidance, out, meta)
+
+
+def _sweeps(pipe, step_settings, guide_settings, reference, common: dict):
+    """The real-data row and the rows of both sweeps (with GFLOP per image); the Inception
+    network is loaded when a distribution metric is asked for."""
+    from destatic.metrics.inception import InceptionFeatures
+    from destatic.metrics.sweep import evaluate
+
+    wanted = common["metrics"]
+    inception = InceptionFeatures() if {"fid", "kid", "pr"} & set(wanted) else None
+    common = {**common, "inception": inception, "flops": True}
+    real, by_steps = evaluate(pipe, step_settings, reference, **common)
+    if not guide_settings:
+        return real, by_steps, []
+    return real, by_steps, evaluate(pipe, guide_settings, reference, **common)[1]
 
 
 def _write_eval_report(real, by_steps, by_guidance, out: Path, meta: dict) -> None:

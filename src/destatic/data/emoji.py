@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,27 @@ def split_of(caption: str) -> str:
     """``"heldout"`` for a fixed ~10% of captions (by sha1), else ``"train"``."""
     h = int.from_bytes(hashlib.sha1(caption.encode("utf-8")).digest()[:8], "big")
     return "heldout" if h % 100 < HELDOUT_PERCENT else "train"
+
+
+#: The five Fitzpatrick-based skin tones of emoji names, in order.
+SKIN_TONES = (
+    "light skin tone",
+    "medium-light skin tone",
+    "medium skin tone",
+    "medium-dark skin tone",
+    "dark skin tone",
+)
+
+
+def tone_variants(caption: str) -> list[str] | None:
+    """The caption in each of the five skin tones (its own among them) when it names exactly
+    one tone (``"raised hand: medium skin tone"``); None otherwise. A held-out caption whose
+    concept was trained in other tones is a composition the model never saw: the evaluator's
+    choice among these variants says whether the tone followed the prompt."""
+    found = [t for t in SKIN_TONES if re.search(rf"(^|[ :,]){re.escape(t)}", caption)]
+    if len(found) != 1 or caption.count("skin tone") != 1:
+        return None
+    return [re.sub(rf"(^|[ :,]){re.escape(found[0])}", rf"\g<1>{t}", caption) for t in SKIN_TONES]
 
 
 def default_root() -> Path:

@@ -112,6 +112,21 @@ class Evaluator:
         """Mean of 100 · max(cos, 0) over image–prompt pairs (CLIPScore, Hessel et al. 2021)."""
         return float(100 * self.similarity(images, prompts).clamp(min=0).mean())
 
+    def ranks(
+        self, images: torch.Tensor, prompts: Sequence[str], candidates: Sequence[str]
+    ) -> torch.Tensor:
+        """Rank [B] of each image's own prompt among ``candidates`` by similarity (0: best)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
+        names = list(dict.fromkeys(candidates))
+        index = {c: i for i, c in enumerate(names)}
+        missing = [p for p in prompts if p not in index]
+        if missing:
+            raise ValueError(f"prompt {missing[0]!r} is not among the candidates")
+        scores = self.image_features(images) @ self.text_features(names).T
+        own = scores[torch.arange(len(prompts)), torch.tensor([index[p] for p in prompts])]
+        return (scores > own[:, None]).sum(dim=1)
+
     def retrieval(
         self,
         images: torch.Tensor,
@@ -120,16 +135,8 @@ class Evaluator:
     ) -> Retrieval:
         """Top-1 / top-5 accuracy of finding each image's prompt among ``candidates`` (default:
         the distinct prompts given)."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
         names = list(dict.fromkeys(candidates if candidates is not None else prompts))
-        index = {c: i for i, c in enumerate(names)}
-        missing = [p for p in prompts if p not in index]
-        if missing:
-            raise ValueError(f"prompt {missing[0]!r} is not among the candidates")
-        scores = self.image_features(images) @ self.text_features(names).T
-        own = scores[torch.arange(len(prompts)), torch.tensor([index[p] for p in prompts])]
-        rank = (scores > own[:, None]).sum(dim=1)  # 0 = the own prompt scores best
+        rank = self.ranks(images, prompts, names)
         return Retrieval(
             top1=float((rank < 1).float().mean()),
             top5=float((rank < 5).float().mean()),

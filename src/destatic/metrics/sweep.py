@@ -20,11 +20,14 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from destatic.metrics.flops import flops_per_image
 
 __all__ = ["Reference", "Result", "Setting", "evaluate", "reference_set", "write_report"]
 
@@ -33,22 +36,39 @@ METRICS = ("retrieval", "clip", "fid", "kid", "pr")
 
 @dataclass(frozen=True)
 class Setting:
+    """One way of drawing: a sampler (or a token model's decoder: ``autoregressive``, ``beam``,
+    ``maskgit``), its steps, the guidance scale, the grid, and ``options``: further request
+    fields as ``(name, value)`` pairs (a token model's ``temperature``, ``top_k``, ``top_p``,
+    ``beams``)."""
+
     sampler: str
     steps: int
     guidance: float
     grid: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def nfe(self) -> int:
-        """Model evaluations (a guided evaluation, batched over cond and uncond, counts once)."""
+        """Model evaluations (a guided evaluation, batched over cond and uncond, counts once;
+        a token decoder's steps are its network passes: one per code with a KV cache, or
+        MaskGIT's passes)."""
         from destatic.sampling import sampler_info
+        from destatic.sampling.tokens import DECODERS
 
+        if self.sampler in DECODERS:
+            return self.steps
         return sampler_info(self.sampler).nfe(self.steps)
 
     @property
     def label(self) -> str:
         grid = f" {self.grid}" if self.grid else ""
-        return f"{self.sampler}{grid} {self.steps} steps cfg {self.guidance:g}"
+        extra = "".join(f" {k.replace('_', '-')} {v:g}" for k, v in self.options)
+        return f"{self.sampler}{grid} {self.steps} steps cfg {self.guidance:g}{extra}"
+
+    def fields(self) -> dict[str, Any]:
+        """The :class:`~destatic.pipelines.GenerationRequest` fields this setting sets."""
+        base = {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance}
+        return {**base, "grid": self.grid, **dict(self.options)}
 
 
 @dataclass
@@ -65,6 +85,10 @@ class Result:
     precision: float | None = None
     recall: float | None = None
     seconds: float = 0.0  # generation time of the n images
+    # compositions never trained (an emoji concept in a new skin tone): how often the evaluator
+    # picks the asked variant among the concept's variants (Reference.compositions)
+    composition: float | None = None
+    flops: float | None = None  # network FLOPs of one image (torch.utils.flop_counter)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -80,6 +104,9 @@ class Reference:
     images: np.ndarray
     train_images: np.ndarray
     dataset: str = ""
+    # held-out row → the candidate captions of its composition (its own among them): an emoji
+    # in a skin tone its concept was never trained in, against the five tones
+    compositions: dict[int, list[str]] = field(default_factory=dict)
 
 
 def reference_set(
@@ -96,12 +123,28 @@ def reference_set(
     train = load_split(dataset, size, "train", path=path)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(train), size=min(count, len(train)), replace=False))
+    prompts = [caps[0] for caps in held.captions[:count]]
     return Reference(
-        prompts=[caps[0] for caps in held.captions[:count]],
+        prompts=prompts,
         images=held.images[:count],
         train_images=train.images[pick],
         dataset=dataset,
+        compositions=_unseen_tones(prompts, train.captions) if dataset == "emoji" else {},
     )
+
+
+def _unseen_tones(prompts: list[str], train_captions: list[list[str]]) -> dict[int, list[str]]:
+    """Held-out prompts naming one skin tone whose concept (the name before the colon) the train
+    split has in other tones: each with its five tone variants."""
+    from destatic.data.emoji import tone_variants
+
+    trained = {c.split(":")[0] for caps in train_captions for c in caps if "skin tone" in c}
+    out = {}
+    for i, prompt in enumerate(prompts):
+        variants = tone_variants(prompt)
+        if variants is not None and prompt.split(":")[0] in trained:
+            out[i] = variants
+    return out
 
 
 def _to_float(images: np.ndarray) -> torch.Tensor:
@@ -122,11 +165,23 @@ def _distribution_scores(
 
 
 def _adherence_scores(
-    result: Result, evaluator, images: torch.Tensor, prompts: list[str], metrics: Sequence[str]
+    result: Result,
+    evaluator,
+    images: torch.Tensor,
+    prompts: list[str],
+    metrics: Sequence[str],
+    compositions: dict[int, list[str]] | None = None,
 ) -> None:
     if "retrieval" in metrics:
         r = evaluator.retrieval(images, prompts)
         result.top1, result.top5 = r.top1, r.top5
+        if compositions:
+            rows = sorted(compositions)
+            right = [
+                int(evaluator.ranks(images[i : i + 1], [prompts[i]], compositions[i])[0]) == 0
+                for i in rows
+            ]
+            result.composition = sum(right) / len(rows)
     if "clip" in metrics:
         result.clip_score = evaluator.clip_score(images, prompts)
 
@@ -142,9 +197,11 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    flops: bool = False,
 ) -> tuple[Result, list[Result]]:
     """(the real-data row, one row per setting). ``evaluator`` is needed for "retrieval" and
-    "clip", ``inception`` (an :class:`InceptionFeatures`) for "fid", "kid" and "pr"."""
+    "clip", ``inception`` (an :class:`InceptionFeatures`) for "fid", "kid" and "pr";
+    ``flops``: also count the network FLOPs of one image per setting."""
     from tqdm.auto import tqdm
 
     from destatic.metrics.reference import cached_features
@@ -170,7 +227,9 @@ def evaluate(
     n = len(prompts)
 
     real = Result(None, 0, n)
-    _adherence_scores(real, evaluator, _to_float(reference.images), prompts, adherence)
+    compositions = reference.compositions
+    real_images = _to_float(reference.images)
+    _adherence_scores(real, evaluator, real_images, prompts, adherence, compositions)
     real_feats = None
     if distribution:
         real_feats = cached_features(reference.images, inception, progress=progress)
@@ -188,12 +247,7 @@ def evaluate(
             lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
             images.append(
                 pipeline.generate(
-                    prompts[lo:hi],
-                    steps=setting.steps,
-                    sampler=setting.sampler,
-                    grid=setting.grid,
-                    guidance=setting.guidance,
-                    seed=list(range(seed + lo, seed + hi)),
+                    prompts[lo:hi], **setting.fields(), seed=list(range(seed + lo, seed + hi))
                 )
                 .float()
                 .cpu()
@@ -201,7 +255,9 @@ def evaluate(
             bar.update()
         fake = torch.cat(images)
         result = Result(setting, setting.nfe, n, seconds=time.perf_counter() - start)
-        _adherence_scores(result, evaluator, fake, prompts, adherence)
+        _adherence_scores(result, evaluator, fake, prompts, adherence, compositions)
+        if flops:
+            result.flops = flops_per_image(pipeline, setting.fields(), prompts[0], seed)
         if distribution:
             _distribution_scores(result, real_feats, inception(fake), distribution)
         results.append(result)
@@ -221,6 +277,8 @@ COLUMNS = (  # (field, header, format)
     ("kid", "KID ×10³", lambda v: f"{1e3 * v:.2f}"),
     ("precision", "precision", lambda v: f"{v:.2f}"),
     ("recall", "recall", lambda v: f"{v:.2f}"),
+    ("composition", "unseen tone top-1 %", lambda v: f"{100 * v:.1f}"),
+    ("flops", "GFLOP / image", lambda v: f"{v / 1e9:.2f}"),
 )
 
 

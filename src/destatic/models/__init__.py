@@ -31,8 +31,10 @@ from destatic.models.text import (
     TextEmbedding,
     TextEncoder,
 )
+from destatic.models.token_transformer import KVCache, TokenTransformer, TokenTransformerConfig
 from destatic.models.unet import UNet2DCondition, UNetConfig
 from destatic.models.video_dit import VIDEO_DIT_MODELS, VideoDiT, VideoDiTConfig
+from destatic.models.vq import VQConfig, VQModel
 from destatic.models.wan import WanConfig, WanTransformer3DModel
 from destatic.models.wan_vae import AutoencoderKLWan, WanVAEConfig
 
@@ -49,6 +51,7 @@ __all__ = [
     "DiagonalGaussian",
     "Downsample",
     "FeedForward",
+    "KVCache",
     "MMDiT",
     "MMDiTConfig",
     "MiniLMTextEncoder",
@@ -64,9 +67,13 @@ __all__ = [
     "TextEmbedding",
     "TextEncoder",
     "TimestepEmbedding",
+    "TokenTransformer",
+    "TokenTransformerConfig",
     "UNet2DCondition",
     "UNetConfig",
     "Upsample",
+    "VQConfig",
+    "VQModel",
     "VideoDiT",
     "VideoDiTConfig",
     "WanConfig",

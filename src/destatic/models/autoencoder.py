@@ -60,17 +60,7 @@ class AutoencoderConfig(JsonConfig):
         self.down_block_types = tuple(self.down_block_types)
         self.up_block_types = tuple(self.up_block_types)
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError("down_block_types / up_block_types must match block_out_channels")
-        for t in self.down_block_types:
-            if t != "DownEncoderBlock2D":
-                raise ValueError(f"unsupported down block type {t!r} (only DownEncoderBlock2D)")
-        for t in self.up_block_types:
-            if t != "UpDecoderBlock2D":
-                raise ValueError(f"unsupported up block type {t!r} (only UpDecoderBlock2D)")
-        if not isinstance(self.layers_per_block, int):
-            raise ValueError("unsupported option layers_per_block: must be a single int")
+        check_vae_blocks(self)
 
     def validate(self) -> None:
         """Raise a ValueError naming the first field that cannot build a working autoencoder:
@@ -103,6 +93,23 @@ class AutoencoderConfig(JsonConfig):
         config = cls(**cfg, extra=private)
         config.validate()
         return config
+
+
+def check_vae_blocks(config: Any) -> None:
+    """A ValueError unless ``config`` (an :class:`AutoencoderConfig` or another config with its
+    block fields, e.g. the VQ tokenizer's) has one ``DownEncoderBlock2D`` and one
+    ``UpDecoderBlock2D`` per ``block_out_channels`` entry and a single int ``layers_per_block``."""
+    n = len(config.block_out_channels)
+    if len(config.down_block_types) != n or len(config.up_block_types) != n:
+        raise ValueError("down_block_types / up_block_types must match block_out_channels")
+    for t in config.down_block_types:
+        if t != "DownEncoderBlock2D":
+            raise ValueError(f"unsupported down block type {t!r} (only DownEncoderBlock2D)")
+    for t in config.up_block_types:
+        if t != "UpDecoderBlock2D":
+            raise ValueError(f"unsupported up block type {t!r} (only UpDecoderBlock2D)")
+    if not isinstance(config.layers_per_block, int):
+        raise ValueError("unsupported option layers_per_block: must be a single int")
 
 
 # diffusers options outside the SD 1.x/2.x VAE: accepted only at these (default) values.
@@ -225,9 +232,13 @@ class UpDecoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image (B, C_in, H, W) → posterior moments (B, 2·latent, H/f, W/f), f = 2^(levels-1)."""
+    """Image (B, C_in, H, W) → posterior moments (B, 2·latent, H/f, W/f), f = 2^(levels-1).
 
-    def __init__(self, config: AutoencoderConfig) -> None:
+    ``double_z=False`` (the VQ tokenizer, diffusers' ``Encoder(double_z=False)``) outputs the
+    latent itself, (B, latent, H/f, W/f), instead of a mean and a log-variance.
+    """
+
+    def __init__(self, config: AutoencoderConfig, double_z: bool = True) -> None:
         super().__init__()
         ch = config.block_out_channels
         g = config.norm_num_groups
@@ -242,7 +253,8 @@ class Encoder(nn.Module):
         )
         self.mid_block = MidBlock(ch[-1], g, config.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
+        out = (2 if double_z else 1) * config.latent_channels
+        self.conv_out = nn.Conv2d(ch[-1], out, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, ch0, H, W)

@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PatchDiscriminator", "hinge_discriminator_loss"]
+__all__ = [
+    "PatchDiscriminator",
+    "adversarial_loss",
+    "critic_logits",
+    "hinge_discriminator_loss",
+]
 
 
 def _groups(channels: int) -> int:
@@ -53,3 +58,22 @@ class PatchDiscriminator(nn.Module):
 def hinge_discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Per-sample ½(E[relu(1 − D(x))] + E[relu(1 + D(x̂))]) over patches (Lim & Ye 2017)."""
     return 0.5 * (F.relu(1 - real).flatten(1).mean(1) + F.relu(1 + fake).flatten(1).mean(1))
+
+
+def critic_logits(
+    discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(D(x̂) through detached D parameters, D(x), D(x̂ detached)): the generator's term then
+    trains only the generator and the hinge term only D, in one backward pass."""
+    frozen = {k: v.detach() for k, v in discriminator.named_parameters()}
+    fake_for_generator = torch.func.functional_call(discriminator, frozen, (fake,))
+    return fake_for_generator, discriminator(real), discriminator(fake.detach())
+
+
+def adversarial_loss(
+    critic: tuple[torch.Tensor, torch.Tensor, torch.Tensor], weight: float
+) -> torch.Tensor:
+    """Per-sample −weight · mean D(x̂) + ½(E[relu(1 − D(x))] + E[relu(1 + D(x̂))]) from
+    :func:`critic_logits`' three logit grids (LDM's PatchGAN terms with a fixed weight)."""
+    fake_for_generator, real, fake = (c.float() for c in critic)
+    return -weight * fake_for_generator.flatten(1).mean(1) + hinge_discriminator_loss(real, fake)

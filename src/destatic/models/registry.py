@@ -49,8 +49,10 @@ from destatic.models.stable_audio import (
     StableAudioProjection,
     StableAudioProjectionConfig,
 )
+from destatic.models.token_transformer import TokenTransformer, TokenTransformerConfig
 from destatic.models.unet import UNet2DCondition, UNetConfig
 from destatic.models.video_dit import VideoDiT, VideoDiTConfig
+from destatic.models.vq import VQConfig, VQModel
 from destatic.models.wan import WanConfig, WanTransformer3DModel
 from destatic.models.wan_vae import AutoencoderKLWan, WanVAEConfig
 
@@ -165,6 +167,8 @@ COMPONENT_CLASSES: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "StableAudioProjectionModel": (StableAudioProjection, StableAudioProjectionConfig),
     "AutoencoderOobleck": (AutoencoderOobleck, OobleckConfig),
     "MelCodec": (MelCodec, MelCodecConfig),  # weight-free: log-mel frames, Griffin-Lim decode
+    "VQModel": (VQModel, VQConfig),  # the image tokenizer of token models
+    "TokenTransformer": (TokenTransformer, TokenTransformerConfig),  # LlamaGen / MaskGIT
 }
 
 
@@ -189,6 +193,8 @@ SAVED_AS: dict[type, tuple[str, str]] = {
     StableAudioProjection: ("projection_model", "StableAudioProjectionModel"),
     AutoencoderOobleck: ("vae", "AutoencoderOobleck"),
     MelCodec: ("vae", "MelCodec"),
+    VQModel: ("tokenizer", "VQModel"),
+    TokenTransformer: ("transformer", "TokenTransformer"),
 }
 
 

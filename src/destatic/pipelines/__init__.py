@@ -5,6 +5,7 @@ from destatic.pipelines.families import FAMILIES, Family, register_family
 from destatic.pipelines.load import load, save
 from destatic.pipelines.pipeline import Pipeline, to_pil
 from destatic.pipelines.request import GenerationRequest, RequestError
+from destatic.pipelines.tokens import TokenPipeline
 
 __all__ = [
     "FAMILIES",
@@ -12,6 +13,7 @@ __all__ = [
     "GenerationRequest",
     "Pipeline",
     "RequestError",
+    "TokenPipeline",
     "load",
     "register_family",
     "save",

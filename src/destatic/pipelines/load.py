@@ -17,10 +17,11 @@ from destatic.bundled import resolve
 from destatic.io import read_model_index
 from destatic.io.hub_cache import is_repo_id, resolve_repo_id
 from destatic.models.registry import save_component, saved_as
-from destatic.pipelines.families import family_of
+from destatic.pipelines.families import TOKENS, family_of
 from destatic.pipelines.families.animatediff import animate
 from destatic.pipelines.pipeline import Pipeline
 from destatic.pipelines.single_file import load_single_file, load_vae
+from destatic.pipelines.tokens import TokenPipeline, load_tokens, save_tokens
 from destatic.process.schedulers import scheduler_config_from_process
 
 __all__ = ["load", "save"]
@@ -33,7 +34,7 @@ def load(
     config: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
     motion_adapter: str | os.PathLike | None = None,
-) -> Pipeline:
+) -> Pipeline | TokenPipeline:
     """A :class:`Pipeline` from a destatic or diffusers-layout folder on disk, a bundled model
     by name (:mod:`destatic.bundled`), a repo id in the local Hugging Face cache
     (:mod:`destatic.io.hub_cache`; never downloaded) or a single ``.safetensors`` checkpoint
@@ -43,7 +44,8 @@ def load(
     autoencoder (a ``vae/`` folder or a ``.safetensors`` file) in place of the model's.
     ``motion_adapter``: a diffusers ``MotionAdapter`` folder whose motion modules animate an SD
     1.x U-Net (:func:`~destatic.pipelines.families.animatediff.animate`): the pipeline then
-    draws clips as diffusers' ``AnimateDiffPipeline``."""
+    draws clips as diffusers' ``AnimateDiffPipeline``. A token model's folder
+    (``DestaticTokenPipeline``) loads as a :class:`~destatic.pipelines.tokens.TokenPipeline`."""
     folder = _locate(path)
     if folder.is_file():
         c, family = load_single_file(
@@ -52,6 +54,8 @@ def load(
     else:
         index = read_model_index(folder)
         family = family_of(folder, index)
+        if family is TOKENS:
+            return _load_tokens(folder, index, vae=vae, motion_adapter=motion_adapter)
         c = family.load(folder, index)
     if vae is not None:
         c.autoencoder = load_vae(_locate(vae), c.autoencoder)
@@ -62,6 +66,19 @@ def load(
     )
 
 
+def _load_tokens(folder: Path, index: dict, **sources) -> TokenPipeline:
+    """A token model's folder; ``vae`` and ``motion_adapter`` are one line (they swap parts of
+    a diffusion model)."""
+    given = [name for name, value in sources.items() if value is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ValueError(
+            f"{flag} swaps a part of a diffusion model; {folder} is a token model (a VQ "
+            "tokenizer and a token transformer): drop it"
+        )
+    return load_tokens(folder, index, lambda name: load(name))
+
+
 def _locate(path: str | os.PathLike | None) -> Path:
     """A bundled name, an existing path, or a repo id found in the local Hugging Face cache."""
     found = resolve(path)
@@ -70,14 +87,21 @@ def _locate(path: str | os.PathLike | None) -> Path:
     return found
 
 
-def save(pipeline: Pipeline, path: str | os.PathLike, *, half: bool = False) -> None:
+def save(
+    pipeline: Pipeline | TokenPipeline, path: str | os.PathLike, *, half: bool = False
+) -> None:
     """Write ``pipeline`` in the diffusers layout (``half``: fp16 weights of the network and
     autoencoder). Each network saves under its folder and class name
     (:data:`~destatic.models.registry.SAVED_AS`), the text encoder as its family writes it
     (:attr:`Family.save_text_encoder <destatic.pipelines.families.Family>`). A family that is a
     diffusers pipeline (:attr:`Family.diffusers_pipeline`: DiT, PixArt) saves a folder that
-    diffusers' ``from_pretrained`` loads too; the others save a ``DestaticPipeline``."""
+    diffusers' ``from_pretrained`` loads too; the others save a ``DestaticPipeline``, and a
+    token model a ``DestaticTokenPipeline`` (:func:`~destatic.pipelines.tokens.save_tokens`)."""
     import torch
+
+    if isinstance(pipeline, TokenPipeline):
+        save_tokens(pipeline, path, half=half)
+        return
 
     network_key = saved_as(pipeline.network)[0]  # an unsavable network fails before writing
     folder = Path(path)

@@ -26,10 +26,14 @@ from destatic.io.hub_cache import is_repo_id
 if TYPE_CHECKING:
     from destatic.pipelines.base import PipelineBase
 
-__all__ = ["CHUNK", "GenerationRequest", "RequestError"]
+__all__ = ["BEAMS", "CHUNK", "DECODING", "GenerationRequest", "RequestError"]
 
 #: The PNG text chunk holding a request as JSON.
 CHUNK = "destatic"
+#: A token model's decoding fields (:mod:`destatic.pipelines.tokens`); None = the model's default.
+DECODING = ("temperature", "top_k", "top_p", "beams")
+#: The beams of ``sampler="beam"`` when ``beams`` is unset.
+BEAMS = 4
 
 
 class RequestError(ValueError):
@@ -47,7 +51,7 @@ _TEXT = (
     "sampler",
     "grid",
 )
-_INTS = ("steps", "width", "height", "num_images", "num_frames")
+_INTS = ("steps", "width", "height", "num_images", "num_frames", "top_k", "beams")
 _FLOATS = (
     "guidance",
     "hires_scale",
@@ -60,6 +64,8 @@ _FLOATS = (
     "control_end",
     "seconds",
     "seconds_start",
+    "temperature",
+    "top_p",
 )
 _FLAGS = ("keep_unmasked", "control_canny", "vae_tiling")
 _SOURCES = ("config", "tokenizer", "vae", "motion_adapter")  # load()'s keywords beside the model
@@ -123,6 +129,11 @@ class GenerationRequest:
     hires_scale: float = 1.0
     hires_strength: float = 0.7
     vae_tiling: bool = False
+    # token models (autoregressive / MaskGIT): sampling of the codes; None = the model's default
+    temperature: float | None = None  # 0: greedy
+    top_k: int | None = None  # keep the k likeliest codes (0: all)
+    top_p: float | None = None  # keep the smallest set of codes holding p of the mass (1: all)
+    beams: int | None = None  # > 1: beam search (sampler "beam")
 
     # -- shape of the batch ----------------------------------------------------------------------
     @property
@@ -201,13 +212,15 @@ class GenerationRequest:
     def canonical(self) -> GenerationRequest:
         """This request with its sampler and grid in destatic's names: an A1111 label such as
         ``"DPM++ 2M Karras"`` becomes ``sampler="dpmpp_2m", grid="karras"``
-        (:mod:`destatic.sampling.aliases`); an unknown name is a :class:`RequestError` that
-        lists the valid ones."""
+        (:mod:`destatic.sampling.aliases`); a token model's decoders
+        (:data:`destatic.sampling.tokens.DECODERS`) pass through; an unknown name is a
+        :class:`RequestError` that lists the valid ones."""
         from destatic.sampling.aliases import resolve_grid, resolve_sampler
+        from destatic.sampling.tokens import DECODERS
 
         try:
-            if self.sampler is None:
-                sampler, grid = None, resolve_grid(self.grid)
+            if self.sampler is None or self.sampler in DECODERS:
+                sampler, grid = self.sampler, resolve_grid(self.grid)
             else:
                 sampler, grid = resolve_sampler(self.sampler, self.grid)
         except ValueError as e:
@@ -218,16 +231,30 @@ class GenerationRequest:
         """This request in canonical names (:meth:`canonical`) with every unset sampling field
         filled: the model folder's stored defaults, else the family's (:attr:`Family.defaults`);
         the grid last falls back to the process's (``karras``, or ``sgm_uniform`` for a flow
-        starting at σ = ∞)."""
+        starting at σ = ∞). A token model (one with ``decoding_defaults``) also fills the
+        decoding fields, and ``beams`` > 1 is the ``beam`` sampler (``sampler="beam"`` alone
+        has :data:`BEAMS`); other models refuse them."""
         d = pipe.sampling_defaults
         r = self.canonical()
-        return dataclasses.replace(
+        r = dataclasses.replace(
             r,
             steps=int(r.steps if r.steps is not None else d["steps"]),
             sampler=r.sampler or d["sampler"],
             grid=r.grid or d["grid"],
             guidance=float(r.guidance if r.guidance is not None else d["guidance"]),
         )
+        decoding = getattr(pipe, "decoding_defaults", None)
+        given = [name for name in DECODING if getattr(r, name) is not None]
+        if decoding is None:
+            if given:
+                raise RequestError(f"{given[0]} is for token models; this is a diffusion model")
+            return r
+        filled = {k: getattr(r, k) if getattr(r, k) is not None else decoding[k] for k in DECODING}
+        if self.sampler == "beam" and self.beams is None:
+            filled["beams"] = BEAMS
+        beams = filled["beams"]  # its type is the pipeline's to check
+        sampler = "beam" if isinstance(beams, int) and beams > 1 else r.sampler
+        return dataclasses.replace(r, sampler=sampler, **filled)
 
     # -- the model's sources ------------------------------------------------------------------
     def load_options(self) -> dict[str, str | None]:
@@ -389,6 +416,15 @@ class GenerationRequest:
             fields.append("Hires upscaler: Lanczos")
         if self.vae_tiling:
             fields.append("Tiled VAE: True")
+        labels = {
+            "temperature": "Temperature",
+            "top_k": "Top-k",
+            "top_p": "Top-p",
+            "beams": "Beams",
+        }
+        for name, label in labels.items():
+            if getattr(self, name) is not None:
+                fields.append(f"{label}: {getattr(self, name):g}")
         if self.controlnet is not None:
             name = Path(self.controlnet).name if isinstance(self.controlnet, str) else "controlnet"
             fields.append(

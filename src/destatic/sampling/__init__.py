@@ -21,8 +21,17 @@ from destatic.sampling.sample import (
     sample,
     sampler_info,
 )
+from destatic.sampling.tokens import (
+    DECODERS,
+    autoregressive,
+    beam_search,
+    filter_logits,
+    guide,
+    maskgit,
+)
 
 __all__ = [
+    "DECODERS",
     "GRIDS",
     "NOISE",
     "SAMPLERS",
@@ -33,11 +42,16 @@ __all__ = [
     "SamplerInfo",
     "StepInfo",
     "ancestral_step",
+    "autoregressive",
+    "beam_search",
     "brownian_noise",
     "check_sigmas",
+    "filter_logits",
     "generators",
+    "guide",
     "initial_noise",
     "make_sigmas",
+    "maskgit",
     "noise_sampler",
     "randn",
     "resolve_noise",

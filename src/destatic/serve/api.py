@@ -15,6 +15,10 @@ audio model, WAVs with their parameters in the file's metadata (:mod:`destatic.s
     POST /api/generate.mp4  a video model: the same request → the first clip as video/mp4
     POST /api/generate.wav  an audio model: the same request → the first sound as audio/wav
 
+A token model (autoregressive or MaskGIT, :mod:`destatic.pipelines.tokens`) takes
+``temperature``, ``top_k``, ``top_p`` and ``beams`` beside the prompt, seed and guidance (its
+``/api/health`` defaults list them); other models refuse them.
+
 Bad requests answer 400 with {"error": "…"}; a full waiting line answers 503; the guards of
 :mod:`destatic.serve.security` answer 401, 403, 411, 413 and 415 before a request gets here.
 Bodies are parsed and images decoded off the event loop, images only once their header shows

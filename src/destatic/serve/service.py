@@ -50,6 +50,7 @@ class Limits:
     max_frames: int = 64  # per clip, for a video model
     max_fps: int = 120  # frames per second of a video's playback
     max_seconds: float = 30.0  # per sound, for an audio model
+    max_beams: int = 8  # beams of a token model's beam search
 
 
 # What a client may set; the server fills the rest (its model, ControlNet and routing), so no
@@ -82,10 +83,17 @@ CLIENT_FIELDS = (
     "num_frames",
     "seconds",
     "seconds_start",
+    "temperature",
+    "top_k",
+    "top_p",
+    "beams",
 )
 _SERVER_FIELDS = ("model", "controlnet", "loras", "sampler_options", "keep_unmasked")
 # what an audio model has no use for (left unset)
 _PICTURE_FIELDS = ("width", "height", "image", "mask", "control_image", "num_frames")
+# what a token model has no use for (left unset): inputs, frames and a diffusion model's grid
+_NOT_FOR_TOKENS = ("image", "mask", "control_image", "num_frames", "grid")
+_DECODING = ("temperature", "top_k", "top_p", "beams")
 
 
 def request_from_json(fields: Any) -> GenerationRequest:
@@ -191,8 +199,19 @@ class GenerationService:
 
     @property
     def defaults(self) -> dict:
-        """The model's sampling defaults (steps, sampler, grid, guidance)."""
-        return self.pipeline.sampling_defaults
+        """The model's sampling defaults (steps, sampler, grid, guidance; a token model's
+        temperature, top_k, top_p and beams too)."""
+        return {**self.pipeline.sampling_defaults, **(self.decoding or {})}
+
+    @property
+    def decoding(self) -> dict | None:
+        """A token model's decoding defaults (None: a diffusion model)."""
+        return getattr(self.pipeline, "decoding_defaults", None)
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the model draws VQ tokens (autoregressive or MaskGIT), not by diffusion."""
+        return self.decoding is not None
 
     @property
     def media(self) -> str:
@@ -270,6 +289,12 @@ class GenerationService:
         if self.audio:
             self._check_sound(r)
             return
+        if self.tokens:
+            self._check_tokens(r)
+            return
+        given = [name for name in _DECODING if getattr(r, name) is not None]
+        if given:
+            raise RequestError(f"{given[0]} is for token models; this is a diffusion model")
         if r.seconds is not None or r.seconds_start != 0:
             made = "clips" if self.video else "images"
             raise RequestError(f"seconds needs an audio model; this model draws {made}")
@@ -295,6 +320,31 @@ class GenerationService:
                 f"without seconds, this model makes {end - start:.3g} s (to its end at "
                 f"{end:.3g} s); the server's limit is {most:g} s: ask for seconds ≤ {most:g}"
             )
+
+    def _check_tokens(self, r: GenerationRequest) -> None:
+        """A token model's request: decoding fields within the limits, its own size, and no
+        input images, frames, grid, hires pass, variations or seconds."""
+        from destatic.pipelines.tokens import TAKES, check_decoding
+
+        try:
+            check_decoding(r, int(self.pipeline.tokenizer.num_codes))
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        _optional_number("temperature", r.temperature, float, 0, 100)
+        _optional_number("beams", r.beams, int, 1, self.limits.max_beams)
+        wrong = [name for name in _NOT_FOR_TOKENS if getattr(r, name) is not None]
+        wrong += [
+            n for n, v in (("hires_scale", r.hires_scale), ("strength", r.strength)) if v != 1
+        ]
+        wrong += [name for name in ("variation_strength", "seconds_start") if getattr(r, name)]
+        wrong += ["seconds"] if r.seconds is not None else []
+        if wrong:
+            raise RequestError(f"{wrong[0]} is not for token models; {TAKES}")
+        side = self.pipeline.default_size
+        for name in ("width", "height"):
+            value = getattr(r, name)
+            if value is not None and value != side:
+                raise RequestError(f"{name} = {value}: this token model draws {side}×{side} only")
 
     def _check_sizes(self, r: GenerationRequest) -> None:
         lim, m = self.limits, self.pipeline.size_multiple

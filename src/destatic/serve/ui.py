@@ -103,20 +103,24 @@ class _Tabs:
         hidden; without ``sized`` (sounds) there is no size."""
         from destatic.sampling import GRIDS, SAMPLERS
 
-        d, lim = self.service.defaults, self.lim
+        d, lim, tokens = self.service.defaults, self.lim, self.service.tokens
         with gr.Accordion("Settings", open=False):
             with gr.Row():
                 sampler = gr.Dropdown(
-                    sorted(SAMPLERS),
+                    list(self.service.pipeline.decoders) if tokens else sorted(SAMPLERS),
                     value=d["sampler"],
-                    label="Sampler (or an A1111 name: DPM++ 2M Karras, …)",
-                    allow_custom_value=True,
+                    label="Decoder" if tokens else "Sampler (or an A1111 name: DPM++ 2M Karras, …)",
+                    allow_custom_value=not tokens,
                 )
                 grid = gr.Dropdown(
-                    ["default", *GRIDS], value="default", label="σ grid", allow_custom_value=True
+                    ["default", *GRIDS],
+                    value="default",
+                    label="σ grid",
+                    allow_custom_value=True,
+                    visible=not tokens,
                 )
             with gr.Row():
-                steps = gr.Slider(1, lim.max_steps, value=d["steps"], step=1, label="Steps")
+                steps = self.steps_control(d["steps"])
                 guidance = gr.Slider(0, 15, value=d["guidance"], step=0.5, label="Guidance")
             with gr.Row():
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
@@ -125,9 +129,56 @@ class _Tabs:
                 )
                 if not sized:
                     return [sampler, grid, steps, guidance, seed, count]
+                if tokens:  # one size: the model's
+                    return [sampler, grid, steps, guidance, seed, count, gr.State(None)]
                 m = self.multiple
                 size = gr.Slider(m, lim.max_side, value=self.side, step=m, label="Size (pixels)")
         return [sampler, grid, steps, guidance, seed, count, size]
+
+    def steps_control(self, steps: int):
+        """The steps slider; none for an autoregressive token model (it draws one code a
+        step, all of them), MaskGIT's passes for a bidirectional one."""
+        pipe = self.service.pipeline
+        if self.service.tokens and not pipe.bidirectional:
+            return gr.State(None)
+        label = "Passes (MaskGIT)" if self.service.tokens else "Steps"
+        return gr.Slider(1, self.lim.max_steps, value=steps, step=1, label=label)
+
+    def decoding_controls(self) -> list:
+        """A token model's decoding: temperature, top-k, top-p and (autoregressive) beams, set
+        to the model's defaults."""
+        d, pipe = self.service.defaults, self.service.pipeline
+        with gr.Accordion("Decoding", open=True), gr.Row():
+            temperature = gr.Slider(
+                0,
+                2,
+                d["temperature"],
+                step=0.05,
+                label="Temperature (0: greedy)",
+                elem_id="txt2img-temperature",
+            )
+            top_k = gr.Slider(
+                0,
+                int(pipe.tokenizer.num_codes),
+                d["top_k"],
+                step=1,
+                label="Top-k (0: all)",
+                elem_id="txt2img-top-k",
+            )
+            top_p = gr.Slider(
+                0.01, 1, d["top_p"], step=0.01, label="Top-p (1: all)", elem_id="txt2img-top-p"
+            )
+            if pipe.bidirectional:
+                return [temperature, top_k, top_p, gr.State(None)]
+            beams = gr.Slider(
+                1,
+                self.lim.max_beams,
+                d["beams"],
+                step=1,
+                label="Beams (> 1: beam search)",
+                elem_id="txt2img-beams",
+            )
+        return [temperature, top_k, top_p, beams]
 
     def outputs(self, tab: str):
         gallery = gr.Gallery(
@@ -152,7 +203,7 @@ class _Tabs:
             negative_prompt=negative or "",
             sampler=sampler,
             grid=None if grid == "default" else grid,
-            steps=int(steps),
+            steps=None if steps is None else int(steps),
             guidance=float(guidance),
             seed=int(seed or 0),
             num_images=int(count),
@@ -195,9 +246,24 @@ class _Tabs:
     def text_to_image(self) -> None:
         prompt, negative = self.prompts("txt2img")
         button = gr.Button("Generate", variant="primary", elem_id="txt2img-generate")
+        decoding = self.decoding_controls() if self.service.tokens else []
         knobs = self.sampling_controls()
         gallery, text = self.outputs("txt2img")
-        button.click(self.run, [prompt, negative, *knobs], [gallery, text], api_name="txt2img")
+        if not decoding:
+            button.click(self.run, [prompt, negative, *knobs], [gallery, text], api_name="txt2img")
+            return
+
+        def txt2img(prompt, negative, temperature, top_k, top_p, beams, *knobs):
+            extra = {
+                "temperature": float(temperature),
+                "top_k": int(top_k),
+                "top_p": float(top_p),
+                "beams": None if beams is None else int(beams),
+            }
+            return self.run(prompt, negative, *knobs, **extra)
+
+        inputs = [prompt, negative, *decoding, *knobs]
+        button.click(txt2img, inputs, [gallery, text], api_name="txt2img")
 
     def image_to_image(self) -> None:
         prompt, negative = self.prompts("img2img")
@@ -363,6 +429,8 @@ def build_ui(service: GenerationService, folder: str | None = None):
             return ui
         with gr.Tab("Text → image"):
             tabs.text_to_image()
+        if service.tokens:  # no σ to start from an image or to steer: text → image only
+            return ui
         with gr.Tab("Image → image"):
             tabs.image_to_image()
         with gr.Tab("Inpainting"):

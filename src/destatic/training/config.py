@@ -305,7 +305,11 @@ class Config:
         task names are refused and every task's table is read (its defaults where absent).
         Without them, the tables besides the core ones are kept as read."""
         core = _core_tables(cls)
-        task_classes = {name: c for name, c in (tasks or {}).items() if c is not None}
+        # by table name: the task's, or the ``table`` its dataclass names (a table that tasks
+        # share, as autoregressive and maskgit share [tokens])
+        task_classes = {
+            getattr(c, "table", name): c for name, c in (tasks or {}).items() if c is not None
+        }
         if tasks is not None:
             known = [*core, *task_classes]
             unknown = sorted(set(table) - set(known))

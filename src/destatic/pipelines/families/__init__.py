@@ -25,11 +25,13 @@ from destatic.pipelines.families.base import (
 from destatic.pipelines.families.dit import DIT
 from destatic.pipelines.families.flux import FLUX  # noqa: F401 (registers the family)
 from destatic.pipelines.families.own import OWN
-from destatic.pipelines.families.pixart import PIXART, PIXART_SIGMA, TOKENS
+from destatic.pipelines.families.pixart import PIXART, PIXART_SIGMA
+from destatic.pipelines.families.pixart import TOKENS as T5_TOKENS
 from destatic.pipelines.families.sd3 import SD3
 from destatic.pipelines.families.sdxl import SDXL
 from destatic.pipelines.families.stable_audio import STABLE_AUDIO
 from destatic.pipelines.families.stable_diffusion import STABLE_DIFFUSION
+from destatic.pipelines.families.tokens import TOKEN_PIPELINE, TOKENS
 from destatic.pipelines.families.video import VIDEO, is_video_network
 from destatic.pipelines.families.wan import WAN, WAN_I2V
 
@@ -46,6 +48,8 @@ __all__ = [
     "SDXL",
     "STABLE_AUDIO",
     "STABLE_DIFFUSION",
+    "TOKENS",
+    "TOKEN_PIPELINE",
     "VIDEO",
     "WAN",
     "WAN_I2V",
@@ -78,7 +82,7 @@ def default_family(text_encoder: TextEncoder, network: object = None) -> Family:
     if isinstance(text_encoder, ClassLabelEncoder):
         return DIT
     if isinstance(text_encoder, T5TextEncoder):  # Σ's 300 tokens, else α
-        sigma = text_encoder.max_length == TOKENS[PIXART_SIGMA.diffusers_pipeline]
+        sigma = text_encoder.max_length == T5_TOKENS[PIXART_SIGMA.diffusers_pipeline]
         return PIXART_SIGMA if sigma else PIXART
     if isinstance(text_encoder, SDXLTextEncoder):
         return SDXL

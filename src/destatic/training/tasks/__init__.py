@@ -11,6 +11,8 @@ from destatic.training.tasks import (  # noqa: F401  (fill the registry)
     lcm,
     lora,
     reflow,
+    tokenizer,
+    tokens,
     video,
 )
 from destatic.training.tasks.audio import AudioTask
@@ -23,6 +25,8 @@ from destatic.training.tasks.evaluator import EvaluatorTask
 from destatic.training.tasks.lcm import LCMTask
 from destatic.training.tasks.lora import LoraTask
 from destatic.training.tasks.reflow import ReflowTask
+from destatic.training.tasks.tokenizer import TokenizerTask
+from destatic.training.tasks.tokens import AutoregressiveTask, MaskGITTask, TokenTask
 from destatic.training.tasks.video import VideoTask
 
 __all__ = [
@@ -30,14 +34,18 @@ __all__ = [
     "AudioEvaluatorTask",
     "AudioTask",
     "AutoencoderTask",
+    "AutoregressiveTask",
     "Batch",
     "ControlTask",
     "DenoiserTask",
     "EvaluatorTask",
     "LCMTask",
     "LoraTask",
+    "MaskGITTask",
     "ReflowTask",
     "Task",
+    "TokenTask",
+    "TokenizerTask",
     "VideoTask",
     "make_task",
     "random_masks",

@@ -25,42 +25,65 @@ import torch
 from torch import nn
 
 from destatic.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from destatic.models.discriminator import PatchDiscriminator, hinge_discriminator_loss
+from destatic.models.discriminator import PatchDiscriminator, adversarial_loss, critic_logits
 from destatic.models.registry import save_component
 from destatic.training.config import Config, ConfigError, choice, require
 from destatic.training.data import load_training_images, pixels
 from destatic.training.tasks.base import Batch, Task, network_config, register
 
-__all__ = ["AutoencoderTask", "AutoencoderTrainConfig"]
+__all__ = [
+    "AdversarialOptions",
+    "AutoencoderTask",
+    "AutoencoderTrainConfig",
+    "reconstruction_grid",
+]
 
 
 @dataclass
-class AutoencoderTrainConfig:
-    """The ``[autoencoder]`` table."""
+class AdversarialOptions:
+    """The optional PatchGAN term of a reconstruction task's table (``[autoencoder]``,
+    ``[tokenizer]``)."""
 
-    config: dict[str, Any] = field(default_factory=dict)  # AutoencoderConfig fields
-    reconstruction: str = "l1"  # l1 | mse
-    kl_weight: float = 1e-6
     adversarial_weight: float = 0.0  # weight of the PatchGAN generator term; 0 = off
     adversarial_start: int = 0  # step from which the adversarial terms count (LDM: disc_start)
     discriminator_channels: int = 64
     discriminator_layers: int = 3  # stride-2 convolutions: patches of about 2^(layers+2) px
 
-    def check(self) -> None:
-        choice("autoencoder.reconstruction", self.reconstruction, ("l1", "mse"))
-        require(self.kl_weight >= 0, f"autoencoder.kl_weight = {self.kl_weight}: use ≥ 0")
+    def check_adversarial(self, table: str) -> None:
         require(
             self.adversarial_weight >= 0,
-            f"autoencoder.adversarial_weight = {self.adversarial_weight}: use ≥ 0 (0 = off)",
+            f"{table}.adversarial_weight = {self.adversarial_weight}: use ≥ 0 (0 = off)",
         )
         require(
             self.adversarial_start >= 0,
-            f"autoencoder.adversarial_start = {self.adversarial_start}: use ≥ 0",
+            f"{table}.adversarial_start = {self.adversarial_start}: use ≥ 0",
         )
         require(
             self.discriminator_channels >= 1 and 1 <= self.discriminator_layers <= 6,
-            "autoencoder.discriminator_channels must be ≥ 1 and discriminator_layers 1 … 6",
+            f"{table}.discriminator_channels must be ≥ 1 and discriminator_layers 1 … 6",
         )
+
+    def discriminator(self, in_channels: int = 3) -> PatchDiscriminator | None:
+        """The critic these options ask for (None when ``adversarial_weight`` is 0)."""
+        if self.adversarial_weight <= 0:
+            return None
+        return PatchDiscriminator(
+            in_channels, self.discriminator_channels, self.discriminator_layers
+        )
+
+
+@dataclass
+class AutoencoderTrainConfig(AdversarialOptions):
+    """The ``[autoencoder]`` table."""
+
+    config: dict[str, Any] = field(default_factory=dict)  # AutoencoderConfig fields
+    reconstruction: str = "l1"  # l1 | mse
+    kl_weight: float = 1e-6
+
+    def check(self) -> None:
+        choice("autoencoder.reconstruction", self.reconstruction, ("l1", "mse"))
+        require(self.kl_weight >= 0, f"autoencoder.kl_weight = {self.kl_weight}: use ≥ 0")
+        self.check_adversarial("autoencoder")
 
 
 @register
@@ -82,10 +105,7 @@ class AutoencoderTask(Task):
                 f"data.size = {cfg.data.size} is not a multiple of the autoencoder's factor "
                 f"{factor}"
             )
-        a = cfg.autoencoder
-        discriminator = None
-        if a.adversarial_weight > 0:
-            discriminator = PatchDiscriminator(3, a.discriminator_channels, a.discriminator_layers)
+        discriminator = cfg.autoencoder.discriminator()
         self.trainable = _Reconstruction(AutoencoderKL(config), discriminator)
 
     @property
@@ -110,9 +130,7 @@ class AutoencoderTask(Task):
         if critic is None:
             return loss
         on = float(self.step >= a.adversarial_start)  # 0: the terms (and D's updates) wait
-        fake_for_ae, real, fake = (c.float() for c in critic)
-        loss = loss - on * a.adversarial_weight * fake_for_ae.flatten(1).mean(1)
-        return loss + on * hinge_discriminator_loss(real, fake)
+        return loss + on * adversarial_loss(critic, a.adversarial_weight)
 
     @torch.no_grad()
     def export(self, trainable: nn.Module, folder: Path) -> None:
@@ -133,17 +151,24 @@ class AutoencoderTask(Task):
 
     def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """Originals (top row) above their reconstructions."""
-        ae = trainable.autoencoder
-        was_training = ae.training
-        ae.eval()
-        n = min(8, len(self.images))
-        with torch.no_grad():
-            device = next(ae.parameters()).device
-            x = pixels(self.images[:n]).to(device)
-            recon = ae(x).float().cpu()
-        ae.train(was_training)
-        images = torch.cat([x.cpu(), recon]) / 2 + 0.5
-        return images.clamp(0, 1), ["original"] * n + ["reconstruction"] * n
+        return reconstruction_grid(trainable.autoencoder, self.images)
+
+
+def reconstruction_grid(
+    model: nn.Module, images: torch.Tensor, n: int = 8
+) -> tuple[torch.Tensor, list[str]]:
+    """The first ``n`` of ``images`` (uint8 NHWC) in a top row above ``model(x)``, their
+    reconstructions, in [0, 1], with labels; ``model`` is run in eval mode."""
+    was_training = model.training
+    model.eval()
+    n = min(n, len(images))
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        x = pixels(images[:n]).to(device)
+        recon = model(x).float().cpu()
+    model.train(was_training)
+    grid = torch.cat([x.cpu(), recon]) / 2 + 0.5
+    return grid.clamp(0, 1), ["original"] * n + ["reconstruction"] * n
 
 
 class _Reconstruction(nn.Module):
@@ -162,8 +187,4 @@ class _Reconstruction(nn.Module):
         recon = self.autoencoder.decode(z)
         if self.discriminator is None:
             return recon, post.kl(), None
-        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
-        fake_for_ae = torch.func.functional_call(self.discriminator, frozen, (recon,))
-        real = self.discriminator(x)
-        fake = self.discriminator(recon.detach())
-        return recon, post.kl(), (fake_for_ae, real, fake)
+        return recon, post.kl(), critic_logits(self.discriminator, x, recon)

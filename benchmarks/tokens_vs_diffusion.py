@@ -1,0 +1,221 @@
+"""Diffusion against the autoregressive alternative on the same data and training compute: the
+bundled diffusion model (and its LCM student), the token models (next-token AR by sampling and
+by beam search, MaskGIT's parallel decoding) and the hybrid (AR for the layout, a few diffusion
+steps for detail), scored on the emoji held-out prompts.
+
+    destatic train configs/emoji_tokenizer.toml && destatic train configs/emoji_ar.toml
+    destatic train configs/emoji_maskgit.toml
+    python benchmarks/tokens_vs_diffusion.py --json benchmarks/results/tokens_vs_diffusion.json \
+        --plot docs/images/tokens_vs_diffusion.png
+    python benchmarks/tokens_vs_diffusion.py --n 16 --quick     # a smoke run (numbers meaningless)
+
+Every row draws one image per held-out prompt with seeds ``seed + i`` and is scored by
+:func:`destatic.metrics.sweep.evaluate`, the code behind ``destatic eval``: FID and KID against
+the held-out images (the first row: as many *train* images, FID's floor at this n), top-1 /
+top-5 retrieval of each image's prompt among all held-out prompts by the bundled evaluator,
+"unseen tone": held-out emoji in a skin tone their concept was never trained in, right when the
+evaluator picks the asked tone among the five, and the network GFLOP and seconds per image
+(text encoder, every network pass and the decoder; ``torch.utils.flop_counter``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+import torch
+
+import destatic
+from destatic.bundled import resolve
+from destatic.metrics.sweep import Result, Setting, evaluate, reference_set
+
+THREADS = 2
+
+
+def diffusion_rows(args) -> list[tuple[str, str, Setting]]:
+    """(row name, model, setting) of the diffusion side."""
+    w = args.guidance
+    rows = [("diffusion (bundled emoji)", "emoji", Setting("dpmpp_2m", k, w)) for k in (8, 20)]
+    rows.append(("LCM student (emoji_lcm)", "emoji_lcm", Setting("lcm", 4, w)))
+    return rows[1:] if args.quick else rows
+
+
+def token_rows(args, ar: str, maskgit: str) -> list[tuple[str, str, Setting]]:
+    """(row name, model, setting) of the token side; a model that is not there is skipped."""
+    rows: list[tuple[str, str, Setting]] = []
+    w = args.ar_guidance
+    if resolve(ar).is_dir():
+        n = destatic.load(ar).sampling_defaults["steps"]
+        rows += [
+            ("AR, sampling", ar, Setting("autoregressive", n, w, None, (("temperature", 1.0),))),
+            ("AR, top-k 64", ar, Setting("autoregressive", n, w, None, (("top_k", 64),))),
+            ("AR, beam search 4", ar, Setting("beam", n, w, None, (("beams", 4),))),
+        ]
+        if not args.quick:
+            rows.append(
+                ("AR, greedy", ar, Setting("autoregressive", n, w, None, (("temperature", 0.0),)))
+            )
+    else:
+        print(f"skipping AR rows: {ar} does not exist (train it first)", file=sys.stderr)
+    if resolve(maskgit).is_dir():
+        rows += [
+            ("MaskGIT", maskgit, Setting("maskgit", k, w))
+            for k in (8,) + (() if args.quick else (16,))
+        ]
+    else:
+        print(f"skipping MaskGIT rows: {maskgit} does not exist (train it first)", file=sys.stderr)
+    return rows
+
+
+def hybrid(ar: str, refiner: str, strength: float, steps: int):
+    """The AR model whose decoded images a diffusion model redraws image → image at
+    ``strength`` (AR for the layout, diffusion for the detail)."""
+    pipe = destatic.load(ar)
+    refine = {"strength": strength, "steps": steps, "sampler": "dpmpp_2m", "guidance": 3.0}
+    return dataclasses.replace(pipe, refiner=destatic.load(refiner), refine=refine)
+
+
+def table(real: Result, rows: list[tuple[str, Result]]) -> str:
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    def num(v: float | None, fmt: str = "{:.1f}") -> str:
+        return "–" if v is None else fmt.format(v)
+
+    head = "| model | decoding | FID | KID ×10³ | top-1 % | top-5 % | unseen tone % |"
+    head += " GFLOP / image | s / image |"
+    lines = [head, "|" + "---|" * 9]
+    lines.append(
+        f"| real (train vs held-out FID; held-out retrieval), n = {real.n} | – | {num(real.fid)} |"
+        f" {num(real.kid and 1e3 * real.kid, '{:.2f}')} | {pct(real.top1)} | {pct(real.top5)} |"
+        f" {pct(real.composition)} | – | – |"
+    )
+    for name, r in rows:
+        assert r.setting is not None
+        flops = None if r.flops is None else r.flops / 1e9
+        lines.append(
+            f"| {name} | {r.setting.label} | {num(r.fid)} | "
+            f"{num(r.kid and 1e3 * r.kid, '{:.2f}')} | {pct(r.top1)} | {pct(r.top5)} | "
+            f"{pct(r.composition)} | {num(flops, '{:.2f}')} | {r.seconds / r.n:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(real: Result, rows: list[tuple[str, Result]], path: Path) -> None:
+    """FID and top-1 against GFLOP per image, one marker per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (field, title, scale, ref) in zip(
+        axes,
+        (("fid", "FID (lower is better)", 1, real.fid), ("top1", "prompt top-1 %", 100, real.top1)),
+        strict=True,
+    ):
+        for name, r in rows:
+            y = getattr(r, field)
+            if y is None or r.flops is None:
+                continue
+            marker = (
+                "o" if "diffusion" in name or "LCM" in name else ("s" if "hybrid" in name else "^")
+            )
+            ax.scatter(r.flops / 1e9, scale * y, marker=marker, label=f"{name} ({r.setting.label})")
+        if ref is not None:
+            ax.axhline(scale * ref, color="k", ls="--", lw=1, label="real images")
+        ax.set_xscale("log")
+        ax.set_xlabel("GFLOP per image")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, loc="lower right")
+    fig.suptitle("emoji held-out: quality against compute per image", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ar", default="emoji_ar", help="the AR token model (bundled name or folder)")
+    p.add_argument("--maskgit", default="runs/emoji_maskgit/model", help="the MaskGIT model")
+    p.add_argument("--refiner", default="emoji", help="the hybrid's diffusion model ('' = none)")
+    p.add_argument("--refine-strength", type=float, default=0.5)
+    p.add_argument("--refine-steps", type=int, default=8, help="grid steps (runs strength × it)")
+    p.add_argument("--guidance", type=float, default=3.0, help="diffusion CFG scale")
+    p.add_argument("--ar-guidance", type=float, default=None, help="token CFG (default: model's)")
+    p.add_argument("--metrics", default="fid,kid,retrieval")
+    p.add_argument("--n", type=int, default=0, help="held-out prompts (0 = all 376)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="fewer rows")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--plot", type=Path, default=None, help="quality against GFLOP per image")
+    args = p.parse_args()
+    torch.set_num_threads(THREADS)
+
+    from destatic.metrics.evaluator import load_evaluator
+    from destatic.metrics.inception import InceptionFeatures
+
+    if args.ar_guidance is None:
+        args.ar_guidance = float(destatic.load(args.ar).sampling_defaults["guidance"])
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    reference = reference_set("emoji", 32, n=args.n, seed=args.seed)
+    common = dict(
+        evaluator=load_evaluator() if {"retrieval", "clip"} & set(metrics) else None,
+        inception=InceptionFeatures() if {"fid", "kid", "pr"} & set(metrics) else None,
+        metrics=metrics,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=True,
+        flops=True,
+    )
+    plan = [*diffusion_rows(args), *token_rows(args, args.ar, args.maskgit)]
+    rows: list[tuple[str, Result]] = []
+    real = None
+    loaded: dict[str, object] = {}
+    for name, model, setting in plan:
+        pipe = loaded.setdefault(model, destatic.load(model))
+        real, results = evaluate(pipe, [setting], reference, **common)
+        rows.append((name, results[0]))
+    if args.refiner and resolve(args.ar).is_dir():
+        pipe = hybrid(args.ar, args.refiner, args.refine_strength, args.refine_steps)
+        n = pipe.sampling_defaults["steps"]
+        s = Setting("autoregressive", n, args.ar_guidance, None, (("top_k", 64),))
+        real, results = evaluate(pipe, [s], reference, **common)
+        name = f"hybrid: AR + {args.refiner} at strength {args.refine_strength:g}"
+        rows.append((f"{name}, {args.refine_steps} steps", results[0]))
+    assert real is not None
+    print()
+    cpu = _cpu()
+    print(f"emoji held-out, n = {real.n}, seed {args.seed}; {cpu}, {THREADS} threads")
+    print()
+    print(table(real, rows))
+    if args.json is not None:
+        out = [{"model": name, **r.to_dict()} for name, r in rows]
+        payload = {"cpu": cpu, "real": real.to_dict(), "rows": out}
+        args.json.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot(real, rows, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def _cpu() -> str:
+    """The CPU model and its matrix flags (the figures depend on them)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), "?"
+    )
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text]
+    return f"{model} ({', '.join(flags)})"
+
+
+if __name__ == "__main__":
+    main()
