@@ -30,7 +30,7 @@ VIDEO_PROMPTS := "red heart moves down" "pizza bounces" "thumbs up rotates antic
 	"sun zooms out" "ghost moves up" "fire zooms in" "star zooms out" "birthday cake moves down"
 
 .PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint bundle-lcm bundle-video \
-	bundle-notes bundle-notes-evaluator
+	bundle-notes bundle-notes-evaluator bundle-ar
 demo: $(VENV)/.installed
 	$(BIN)/destatic generate $(DEMO_PROMPTS) --upscale 4 -o out
 
@@ -80,6 +80,13 @@ bundle-notes: $(VENV)/.installed
 	rm -rf src/destatic/assets/notes
 	$(BIN)/destatic export runs/notes/model src/destatic/assets/notes --half
 	$(BIN)/python benchmarks/audio_examples.py
+
+# Refresh the bundled token model from finished `destatic train configs/emoji_tokenizer.toml`
+# and `destatic train configs/emoji_ar.toml` (the tokenizer is saved inside the model).
+bundle-ar: $(VENV)/.installed
+	rm -rf src/destatic/assets/emoji_ar
+	$(BIN)/destatic export runs/emoji_ar/model src/destatic/assets/emoji_ar --half
+	$(BIN)/destatic generate $(SHEET_PROMPTS) --model emoji_ar -o /tmp/destatic-ar --sheet docs/emoji_ar_samples.png
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks
