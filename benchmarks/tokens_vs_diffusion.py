@@ -32,7 +32,7 @@ import torch
 
 import destatic
 from destatic.bundled import resolve
-from destatic.metrics.sweep import Result, Setting, evaluate, reference_set
+from destatic.metrics.sweep import Reference, Result, Setting, evaluate, reference_set, score_images
 
 THREADS = 2
 
@@ -80,6 +80,16 @@ def hybrid(ar: str, refiner: str, strength: float, steps: int):
     return dataclasses.replace(pipe, refiner=destatic.load(refiner), refine=refine)
 
 
+@torch.no_grad()
+def round_trip(model: str, reference: Reference, batch_size: int) -> torch.Tensor:
+    """The held-out images encoded to codes by the token model's tokenizer and decoded: the
+    best any model drawing those codes can do ([n, 3, H, W] in [0, 1])."""
+    tokenizer = destatic.load(model).tokenizer
+    x = torch.from_numpy(reference.images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    out = [tokenizer.images_from_codes(tokenizer.codes_from_images(b)) for b in x.split(batch_size)]
+    return (torch.cat(out).float() / 2 + 0.5).clamp(0, 1)
+
+
 def table(real: Result, rows: list[tuple[str, Result]]) -> str:
     def pct(v: float | None) -> str:
         return "–" if v is None else f"{100 * v:.1f}"
@@ -96,12 +106,13 @@ def table(real: Result, rows: list[tuple[str, Result]]) -> str:
         f" {pct(real.composition)} | – | – |"
     )
     for name, r in rows:
-        assert r.setting is not None
+        label = r.setting.label if r.setting else "encode → decode"
         flops = None if r.flops is None else r.flops / 1e9
+        seconds = f"{r.seconds / r.n:.3f}" if r.setting else "–"
         lines.append(
-            f"| {name} | {r.setting.label} | {num(r.fid)} | "
+            f"| {name} | {label} | {num(r.fid)} | "
             f"{num(r.kid and 1e3 * r.kid, '{:.2f}')} | {pct(r.top1)} | {pct(r.top5)} | "
-            f"{pct(r.composition)} | {num(flops, '{:.2f}')} | {r.seconds / r.n:.3f} |"
+            f"{pct(r.composition)} | {num(flops, '{:.2f}')} | {seconds} |"
         )
     return "\n".join(lines)
 
@@ -121,6 +132,8 @@ def plot(real: Result, rows: list[tuple[str, Result]], path: Path) -> None:
     ):
         for name, r in rows:
             y = getattr(r, field)
+            if y is not None and r.setting is None:  # the tokenizer's round trip
+                ax.axhline(scale * y, color="grey", ls=":", lw=1, label=name)
             if y is None or r.flops is None:
                 continue
             marker = (
@@ -191,6 +204,16 @@ def main() -> None:
         real, results = evaluate(pipe, [s], reference, **common)
         name = f"hybrid: AR + {args.refiner} at strength {args.refine_strength:g}"
         rows.append((f"{name}, {args.refine_steps} steps", results[0]))
+    if resolve(args.ar).is_dir():
+        images = round_trip(args.ar, reference, args.batch_size)
+        scored = score_images(
+            images,
+            reference,
+            evaluator=common["evaluator"],
+            inception=common["inception"],
+            metrics=metrics,
+        )
+        rows.append(("tokenizer round trip (the token models' ceiling)", scored))
     assert real is not None
     print()
     cpu = _cpu()
@@ -198,7 +221,10 @@ def main() -> None:
     print()
     print(table(real, rows))
     if args.json is not None:
-        out = [{"model": name, **r.to_dict()} for name, r in rows]
+        out = [
+            {"model": name, **r.to_dict(), **({} if r.setting else {"label": "encode → decode"})}
+            for name, r in rows
+        ]
         payload = {"cpu": cpu, "real": real.to_dict(), "rows": out}
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")

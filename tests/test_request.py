@@ -204,7 +204,7 @@ def test_bundled_table_and_companions():
     from destatic.bundled import BUNDLED, companions
 
     assert set(BUNDLED) == {"emoji", "emoji_inpaint", "emoji_control", "emoji_lcm",
-                            "emoji_video", "emoji_evaluator", "notes",
+                            "emoji_video", "emoji_ar", "emoji_evaluator", "notes",
                             "notes_evaluator"}  # fmt: skip
     assert resolve(None) == destatic.DEFAULT_MODEL == resolve("emoji")
     assert set(companions(None)) == {"inpaint", "control"}

@@ -13,7 +13,14 @@ import destatic
 from destatic.cli import app
 from destatic.metrics.evaluator import Evaluator, ImageTextModel
 from destatic.metrics.inception import inception_available
-from destatic.metrics.sweep import Reference, Setting, evaluate, markdown_table, write_report
+from destatic.metrics.sweep import (
+    Reference,
+    Setting,
+    evaluate,
+    markdown_table,
+    score_images,
+    write_report,
+)
 from tests.test_evaluator import TINY, WordEncoder
 
 PROMPTS = ["red heart", "pizza", "rocket", "cat face", "sun", "ghost"]
@@ -66,6 +73,21 @@ def test_sweep_scores_every_setting_and_the_real_row(pipe, reference, tmp_path, 
     assert len(payload["steps"]) == 2 and payload["real"]["label"].startswith("real")
     table = markdown_table(real, rows)
     assert "top-1 %" in table and "FID" not in table and table.count("\n") == 5
+
+
+def test_scoring_the_real_images_gives_the_real_row(pipe, reference):
+    """score_images (other images than a model's, e.g. a tokenizer's round trip) scores as the
+    sweep's real row does: the held-out images themselves reach the real row's retrieval."""
+    real, _ = evaluate(
+        pipe, [Setting("euler", 1, 3.0)], reference, evaluator=scorer(), metrics=["retrieval"]
+    )
+    images = torch.from_numpy(reference.images).permute(0, 3, 1, 2).float() / 255
+    same = score_images(images, reference, evaluator=scorer(), metrics=["retrieval"])
+    assert same.setting is None and same.n == 6 and (same.top1, same.top5) == (real.top1, real.top5)
+    with pytest.raises(ValueError, match="Inception"):
+        score_images(images, reference, evaluator=scorer())  # FID by default
+    with pytest.raises(ValueError, match="5 images for 6 prompts"):
+        score_images(images[:5], reference, evaluator=scorer(), metrics=["retrieval"])
 
 
 def test_sweep_rejects_bad_requests(pipe, reference):

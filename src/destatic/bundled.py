@@ -75,6 +75,12 @@ BUNDLED: dict[str, BundledModel] = {
             "text → 1 s instrument notes at 16 kHz (an audio DiT on mel frames)",
         ),
         BundledModel(
+            "emoji_ar",
+            "pipeline",
+            "configs/emoji_ar.toml",
+            "text → 32×32 emoji as 8×8 VQ codes, next-token autoregressive (beam search too)",
+        ),
+        BundledModel(
             "emoji_evaluator",
             "component",
             "configs/emoji_evaluator.toml",

@@ -29,7 +29,15 @@ import torch
 
 from destatic.metrics.flops import flops_per_image
 
-__all__ = ["Reference", "Result", "Setting", "evaluate", "reference_set", "write_report"]
+__all__ = [
+    "Reference",
+    "Result",
+    "Setting",
+    "evaluate",
+    "reference_set",
+    "score_images",
+    "write_report",
+]
 
 METRICS = ("retrieval", "clip", "fid", "kid", "pr")
 
@@ -186,6 +194,46 @@ def _adherence_scores(
         result.clip_score = evaluator.clip_score(images, prompts)
 
 
+def _check_metrics(metrics: Sequence[str], evaluator, inception) -> tuple[list, list]:
+    """(the prompt-adherence metrics, the distribution metrics) asked for, or a clear error."""
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    adherence = [m for m in metrics if m in ("retrieval", "clip")]
+    distribution = [m for m in metrics if m in ("fid", "kid", "pr")]
+    if adherence and evaluator is None:
+        raise ValueError(f"metrics {adherence} need an evaluator")
+    if distribution and inception is None:
+        raise ValueError(f"metrics {distribution} need the Inception network")
+    return adherence, distribution
+
+
+def score_images(
+    images: torch.Tensor,
+    reference: Reference,
+    *,
+    evaluator=None,
+    inception=None,
+    metrics: Sequence[str] = METRICS,
+) -> Result:
+    """Score images [n, 3, H, W] in [0, 1], row i drawn for ``reference.prompts[i]``, against
+    the reference (its real features are cached); the row has no setting: :func:`evaluate` fills
+    it in, a caller scoring other images (a tokenizer's round trip) names the row itself."""
+    from destatic.metrics.reference import cached_features
+
+    adherence, distribution = _check_metrics(metrics, evaluator, inception)
+    if len(images) != len(reference.prompts):
+        raise ValueError(f"{len(images)} images for {len(reference.prompts)} prompts")
+    result = Result(None, 0, len(images))
+    _adherence_scores(
+        result, evaluator, images, reference.prompts, adherence, reference.compositions
+    )
+    if distribution:
+        real = cached_features(reference.images, inception, progress=False)
+        _distribution_scores(result, real, inception(images), distribution)
+    return result
+
+
 def evaluate(
     pipeline,
     settings: Sequence[Setting],
@@ -206,15 +254,7 @@ def evaluate(
 
     from destatic.metrics.reference import cached_features
 
-    unknown = sorted(set(metrics) - set(METRICS))
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
-    adherence = [m for m in metrics if m in ("retrieval", "clip")]
-    distribution = [m for m in metrics if m in ("fid", "kid", "pr")]
-    if adherence and evaluator is None:
-        raise ValueError(f"metrics {adherence} need an evaluator")
-    if distribution and inception is None:
-        raise ValueError(f"metrics {distribution} need the Inception network")
+    adherence, distribution = _check_metrics(metrics, evaluator, inception)
     if not settings:
         raise ValueError("no settings to evaluate")
     side = pipeline.default_size
@@ -227,10 +267,9 @@ def evaluate(
     n = len(prompts)
 
     real = Result(None, 0, n)
-    compositions = reference.compositions
-    real_images = _to_float(reference.images)
-    _adherence_scores(real, evaluator, real_images, prompts, adherence, compositions)
-    real_feats = None
+    _adherence_scores(
+        real, evaluator, _to_float(reference.images), prompts, adherence, reference.compositions
+    )
     if distribution:
         real_feats = cached_features(reference.images, inception, progress=progress)
         train_feats = cached_features(reference.train_images, inception, progress=progress)
@@ -253,13 +292,13 @@ def evaluate(
                 .cpu()
             )
             bar.update()
-        fake = torch.cat(images)
-        result = Result(setting, setting.nfe, n, seconds=time.perf_counter() - start)
-        _adherence_scores(result, evaluator, fake, prompts, adherence, compositions)
+        seconds = time.perf_counter() - start
+        result = score_images(
+            torch.cat(images), reference, evaluator=evaluator, inception=inception, metrics=metrics
+        )
+        result.setting, result.nfe, result.seconds = setting, setting.nfe, seconds
         if flops:
             result.flops = flops_per_image(pipeline, setting.fields(), prompts[0], seed)
-        if distribution:
-            _distribution_scores(result, real_feats, inception(fake), distribution)
         results.append(result)
     bar.close()
     return real, results
