@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import destatic
 from destatic.bundled import resolve
 from destatic.metrics.sweep import Reference, Result, Setting, evaluate, reference_set, score_images
 
-THREADS = 2
+THREADS = int(os.environ.get("DESTATIC_THREADS", "2"))
 
 
 def diffusion_rows(args) -> list[tuple[str, str, Setting]]:

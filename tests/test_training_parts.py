@@ -280,3 +280,16 @@ def test_loss_plot_before_any_metrics_line(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == []
     plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert not (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_evaluating_restores_the_mode_even_on_errors(mode):
+    from destatic.training.tasks.base import evaluating
+
+    net = torch.nn.Dropout(0.5).train(mode)
+    with evaluating(net) as inside:
+        assert inside is net and not net.training
+    assert net.training is mode
+    with pytest.raises(RuntimeError), evaluating(net):
+        raise RuntimeError("a sample grid failed")
+    assert net.training is mode

@@ -42,7 +42,7 @@ from destatic.pipelines.families.audio import AUDIO, timing_context
 from destatic.training.config import Config, ConfigError, choice, require
 from destatic.training.data import CaptionBank, draw_captions
 from destatic.training.objectives import OBJECTIVES
-from destatic.training.tasks.base import Batch, Task, network_config, register
+from destatic.training.tasks.base import Batch, Task, evaluating, network_config, register
 
 __all__ = ["AudioDenoiser", "AudioTask", "AudioTrainConfig", "audible_seconds"]
 
@@ -212,12 +212,8 @@ class AudioTask(Task):
 
     def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """Log-mel spectrograms of the sample prompts (low frequencies at the bottom)."""
-        was_training = trainable.training
-        trainable.eval()
-        try:
+        with evaluating(trainable):
             waves = self.pipeline(trainable).run(cfg.sample.request())
-        finally:
-            trainable.train(was_training)
         mel = self.codec.latents_from_waveforms(waves.cpu())
         images = ((mel + 1) / 3.5).clamp(0, 1).flip(1).unsqueeze(1).repeat(1, 3, 1, 1)
         return images, list(cfg.sample.prompts)

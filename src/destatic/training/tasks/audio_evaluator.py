@@ -34,7 +34,7 @@ from destatic.models.audio_evaluator import (
 from destatic.models.mel import MelCodec, MelCodecConfig
 from destatic.models.registry import save_component
 from destatic.training.config import Config, ConfigError, choice, require
-from destatic.training.tasks.base import Batch, Task, network_config, register
+from destatic.training.tasks.base import Batch, Task, evaluating, network_config, register
 
 __all__ = ["AudioEvaluatorTask", "AudioEvaluatorTrainConfig", "note_label"]
 
@@ -166,10 +166,8 @@ class AudioEvaluatorTask(Task):
             return torch.zeros(0, 3, 32, 32), []
         held = self.heldout
         mel = self._features(held.audio[:n], held.sample_rate, round_trip=False)
-        was_training = trainable.training
-        trainable.eval()
-        logits = trainable(mel.to(next(trainable.parameters()).device))
-        trainable.train(was_training)
+        with evaluating(trainable):
+            logits = trainable(mel.to(next(trainable.parameters()).device))
         names = trainable.config.labels
         midi = (logits.pitch_class.argmax(1) + 12 * logits.octave.argmax(1)).tolist()
         best = [

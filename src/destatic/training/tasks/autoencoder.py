@@ -29,7 +29,7 @@ from destatic.models.discriminator import PatchDiscriminator, adversarial_loss, 
 from destatic.models.registry import save_component
 from destatic.training.config import Config, ConfigError, choice, require
 from destatic.training.data import load_training_images, pixels
-from destatic.training.tasks.base import Batch, Task, network_config, register
+from destatic.training.tasks.base import Batch, Task, evaluating, network_config, register
 
 __all__ = [
     "AdversarialOptions",
@@ -136,18 +136,16 @@ class AutoencoderTask(Task):
     def export(self, trainable: nn.Module, folder: Path) -> None:
         """Save with ``scaling_factor`` = 1/std of the latent means over the data (as SD did)."""
         trainable = trainable.autoencoder
-        was_training = trainable.training
-        trainable.eval()
-        device = next(trainable.parameters()).device
-        means = [
-            trainable.encode(pixels(self.images[i : i + 64]).to(device)).mean.float().cpu()
-            for i in range(0, min(len(self.images), 1024), 64)
-        ]
-        std = float(torch.cat(means).std())
-        config = trainable.config.to_dict()
-        config["scaling_factor"] = 1.0 / std if std > 0 and math.isfinite(std) else 1.0
-        save_component(trainable, folder, class_name="AutoencoderKL", config=config)
-        trainable.train(was_training)
+        with evaluating(trainable):
+            device = next(trainable.parameters()).device
+            means = [
+                trainable.encode(pixels(self.images[i : i + 64]).to(device)).mean.float().cpu()
+                for i in range(0, min(len(self.images), 1024), 64)
+            ]
+            std = float(torch.cat(means).std())
+            config = trainable.config.to_dict()
+            config["scaling_factor"] = 1.0 / std if std > 0 and math.isfinite(std) else 1.0
+            save_component(trainable, folder, class_name="AutoencoderKL", config=config)
 
     def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """Originals (top row) above their reconstructions."""
@@ -159,14 +157,11 @@ def reconstruction_grid(
 ) -> tuple[torch.Tensor, list[str]]:
     """The first ``n`` of ``images`` (uint8 NHWC) in a top row above ``model(x)``, their
     reconstructions, in [0, 1], with labels; ``model`` is run in eval mode."""
-    was_training = model.training
-    model.eval()
     n = min(n, len(images))
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         device = next(model.parameters()).device
         x = pixels(images[:n]).to(device)
         recon = model(x).float().cpu()
-    model.train(was_training)
     grid = torch.cat([x.cpu(), recon]) / 2 + 0.5
     return grid.clamp(0, 1), ["original"] * n + ["reconstruction"] * n
 

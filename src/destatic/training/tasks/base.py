@@ -15,6 +15,8 @@ of the same name (``[lcm]``), validated when the config is loaded
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -23,7 +25,16 @@ from torch import nn
 
 from destatic.training.config import Config, ConfigError, choice
 
-__all__ = ["TASKS", "Batch", "Task", "make_task", "network_config", "register", "task_sections"]
+__all__ = [
+    "TASKS",
+    "Batch",
+    "Task",
+    "evaluating",
+    "make_task",
+    "network_config",
+    "register",
+    "task_sections",
+]
 
 Batch = dict[str, torch.Tensor]
 
@@ -91,3 +102,15 @@ def network_config(cls: Any, fields: dict[str, Any], where: str) -> Any:
         return cls.from_dict(fields)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"[{where}]: {e}") from e
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block (sample grids, exports, held-out checks), its
+    train/eval flag restored after it, errors included."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

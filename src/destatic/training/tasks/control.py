@@ -19,7 +19,7 @@ from destatic.models.unet import UNet2DCondition
 from destatic.pipelines import load
 from destatic.training.config import Config, ConfigError, require
 from destatic.training.data import load_training_images
-from destatic.training.tasks.base import Batch, register
+from destatic.training.tasks.base import Batch, evaluating, register
 from destatic.training.tasks.denoiser import DenoiserTask
 
 __all__ = ["ControlTask", "ControlTrainConfig"]
@@ -106,11 +106,7 @@ class ControlTask(DenoiserTask):
         edges = edges.permute(0, 3, 1, 2).float() / 255
         prompts = [caps[0] for caps in held.captions[:n]]
         s = cfg.sample
-        was_training = trainable.training
-        trainable.eval()
-        try:
+        with evaluating(trainable):
             request = s.request(prompt=prompts, controlnet=trainable, control_image=edges)
             images = self.base.run(request)
-        finally:
-            trainable.train(was_training)
         return torch.cat([edges, images.cpu()]), ["edges"] * n + prompts

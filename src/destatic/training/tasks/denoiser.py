@@ -24,7 +24,7 @@ from destatic.training.data import (
     pixels,
 )
 from destatic.training.objectives import OBJECTIVES
-from destatic.training.tasks.base import Batch, Task, network_config, register
+from destatic.training.tasks.base import Batch, Task, evaluating, network_config, register
 
 __all__ = ["DenoiserTask", "random_masks"]
 
@@ -158,12 +158,8 @@ class DenoiserTask(Task):
 
     def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         s = cfg.sample
-        was_training = trainable.training
-        trainable.eval()
-        try:
+        with evaluating(trainable):
             images = self._pipeline(trainable).run(s.request())
-        finally:
-            trainable.train(was_training)
         return images, list(s.prompts)
 
 

@@ -18,7 +18,7 @@ from destatic.models.registry import save_component
 from destatic.models.text import MiniLMTextEncoder
 from destatic.training.config import Config, ConfigError, require
 from destatic.training.data import CaptionBank, load_training_images, pixels
-from destatic.training.tasks.base import Batch, Task, network_config, register
+from destatic.training.tasks.base import Batch, Task, evaluating, network_config, register
 
 __all__ = ["EvaluatorTask", "EvaluatorTrainConfig"]
 
@@ -90,13 +90,11 @@ class EvaluatorTask(Task):
         if n == 0:
             return torch.zeros(0, 3, cfg.data.size, cfg.data.size), []
         held = torch.from_numpy(self.heldout.images[:n])
-        was_training = trainable.training
-        trainable.eval()
-        device = next(trainable.parameters()).device
-        images = trainable.encode_images(pixels(held).to(device))
-        captions = self.heldout_bank.pooled[self.heldout_bank.ids(self.candidates)]
-        texts = trainable.encode_text(captions.to(device))
-        trainable.train(was_training)
+        with evaluating(trainable):
+            device = next(trainable.parameters()).device
+            images = trainable.encode_images(pixels(held).to(device))
+            captions = self.heldout_bank.pooled[self.heldout_bank.ids(self.candidates)]
+            texts = trainable.encode_text(captions.to(device))
         best = [self.candidates[int(i)] for i in (images @ texts.T).argmax(dim=1)]
         own = [caps[0] for caps in self.heldout.captions[:n]]
         labels = [f"ok: {b}" if b == o else f"{b} (is {o})" for b, o in zip(best, own, strict=True)]

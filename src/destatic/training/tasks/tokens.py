@@ -44,7 +44,7 @@ from destatic.pipelines import save
 from destatic.pipelines.tokens import TokenPipeline
 from destatic.training.config import Config, ConfigError, require
 from destatic.training.data import CaptionBank, draw_captions, load_training_images, pixels
-from destatic.training.tasks.base import Batch, Task, network_config, register
+from destatic.training.tasks.base import Batch, Task, evaluating, network_config, register
 
 __all__ = [
     "AutoregressiveTask",
@@ -166,13 +166,9 @@ class TokenTask(Task):
     def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
         """The exported pipeline's images of ``sample.prompts`` (its own decoder and defaults;
         ``sample.sampler`` and ``grid`` name diffusion samplers and do not apply)."""
-        was_training = trainable.training
-        trainable.eval()
-        try:
+        with evaluating(trainable):
             request = cfg.sample.request(sampler=None, grid=None, steps=None)
             images = self.pipeline(trainable).run(request)
-        finally:
-            trainable.train(was_training)
         return images, list(cfg.sample.prompts)
 
 
@@ -225,15 +221,13 @@ def tokenize(
     mode."""
     from tqdm.auto import tqdm
 
-    was_training = tokenizer.training
-    tokenizer.eval()
     device = next(tokenizer.parameters()).device
     codes = []
     starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc="tokenising images", disable=not progress):
-        x = pixels(images[start : start + batch_size]).to(device)
-        codes.append(tokenizer.codes_from_images(x).flatten(1).cpu())
-    tokenizer.train(was_training)
+    with evaluating(tokenizer):
+        for start in tqdm(starts, desc="tokenising images", disable=not progress):
+            x = pixels(images[start : start + batch_size]).to(device)
+            codes.append(tokenizer.codes_from_images(x).flatten(1).cpu())
     return torch.cat(codes).long()
 
 

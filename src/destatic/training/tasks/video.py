@@ -33,7 +33,7 @@ from destatic.pipelines.output import film_strips
 from destatic.training.config import Config, ConfigError, choice, require
 from destatic.training.data import CaptionBank, draw_captions
 from destatic.training.objectives import OBJECTIVES
-from destatic.training.tasks.base import Batch, Task, network_config, register
+from destatic.training.tasks.base import Batch, Task, evaluating, network_config, register
 
 __all__ = ["VideoTask", "VideoTrainConfig"]
 
@@ -186,10 +186,6 @@ class VideoTask(Task):
         save(self.pipeline(trainable), folder)
 
     def sample_grid(self, trainable: nn.Module, cfg: Config) -> tuple[torch.Tensor, list[str]]:
-        was_training = trainable.training
-        trainable.eval()
-        try:
+        with evaluating(trainable):
             videos = self.pipeline(trainable).run(cfg.sample.request())
-        finally:
-            trainable.train(was_training)
         return film_strips(videos), list(cfg.sample.prompts)
