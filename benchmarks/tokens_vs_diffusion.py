@@ -6,7 +6,7 @@ steps for detail), scored on the emoji held-out prompts.
     destatic train configs/emoji_tokenizer.toml && destatic train configs/emoji_ar.toml
     destatic train configs/emoji_maskgit.toml
     python benchmarks/tokens_vs_diffusion.py --json benchmarks/results/tokens_vs_diffusion.json \
-        --plot docs/images/tokens_vs_diffusion.png
+        --plot docs/tokens_vs_diffusion.png
     python benchmarks/tokens_vs_diffusion.py --n 16 --quick     # a smoke run (numbers meaningless)
 
 Every row draws one image per held-out prompt with seeds ``seed + i`` and is scored by
