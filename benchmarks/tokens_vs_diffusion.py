@@ -49,9 +49,9 @@ def diffusion_rows(args) -> list[tuple[str, str, Setting]]:
 def token_rows(args, ar: str, maskgit: str) -> list[tuple[str, str, Setting]]:
     """(row name, model, setting) of the token side; a model that is not there is skipped."""
     rows: list[tuple[str, str, Setting]] = []
-    w = args.ar_guidance
     if resolve(ar).is_dir():
-        n = destatic.load(ar).sampling_defaults["steps"]
+        n, w = (destatic.load(ar).sampling_defaults[k] for k in ("steps", "guidance"))
+        w = w if args.ar_guidance is None else args.ar_guidance
         rows += [
             ("AR, sampling", ar, Setting("autoregressive", n, w, None, (("temperature", 1.0),))),
             ("AR, top-k 64", ar, Setting("autoregressive", n, w, None, (("top_k", 64),))),
@@ -64,6 +64,8 @@ def token_rows(args, ar: str, maskgit: str) -> list[tuple[str, str, Setting]]:
     else:
         print(f"skipping AR rows: {ar} does not exist (train it first)", file=sys.stderr)
     if resolve(maskgit).is_dir():
+        w = destatic.load(maskgit).sampling_defaults["guidance"]
+        w = w if args.ar_guidance is None else args.ar_guidance
         rows += [
             ("MaskGIT", maskgit, Setting("maskgit", k, w))
             for k in (8,) + (() if args.quick else (16,))
@@ -177,8 +179,6 @@ def main() -> None:
     from destatic.metrics.evaluator import load_evaluator
     from destatic.metrics.inception import InceptionFeatures
 
-    if args.ar_guidance is None:
-        args.ar_guidance = float(destatic.load(args.ar).sampling_defaults["guidance"])
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     reference = reference_set("emoji", 32, n=args.n, seed=args.seed)
     common = dict(
@@ -201,7 +201,8 @@ def main() -> None:
     if args.refiner and resolve(args.ar).is_dir():
         pipe = hybrid(args.ar, args.refiner, args.refine_strength, args.refine_steps)
         n = pipe.sampling_defaults["steps"]
-        s = Setting("autoregressive", n, args.ar_guidance, None, (("top_k", 64),))
+        w = pipe.sampling_defaults["guidance"] if args.ar_guidance is None else args.ar_guidance
+        s = Setting("autoregressive", n, w, None, (("top_k", 64),))
         real, results = evaluate(pipe, [s], reference, **common)
         name = f"hybrid: AR + {args.refiner} at strength {args.refine_strength:g}"
         rows.append((f"{name}, {args.refine_steps} steps", results[0]))
