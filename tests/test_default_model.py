@@ -179,10 +179,12 @@ def test_bundled_token_model_draws_from_the_cli_and_follows_prompts(tmp_path):
     assert (stored["sampler"], stored["top_k"]) == ("autoregressive", 64)
 
     pipe = destatic.load("emoji_ar")
+    config = load_config(Path(__file__).parents[1] / "configs" / "emoji_ar.toml")
+    assert pipe.sampling_defaults["guidance"] == config.sample.guidance == 1.0
     held = _heldout_emoji()
     prompts = list(held.captions[::16][:24])  # spread over the categories
     evaluator = load_evaluator()
     sampled = pipe.generate(prompts, top_k=64, seed=0)
     beam = pipe.generate(prompts, sampler="beam", beams=4, seed=0)
     tops = [evaluator.retrieval(x, prompts).top1 for x in (sampled, beam)]
-    assert min(tops) >= 0.125, tops  # measured: 6 of 24 for each (seeds 0, 1); chance: 1 of 24
+    assert min(tops) >= 0.125, tops  # measured 8 and 16 of 24 (seed 0); chance: 1 of 24
