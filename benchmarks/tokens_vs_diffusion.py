@@ -8,6 +8,8 @@ steps for detail), scored on the emoji held-out prompts.
     python benchmarks/tokens_vs_diffusion.py --json benchmarks/results/tokens_vs_diffusion.json \
         --plot docs/tokens_vs_diffusion.png
     python benchmarks/tokens_vs_diffusion.py --n 16 --quick     # a smoke run (numbers meaningless)
+    python benchmarks/tokens_vs_diffusion.py --replot benchmarks/results/tokens_vs_diffusion.json \
+        --plot docs/tokens_vs_diffusion.png                     # redraw the plot only
 
 Every row draws one image per held-out prompt with seeds ``seed + i`` and is scored by
 :func:`destatic.metrics.sweep.evaluate`, the code behind ``destatic eval``: FID and KID against
@@ -120,38 +122,42 @@ def table(real: Result, rows: list[tuple[str, Result]]) -> str:
     return "\n".join(lines)
 
 
-def plot(real: Result, rows: list[tuple[str, Result]], path: Path) -> None:
-    """FID and top-1 against GFLOP per image, one marker per row."""
+def plot(payload: dict, path: Path) -> None:
+    """FID and top-1 against GFLOP per image, one marker per row, from the JSON payload
+    (``--json`` writes it; ``--replot`` redraws a saved one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (field, title, scale, ref) in zip(
-        axes,
-        (("fid", "FID (lower is better)", 1, real.fid), ("top1", "prompt top-1 %", 100, real.top1)),
-        strict=True,
+    real = payload["real"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6.2))
+    for ax, (field, title, scale) in zip(
+        axes, (("fid", "FID (lower is better)", 1), ("top1", "prompt top-1 %", 100)), strict=True
     ):
-        for name, r in rows:
-            y = getattr(r, field)
-            if y is not None and r.setting is None:  # the tokenizer's round trip
+        for row in payload["rows"]:
+            name, y, flops = row["model"], row[field], row["flops"]
+            if y is not None and row["setting"] is None:  # the tokenizer's round trip
                 ax.axhline(scale * y, color="grey", ls=":", lw=1, label=name)
-            if y is None or r.flops is None:
+            if y is None or flops is None:
                 continue
-            marker = (
-                "o" if "diffusion" in name or "LCM" in name else ("s" if "hybrid" in name else "^")
-            )
-            ax.scatter(r.flops / 1e9, scale * y, marker=marker, label=f"{name} ({r.setting.label})")
-        if ref is not None:
-            ax.axhline(scale * ref, color="k", ls="--", lw=1, label="real images")
+            diffusion = "diffusion" in name or "LCM" in name
+            marker = "o" if diffusion else ("s" if "hybrid" in name else "^")
+            ax.scatter(flops / 1e9, scale * y, marker=marker, label=f"{name} ({row['label']})")
+        if real[field] is not None:
+            ax.axhline(scale * real[field], color="k", ls="--", lw=1, label="real images")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("GFLOP per image")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6, loc="lower right")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
     fig.suptitle("emoji held-out: quality against compute per image", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.27, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -173,7 +179,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer rows")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--plot", type=Path, default=None, help="quality against GFLOP per image")
+    p.add_argument("--replot", type=Path, default=None, help="only redraw --plot from this JSON")
     args = p.parse_args()
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text()), args.plot or Path("tokens_vs_diffusion.png"))
+        return
     torch.set_num_threads(THREADS)
 
     from destatic.metrics.evaluator import load_evaluator
@@ -222,16 +232,16 @@ def main() -> None:
     print(f"emoji held-out, n = {real.n}, seed {args.seed}; {cpu}, {THREADS} threads")
     print()
     print(table(real, rows))
+    out = [
+        {"model": name, **r.to_dict(), **({} if r.setting else {"label": "encode → decode"})}
+        for name, r in rows
+    ]
+    payload = {"cpu": cpu, "real": real.to_dict(), "rows": out}
     if args.json is not None:
-        out = [
-            {"model": name, **r.to_dict(), **({} if r.setting else {"label": "encode → decode"})}
-            for name, r in rows
-        ]
-        payload = {"cpu": cpu, "real": real.to_dict(), "rows": out}
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     if args.plot is not None:
-        plot(real, rows, args.plot)
+        plot(payload, args.plot)
         print(f"wrote {args.plot}")
 
 
