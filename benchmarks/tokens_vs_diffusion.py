@@ -35,9 +35,12 @@ import torch
 
 import destatic
 from destatic.bundled import resolve
-from destatic.metrics.sweep import Reference, Result, Setting, evaluate, reference_set, score_images
+from destatic.data.select import load_split
+from destatic.metrics.sweep import Result, Setting, evaluate, reference_set, score_images
+from destatic.metrics.tokenizer import round_trip, tokenizer_report
 
 THREADS = int(os.environ.get("DESTATIC_THREADS", "2"))
+ROUND_TRIP = "encode → decode"  # the decoding column of the tokenizer's round trip
 
 
 def diffusion_rows(args) -> list[tuple[str, str, Setting]]:
@@ -85,14 +88,14 @@ def hybrid(ar: str, refiner: str, strength: float, steps: int):
     return dataclasses.replace(pipe, refiner=destatic.load(refiner), refine=refine)
 
 
-@torch.no_grad()
-def round_trip(model: str, reference: Reference, batch_size: int) -> torch.Tensor:
-    """The held-out images encoded to codes by the token model's tokenizer and decoded: the
-    best any model drawing those codes can do ([n, 3, H, W] in [0, 1])."""
-    tokenizer = destatic.load(model).tokenizer
-    x = torch.from_numpy(reference.images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    out = [tokenizer.images_from_codes(tokenizer.codes_from_images(b)) for b in x.split(batch_size)]
-    return (torch.cat(out).float() / 2 + 0.5).clamp(0, 1)
+def tokenizer_figures(tokenizer, heldout) -> dict[str, dict[str, float]]:
+    """PSNR, codebook usage and code perplexity of the tokenizer on the held-out images and on
+    the train split (:func:`destatic.metrics.tokenizer.tokenizer_report`)."""
+    train = load_split("emoji", 32, "train").images
+    return {
+        "heldout": tokenizer_report(tokenizer, heldout),
+        "train": tokenizer_report(tokenizer, train),
+    }
 
 
 def table(real: Result, rows: list[tuple[str, Result]]) -> str:
@@ -111,7 +114,7 @@ def table(real: Result, rows: list[tuple[str, Result]]) -> str:
         f" {pct(real.composition)} | – | – |"
     )
     for name, r in rows:
-        label = r.setting.label if r.setting else "encode → decode"
+        label = r.setting.label if r.setting else ROUND_TRIP
         flops = None if r.flops is None else r.flops / 1e9
         seconds = f"{r.seconds / r.n:.3f}" if r.setting else "–"
         lines.append(
@@ -205,7 +208,9 @@ def main() -> None:
     real = None
     loaded: dict[str, object] = {}
     for name, model, setting in plan:
-        pipe = loaded.setdefault(model, destatic.load(model))
+        if model not in loaded:
+            loaded[model] = destatic.load(model)
+        pipe = loaded[model]
         real, results = evaluate(pipe, [setting], reference, **common)
         rows.append((name, results[0]))
     if args.refiner and resolve(args.ar).is_dir():
@@ -216,10 +221,11 @@ def main() -> None:
         real, results = evaluate(pipe, [s], reference, **common)
         name = f"hybrid: AR + {args.refiner} at strength {args.refine_strength:g}"
         rows.append((f"{name}, {args.refine_steps} steps", results[0]))
+    tokenizer = None
     if resolve(args.ar).is_dir():
-        images = round_trip(args.ar, reference, args.batch_size)
+        tokenizer = (loaded.get(args.ar) or destatic.load(args.ar)).tokenizer
         scored = score_images(
-            images,
+            round_trip(tokenizer, reference.images, args.batch_size)[0],
             reference,
             evaluator=common["evaluator"],
             inception=common["inception"],
@@ -233,10 +239,13 @@ def main() -> None:
     print()
     print(table(real, rows))
     out = [
-        {"model": name, **r.to_dict(), **({} if r.setting else {"label": "encode → decode"})}
+        {"model": name, **r.to_dict(), **({} if r.setting else {"label": ROUND_TRIP})}
         for name, r in rows
     ]
     payload = {"cpu": cpu, "real": real.to_dict(), "rows": out}
+    if tokenizer is not None:
+        payload["tokenizer"] = tokenizer_figures(tokenizer, reference.images)
+        print(f"tokenizer: {payload['tokenizer']}")
     if args.json is not None:
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")

@@ -16,7 +16,7 @@ import torch
 
 from destatic.models.vq import VQModel
 
-__all__ = ["tokenizer_report"]
+__all__ = ["round_trip", "tokenizer_report"]
 
 
 def _as_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,22 @@ def _as_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def round_trip(
+    vq: VQModel, images: np.ndarray | torch.Tensor, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the reconstructions float [N, C, H, W] in [0, 1], the codes [N, h, w]) of ``images``
+    (as :func:`tokenizer_report` takes them) encoded, quantised and decoded by ``vq``, on the
+    CPU: the best any model drawing ``vq``'s codes can do."""
+    x = _as_unit(images)
+    device, dtype = next(vq.parameters()).device, next(vq.parameters()).dtype
+    recons, codes = [], []
+    for part in x.split(batch_size):
+        z_q, c = vq.quantize_latents(vq.encode((part * 2 - 1).to(device, dtype)))
+        recons.append((vq.decode_latents(z_q).float().cpu() / 2 + 0.5).clamp(0, 1))
+        codes.append(c.cpu())
+    return torch.cat(recons), torch.cat(codes)
+
+
 def tokenizer_report(
     vq: VQModel, images: np.ndarray | torch.Tensor, batch_size: int = 64
 ) -> dict[str, float]:
@@ -41,15 +57,9 @@ def tokenizer_report(
     x = _as_unit(images)
     if len(x) == 0:
         raise ValueError("tokenizer_report needs at least one image")
-    device = next(vq.parameters()).device
-    dtype = next(vq.parameters()).dtype
-    squared, counts = 0.0, torch.zeros(vq.num_codes, dtype=torch.float64)
-    for start in range(0, len(x), batch_size):
-        part = x[start : start + batch_size]
-        z_q, codes = vq.quantize_latents(vq.encode((part * 2 - 1).to(device, dtype)))
-        recon = (vq.decode_latents(z_q).float().cpu() / 2 + 0.5).clamp(0, 1)
-        squared += float((recon - part).double().pow(2).sum())
-        counts += torch.bincount(codes.flatten().cpu(), minlength=vq.num_codes).double()
+    recon, codes = round_trip(vq, x, batch_size)
+    squared = float((recon - x).double().pow(2).sum())
+    counts = torch.bincount(codes.flatten(), minlength=vq.num_codes).double()
     rmse = math.sqrt(squared / x.numel())
     p = counts / counts.sum()
     entropy = -float((p[p > 0] * p[p > 0].log()).sum())
