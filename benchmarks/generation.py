@@ -1,8 +1,8 @@
 """End-to-end seconds per image: destatic's pipeline against diffusers' on the same weights,
-sampler, steps, guidance and initial noise (CPU, fp32, 2 threads, interleaved runs).
+sampler, steps, guidance and initial noise, in fp32 and in bf16 (CPU, 2 threads, interleaved).
 
-    python benchmarks/generation.py            # about 3 minutes on 2 vCPUs
-    python benchmarks/generation.py --quick
+    python benchmarks/generation.py            # about 4 minutes on 2 vCPUs
+    python benchmarks/generation.py --quick --fast dpmpp_2m:8
 
 Two models:
 
@@ -14,14 +14,20 @@ Two models:
   ``StableDiffusionPipeline`` with ``DPMSolverMultistepScheduler`` against ``destatic.load`` with
   ``dpmpp_2m`` on that scheduler's grid: per-step overhead dominates there.
 
-Each timed call is the whole job: prompt encoding, sampling, decoding and PIL conversion. The
-images are compared too (max abs difference), so the rows time the same computation.
+Sides: each library in fp32, and given bf16 — destatic's ``.to(dtype="bf16")`` (bf16 network,
+channels_last convolutions on the CPU, fp32 sampler state) against diffusers' bf16 weights,
+bf16 latents and channels_last (its documented speed advice). The bundled model also gets a
+fewer-steps row (``--fast``): destatic bf16 with another sampler at fewer steps on the model's
+own grid, whose quality BENCHMARKS.md shows to be equal (held-out FID and retrieval).
+
+Each timed call is the whole job: prompt encoding, sampling, decoding and PIL conversion. Every
+side's images are compared with diffusers' fp32 images (max and mean pixel difference, 0–255).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import copy
 import statistics
 import sys
 import tempfile
@@ -35,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import destatic
+from destatic.pipelines.devices import cpu_description
 
 THREADS = 2
 PROMPT = "red heart"
@@ -60,67 +67,76 @@ def pixels(images) -> np.ndarray:
     return images.astype(float) if images.dtype == np.uint8 else (images * 255).round()
 
 
-def compare(
-    ours: Callable[[], object], theirs: Callable[[], object], batch: int, warmup: int, reps: int
-) -> tuple[float, float, float]:
-    """(destatic s/image, diffusers s/image, max pixel difference 0-255) of two calls that each
-    return a batch of images (PIL-derived uint8 or [0, 1] floats); timed by :func:`interleaved`
-    after one call of each for the images."""
-    a, b = pixels(ours()), pixels(theirs())
-    diff = float(np.abs(a - b.reshape(a.shape)).max())
-    t_ours, t_theirs = interleaved([ours, theirs], warmup, reps)
-    return t_ours / batch, t_theirs / batch, diff
-
-
-def emoji_pair(batch: int, steps: int):
-    """(ours, diffusers-components loop) for the bundled model; both return uint8 arrays."""
+def emoji_sides(batch: int, steps: int, fast: tuple[str, int]) -> dict[str, Callable]:
+    """The bundled model's sides, each returning uint8 arrays: destatic in fp32 and bf16 on the
+    scheduler's grid, destatic bf16 with the ``fast`` (sampler, steps) on its own grid, and the
+    loop a diffusers user writes from the components, in fp32 and in bf16 + channels_last."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
     from destatic.models.text import _minilm_dir
 
-    pipe = destatic.load()
     folder = destatic.DEFAULT_MODEL
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-    text = AutoModel.from_pretrained(_minilm_dir(), local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(_minilm_dir(), local_files_only=True)
-    max_length = pipe.text_encoder.max_length
     scheduler.set_timesteps(steps)
     sigmas = torch.cat([scheduler.sigmas[:-1] / (1 - scheduler.sigmas[:-1]), torch.zeros(1)])
     sigmas[0] = float("inf") if scheduler.sigmas[0] == 1 else sigmas[0]
     noise = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
-    def ours() -> np.ndarray:
-        images = pipe(
-            [PROMPT] * batch, steps=steps, sampler="euler", sigmas=sigmas, guidance=3.0, noise=noise
-        )
-        return np.stack([np.asarray(im) for im in images])
+    def ours(dtype: str, sampler: str = "euler", n: int = steps, grid=sigmas) -> Callable:
+        pipe = destatic.load().to(dtype=dtype)
+        options = {"sigmas": grid} if grid is not None else {}
+        prompts = [PROMPT] * batch
 
-    @torch.no_grad()
-    def theirs() -> np.ndarray:
-        tokens = tokenizer(
-            [PROMPT] * batch + [""] * batch,
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        ctx = text(**tokens).last_hidden_state
-        scheduler.set_timesteps(steps)
-        latents = noise.clone()
-        for t in scheduler.timesteps:
-            out = unet(torch.cat([latents] * 2), t, encoder_hidden_states=ctx).sample
-            cond, uncond = out.chunk(2)
-            latents = scheduler.step(uncond + 3.0 * (cond - uncond), t, latents).prev_sample
-        images = (latents / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-        return (images * 255).round().to(torch.uint8).numpy()
+        def run() -> np.ndarray:
+            images = pipe(prompts, steps=n, sampler=sampler, guidance=3.0, noise=noise, **options)
+            return np.stack([np.asarray(im) for im in images])
 
-    return ours, theirs
+        return run
+
+    def theirs(dtype: torch.dtype) -> Callable:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
+        text = AutoModel.from_pretrained(_minilm_dir(), local_files_only=True).eval().to(dtype)
+        if dtype != torch.float32:  # what diffusers' docs advise for speed
+            unet.to(memory_format=torch.channels_last)
+        tokenizer = AutoTokenizer.from_pretrained(_minilm_dir(), local_files_only=True)
+        max_length = destatic.load().text_encoder.max_length
+
+        @torch.no_grad()
+        def run() -> np.ndarray:
+            tokens = tokenizer(
+                [PROMPT] * batch + [""] * batch,
+                padding="max_length",
+                max_length=max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            ctx = text(**tokens).last_hidden_state
+            scheduler.set_timesteps(steps)
+            latents = noise.to(dtype)
+            for t in scheduler.timesteps:
+                out = unet(torch.cat([latents] * 2), t, encoder_hidden_states=ctx).sample
+                cond, uncond = out.chunk(2)
+                latents = scheduler.step(uncond + 3.0 * (cond - uncond), t, latents).prev_sample
+            images = (latents.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+            return (images * 255).round().to(torch.uint8).numpy()
+
+        return run
+
+    sampler, n = fast
+    return {
+        "destatic fp32": ours("fp32"),
+        "destatic bf16": ours("bf16"),
+        f"destatic bf16, {sampler} {n} steps": ours("bf16", sampler, n, None),
+        "diffusers fp32": theirs(torch.float32),
+        "diffusers bf16": theirs(torch.bfloat16),
+    }
 
 
-def sd_pair(batch: int, steps: int):
-    """(ours, StableDiffusionPipeline) on a tiny random SD 1.x pipeline."""
+def sd_sides(batch: int, steps: int, fast: tuple[str, int]) -> dict[str, Callable]:
+    """A tiny random SD 1.x pipeline: destatic (fp32, bf16) against StableDiffusionPipeline
+    (fp32, bf16 + channels_last); returns [0, 1] floats or uint8. Its random weights have no
+    quality to hold, so it has no fewer-steps row (``fast`` is unused)."""
     import diffusers
 
     from tests import tiny_sd
@@ -142,14 +158,17 @@ def sd_pair(batch: int, steps: int):
     )
     reference.set_progress_bar_config(disable=True)
     reference.save_pretrained(tmp / "pipe", safe_serialization=True)
-    pipe = destatic.load(tmp / "pipe")
     scheduler.set_timesteps(steps)
     sigmas = torch.unique_consecutive(scheduler.sigmas.to(torch.float64))
     start = float(sigmas[0])
     z = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
-    def ours() -> np.ndarray:
-        images = pipe(
+    def ours(dtype: str) -> Callable:
+        pipe = destatic.load(tmp / "pipe").to(dtype=dtype)
+        return lambda: np.stack([np.asarray(im) for im in draw(pipe)])
+
+    def draw(pipe):
+        return pipe(
             [PROMPT] * batch,
             steps=steps,
             sampler="dpmpp_2m",
@@ -159,49 +178,78 @@ def sd_pair(batch: int, steps: int):
             width=16,
             height=16,
         )
-        return np.stack([np.asarray(im) for im in images])
 
-    def theirs() -> np.ndarray:
-        return reference(
+    def theirs(dtype: torch.dtype) -> Callable:
+        reference.to(torch.float32)  # the pipeline is built once; each side casts a copy
+        pipe = copy.deepcopy(reference).to(dtype=dtype)
+        if dtype != torch.float32:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        noise = (z * start / (1 + start**2) ** 0.5).to(dtype)  # VP state x/√(1+σ²)
+        return lambda: run(pipe, noise)
+
+    def run(pipe, noise) -> np.ndarray:
+        return pipe(
             [PROMPT] * batch,
             num_inference_steps=steps,
             guidance_scale=7.5,
-            latents=z * start / (1 + start**2) ** 0.5,  # VP state x/√(1+σ²)
+            latents=noise,
             height=16,
             width=16,
             output_type="np",
-        ).images
+        ).images.astype(np.float32)
 
-    return ours, theirs
+    return {
+        "destatic fp32": ours("fp32"),
+        "destatic bf16": ours("bf16"),
+        "diffusers fp32": theirs(torch.float32),
+        "diffusers bf16": theirs(torch.bfloat16),
+    }
+
+
+def measure(sides: dict[str, Callable], batch: int, warmup: int, reps: int) -> list[tuple]:
+    """(side, s/image, diffusers fp32 s/image ÷ this, max and mean pixel Δ (0-255) from diffusers
+    fp32's image) of every side, timed by :func:`interleaved`."""
+    reference = pixels(sides["diffusers fp32"]())
+    rows = []
+    times = interleaved(list(sides.values()), warmup, reps)
+    base = times[list(sides).index("diffusers fp32")]
+    for (name, fn), t in zip(sides.items(), times, strict=True):
+        delta = np.abs(pixels(fn()).reshape(reference.shape) - reference)
+        rows.append((name, t / batch, base / t, float(delta.max()), float(delta.mean())))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--fast",
+        default="dpmpp_2m:8",
+        help="sampler:steps of the bundled model's fewer-steps row (default dpmpp_2m:8)",
+    )
     args = parser.parse_args()
+    sampler, n = args.fast.split(":")
     torch.set_num_threads(THREADS)
     reps, warmup = (2, 1) if args.quick else (5, 1)
     print(
-        f"# generation, s/image; {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {THREADS} threads, median of {reps} interleaved runs\n"
+        f"# generation, s/image; {cpu_description()}, torch {torch.__version__}, "
+        f"median of {reps} interleaved runs\n"
     )
-    print(
-        "| model | steps | batch | destatic s/image | diffusers s/image | ratio | max Δ (0-255) |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | batch | side | s/image | diffusers fp32 ÷ side | max Δ | mean Δ |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for name, make in (
-        ("bundled emoji (pixel U-Net, flow)", emoji_pair),
-        ("tiny SD 1.x (latent U-Net + VAE)", sd_pair),
+        ("bundled emoji (pixel U-Net, flow), 20 steps", emoji_sides),
+        ("tiny SD 1.x (latent U-Net + VAE), 20 steps", sd_sides),
     ):
         for batch in (1, 8):
-            steps = 20
-            ours, theirs = make(batch, steps)
-            t_ours, t_theirs, diff = compare(ours, theirs, batch, warmup, reps)
-            print(
-                f"| {name} | {steps} | {batch} | {t_ours:.4f} | {t_theirs:.4f} "
-                f"| {t_theirs / t_ours:.2f}× | {diff:.0f} |",
-                flush=True,
-            )
+            sides = make(batch, 20, (sampler, int(n)))
+            for side, t, ratio, top, mean in measure(sides, batch, warmup, reps):
+                print(
+                    f"| {name} | {batch} | {side} | {t:.4f} | {ratio:.2f}× | {top:.0f} "
+                    f"| {mean:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

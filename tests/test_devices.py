@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import destatic
+from destatic.pipelines import devices
 from destatic.pipelines.devices import pick_device, upcast_dtype
 from tests import tiny_sd
 
@@ -88,29 +89,48 @@ def test_generation_stays_in_the_pipeline_dtype_and_device(sd_folder, inputs):
     assert torch.isfinite(images).all()
 
 
-def test_auto_is_cpu_fp32_without_cuda(monkeypatch):
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx2", "fma"}, torch.float32),  # an AVX2 EPYC: bf16 would be emulated
+        ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"avx512f", "amx_tile", "amx_bf16"}, torch.bfloat16),
+    ],
+)
+def test_auto_on_the_cpu_is_bf16_only_with_bf16_matrix_units(monkeypatch, flags, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pick_device("auto", "auto") == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(devices, "cpu_features", lambda: frozenset(flags))
+    assert pick_device("auto", "auto") == (torch.device("cpu"), expected)
+    assert pick_device("cpu", "fp32") == (torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="CUDA is not available"):
         pick_device("cuda", "auto")
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_auto_is_cuda_half_with_cuda(monkeypatch, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    assert pick_device("auto", "auto") == (torch.device("cuda"), expected)
-    assert pick_device("cuda:1", "fp32") == (torch.device("cuda", 1), torch.float32)
+def test_cpu_features_are_read_from_this_machine():
+    flags = devices.cpu_features()
+    assert isinstance(flags, frozenset)
+    assert devices.cpu_has_bf16() == bool({"amx_bf16", "avx512_bf16"} & flags)
+    assert str(torch.get_num_threads()) in devices.cpu_description()
 
 
-@pytest.mark.parametrize(
-    "device, dtype, message",
-    [("tpu9", "auto", "unknown device 'tpu9'"), ("cpu", "fp8", "unknown dtype 'fp8'")],
-)
-def test_bad_names_are_one_line_errors(device, dtype, message):
-    with pytest.raises(ValueError, match=message) as err:
-        pick_device(device, dtype)
-    assert "\n" not in str(err.value)
+def test_a_bf16_pipeline_samples_in_fp32_and_rounds_only_the_network(sd_folder):
+    """bf16 weights on the CPU: the sampler's state and estimates stay fp32, the network sees
+    bf16 inputs in channels_last convolutions, and the images stay near fp32's."""
+    pipe = destatic.load(sd_folder)
+    kwargs = dict(steps=4, guidance=5.0, width=16, height=16, seed=3, sampler="dpmpp_2m")
+    exact = pipe.generate("a red cat", **kwargs)
+    pipe.to(dtype="bf16")
+    assert pipe.dtype == torch.bfloat16 and pipe.state_dtype == torch.float32
+    conv = pipe.network.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    seen, inputs = [], []
+    hook = pipe.network.register_forward_pre_hook(lambda m, a: inputs.append(a[0].dtype))
+    images = pipe.generate("a red cat", callback=seen.append, **kwargs)
+    hook.remove()
+    assert set(inputs) == {torch.bfloat16}
+    assert {info.x.dtype for info in seen} == {torch.float32}
+    assert {info.denoised.dtype for info in seen} == {torch.float32}
+    assert (images - exact).abs().mean() < 0.02
 
 
 def test_upcast_only_for_fp16_with_force_upcast():
@@ -120,3 +140,16 @@ def test_upcast_only_for_fp16_with_force_upcast():
     assert upcast_dtype(Config, torch.float16) == torch.float32
     assert upcast_dtype(Config, torch.bfloat16) == torch.bfloat16
     assert upcast_dtype(object(), torch.float16) == torch.float16
+
+
+def test_fp32_stays_exact_and_contiguous(sd_folder):
+    """An explicit fp32 pipeline computes exactly what the loaded one does; a bf16 pipeline
+    cast back to fp32 gets its contiguous layout back (its weights keep bf16's rounding)."""
+    kwargs = dict(steps=3, guidance=5.0, width=16, height=16, seed=1)
+    exact = destatic.load(sd_folder).generate("a red cat", **kwargs)
+    assert torch.equal(
+        destatic.load(sd_folder).to("cpu", "fp32").generate("a red cat", **kwargs), exact
+    )
+    pipe = destatic.load(sd_folder).to(dtype="bf16").to(dtype="fp32")
+    assert pipe.network.conv_in.weight.is_contiguous()
+    assert pipe.autoencoder.decoder.conv_in.weight.is_contiguous()

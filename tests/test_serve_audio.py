@@ -87,7 +87,8 @@ def test_api_answers_a_wav_with_its_request_that_generate_from_replays(server, m
     assert (stored["model"], stored["seed"], stored["steps"]) == (str(model), 3, 2)
 
     again = tmp_path / "again.wav"
-    result = CliRunner().invoke(cli, ["generate", "--from", str(sound), "-o", str(again)])
+    replay = ["generate", "--from", str(sound), "--dtype", "fp32", "-o", str(again)]
+    result = CliRunner().invoke(cli, replay)  # the server runs in fp32 (create_app's default)
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(read_audio(again)[0], wave)  # the same sound, sample for sample
 

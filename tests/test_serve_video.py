@@ -90,7 +90,7 @@ def test_api_answers_an_mp4_with_its_request_that_generate_from_replays(server, 
     assert (stored["model"], stored["steps"], stored["sampler"]) == ("emoji_video", 4, "dpmpp_2m")
 
     again = tmp_path / "again.mp4"
-    replay = ["generate", "--from", str(clip), "-o", str(again), "--fps", "12"]
+    replay = ["generate", "--from", str(clip), "-o", str(again), "--fps", "12", "--dtype", "fp32"]
     result = CliRunner().invoke(cli, replay)
     assert result.exit_code == 0, result.output
     assert json.loads(read_video_comment(again)) == stored

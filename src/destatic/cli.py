@@ -856,7 +856,10 @@ ModelConfig = Annotated[
 ]
 DtypeName = Annotated[
     str,
-    typer.Option(help="auto (fp16/bf16 on CUDA, fp32 on CPU), fp32, fp16, bf16 or fp64."),
+    typer.Option(
+        help="auto (fp16/bf16 on CUDA; bf16 on a CPU with AMX or AVX-512-BF16; else fp32), "
+        "fp32, fp16, bf16 or fp64. Half precision rounds only the network; sampling is fp32."
+    ),
 ]
 Upscale = Annotated[int, typer.Option(min=1, max=16, help="Also enlarge the PNG (nearest).")]
 SheetPath = Annotated[

@@ -2,7 +2,7 @@
 
 from destatic.lab.metrics import rms, sliced_wasserstein
 from destatic.lab.mixture import GaussianMixture
-from destatic.lab.reference import reference_solution
+from destatic.lab.reference import reference_solution, reference_trajectory
 from destatic.lab.runner import LabProblem, LabRow, format_table, run_lab
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "LabRow",
     "format_table",
     "reference_solution",
+    "reference_trajectory",
     "rms",
     "run_lab",
     "sliced_wasserstein",

@@ -12,6 +12,7 @@ It is integrated in float64 by an adaptive 8th-order Runge–Kutta (scipy's DOP8
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-__all__ = ["reference_solution"]
+from destatic.sampling.sample import check_sigmas
+
+__all__ = ["reference_solution", "reference_trajectory"]
 
 
 def reference_solution(
@@ -59,3 +62,19 @@ def reference_solution(
     if sigma_end == 0:
         x_end = denoise(x_end, stop)
     return torch.from_numpy(x_end.reshape(shape))
+
+
+def reference_trajectory(
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The exact probability-flow ODE states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]``
+    (:func:`reference_solution`, one segment after the other): the targets of
+    :func:`destatic.sampling.learned.fit_bespoke` for the states x_1 … x_N of a solver on
+    ``sigmas``."""
+    sig = check_sigmas(sigmas).tolist()
+    states = [x]
+    for sigma, sigma_next in itertools.pairwise(sig):
+        states.append(reference_solution(denoiser, states[-1], sigma, sigma_end=sigma_next))
+    return states[1:]

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from destatic.models.layers import GroupNorm
+
 # ----------------------------------------------------------------------------------------------
 # Attention and feed-forward
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.use_linear = use_linear_projection
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         proj = nn.Linear if use_linear_projection else lambda i, o: nn.Conv2d(i, o, 1)
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(

@@ -28,7 +28,7 @@ from destatic.models.config import (
     check_positive_float,
     check_sample_size,
 )
-from destatic.models.layers import Downsample, ResnetBlock, Upsample
+from destatic.models.layers import Downsample, GroupNorm, ResnetBlock, Upsample
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -144,7 +144,7 @@ class SpatialSelfAttention(nn.Module):
 
     def __init__(self, channels: int, groups: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps, affine=True)
+        self.group_norm = GroupNorm(groups, channels, eps=eps, affine=True)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -252,7 +252,7 @@ class Encoder(nn.Module):
             ]
         )
         self.mid_block = MidBlock(ch[-1], g, config.mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_norm_out = GroupNorm(g, ch[-1], eps=1e-6)
         out = (2 if double_z else 1) * config.latent_channels
         self.conv_out = nn.Conv2d(ch[-1], out, 3, padding=1)
 
@@ -281,7 +281,7 @@ class Decoder(nn.Module):
                 for i in range(len(rev))
             ]
         )
-        self.conv_norm_out = nn.GroupNorm(g, rev[-1], eps=1e-6)
+        self.conv_norm_out = GroupNorm(g, rev[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(rev[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from destatic.models.config import JsonConfig
-from destatic.models.layers import Downsample, ResnetBlock
+from destatic.models.layers import Downsample, GroupNorm, ResnetBlock
 
 __all__ = ["CLASS_NAME", "EvaluatorConfig", "ImageTextModel", "caption_loss"]
 
@@ -77,7 +77,7 @@ class ImageTextModel(nn.Module):
             if i < len(ch) - 1:
                 blocks.append(Downsample(c))
         self.blocks = nn.Sequential(*blocks)
-        self.norm_out = nn.GroupNorm(g, prev)
+        self.norm_out = GroupNorm(g, prev)
         self.image_proj = nn.Linear(prev, config.embed_dim)
         self.text_proj = nn.Sequential(
             nn.Linear(config.text_dim, config.text_hidden),

@@ -101,6 +101,14 @@ class MelCodec(nn.Module):
         self.register_buffer("mel_basis", torch.from_numpy(bank.T).float(), persistent=False)
         self.register_buffer("window", torch.hann_window(config.n_fft), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device, dtype)`` moves the codec but keeps it in fp32: a pseudo-inverse and an
+        STFT are signal processing that bf16/fp16 cannot do (a half-precision pipeline rounds
+        only its network)."""
+        super()._apply(fn, recurse)
+        self.mel_basis, self.window = self.mel_basis.float(), self.window.float()
+        return self
+
     @property
     def hop_length(self) -> int:
         """Samples per latent frame."""

@@ -47,6 +47,7 @@ from destatic.models.config import (
 )
 from destatic.models.layers import (
     Downsample,
+    GroupNorm,
     ResnetBlock,
     TimestepEmbedding,
     Upsample,
@@ -488,7 +489,7 @@ class UNet2DCondition(nn.Module):
         # Registered after up_blocks, as in diffusers, so state_dict key order matches.
         self.mid_block = MidBlock(ch[-1], block_temb, cfg, heads[-1], depth[-1], cross[-1])
 
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.initialize_weights()

@@ -78,7 +78,15 @@ class PipelineBase:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The network's precision (its inputs and conditioning are cast to it)."""
         return next(self.network.parameters()).dtype
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The precision of the sampler's state and arithmetic: fp32 when the network runs in
+        half precision (bf16/fp16 round only the network's own computation, as ComfyUI does;
+        a bf16 state would lose 8 bits at every step's update), else the network's dtype."""
+        return torch.float32 if self.dtype.itemsize < 4 else self.dtype
 
     @property
     def latent_channels(self) -> int:
@@ -241,7 +249,7 @@ class PipelineBase:
         mask = (mask >= 0.5).float()
         masked = image * (1 - mask) + 0.5 * mask  # grey where masked ([-1, 1]: 0)
         latent_mask = F.interpolate(mask, size=(image.shape[-2] // side, image.shape[-1] // side))
-        return torch.cat([latent_mask.to(self.device, self.dtype), self.encode(masked)], dim=1)
+        return torch.cat([latent_mask, self.encode(masked)], dim=1).to(self.device, self.dtype)
 
     def controlled(
         self,
@@ -336,6 +344,9 @@ class PipelineBase:
         """Model-space samples → images in [0, 1] (float32); clips ``(B, C, F, H, W)``
         frame by frame through an image autoencoder; for audio, waveforms ``(B, channels,
         samples)`` in [-1, 1] (:attr:`Family.decode_audio`)."""
+        weights = next(self.autoencoder.parameters(), None) if self.autoencoder else None
+        if weights is not None:  # the state is fp32 when the autoencoder is half
+            latents = latents.to(weights.dtype)
         if self.media == "audio":
             return self.family.decode_audio(self, latents).float()
         if self.autoencoder is not None:
@@ -349,4 +360,4 @@ class PipelineBase:
         if self.autoencoder is not None:
             ae_dtype = next(self.autoencoder.parameters()).dtype
             x = self.autoencoder.latents_from_images(x.to(ae_dtype), sample=False)
-        return x.to(self.dtype)
+        return x.to(self.state_dtype)

@@ -1,15 +1,30 @@
 """Where a pipeline runs and in what precision: ``--device`` and ``--dtype`` in words.
 
 ``pick_device("auto", "auto")`` is CUDA in half precision (bf16 where the GPU supports it, else
-fp16) when CUDA is present, else the CPU in fp32. Explicit names are checked here, so a typo or
-a missing GPU is a one-line error before any model is loaded.
+fp16) when CUDA is present; else the CPU, in bf16 where it has bf16 matrix instructions (AMX or
+AVX-512-BF16, :func:`cpu_has_bf16`) and in fp32 elsewhere. A pipeline in half precision runs only
+its networks in it: the sampler's state and arithmetic stay in fp32
+(:attr:`~destatic.pipelines.base.PipelineBase.state_dtype`). Explicit names are checked here, so a
+typo or a missing GPU is a one-line error before any model is loaded.
 """
 
 from __future__ import annotations
 
+import functools
+import platform
+from pathlib import Path
+
 import torch
 
-__all__ = ["DTYPES", "pick_device", "pick_dtype", "upcast_dtype"]
+__all__ = [
+    "DTYPES",
+    "cpu_description",
+    "cpu_features",
+    "cpu_has_bf16",
+    "pick_device",
+    "pick_dtype",
+    "upcast_dtype",
+]
 
 #: The precisions by name (``--dtype``).
 DTYPES: dict[str, torch.dtype] = {
@@ -23,6 +38,45 @@ DTYPES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (``avx2``, ``avx512_bf16``, ``amx_bf16``, …):
+    the first ``flags`` line of ``/proc/cpuinfo``; elsewhere, the subset torch can detect."""
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    probes = {
+        "avx2": "_is_avx2_supported",
+        "avx512f": "_is_avx512_supported",
+        "avx512_bf16": "_is_avx512_bf16_supported",
+        "amx_bf16": "_is_amx_tile_supported",
+    }
+    return frozenset(k for k, f in probes.items() if getattr(torch.cpu, f, lambda: False)())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU multiplies bf16 matrices natively (AMX tiles or AVX-512-BF16), so bf16
+    networks run faster than fp32 ones; without them bf16 is emulated and slower."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_features())
+
+
+def cpu_description() -> str:
+    """The CPU model, its thread count and the matrix/vector features that decide speed, for
+    benchmark tables, e.g. ``Intel(R) Xeon(R) Processor, 2 threads, amx_bf16 avx512_bf16 …``."""
+    name = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    wanted = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
+    flags = " ".join(f for f in wanted if f in cpu_features()) or "no AVX2"
+    return f"{name}, {torch.get_num_threads()} threads, {flags}"
 
 
 def _device(name: str) -> torch.device:
@@ -39,13 +93,13 @@ def _device(name: str) -> torch.device:
 
 def pick_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype ``name`` means on ``device`` (``auto``: half precision on CUDA, bf16 where
-    supported; fp32 elsewhere)."""
+    supported; bf16 on a CPU with bf16 matrix units (:func:`cpu_has_bf16`); fp32 elsewhere)."""
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
     if name.lower() not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[name.lower()]

@@ -185,19 +185,25 @@ class Pipeline(PipelineBase):
         """Move every component — network, autoencoder, text encoder — to ``device`` and cast
         it to ``dtype`` (either None: unchanged; names as ``--device``/``--dtype``, ``auto``
         included: :func:`~destatic.pipelines.devices.pick_device`). An fp16 pipeline keeps an
-        autoencoder whose config says ``force_upcast`` in fp32. Returns the pipeline."""
+        autoencoder whose config says ``force_upcast`` in fp32; bf16 on the CPU puts the
+        convolutions in channels_last (:func:`~destatic.models.speedups.preferred_layout`).
+        Returns the pipeline."""
+        from destatic.models.speedups import preferred_layout, set_layout
         from destatic.pipelines.devices import pick_device, pick_dtype, upcast_dtype
 
         if device is not None:
             device, _ = pick_device(device, "fp32")
         if dtype is not None:
             dtype = pick_dtype(dtype, device or self.device)
-        self.network.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device, dtype=dtype)
-        for module in self.extras.values():
+        modules = [self.network, self.text_encoder, *self.extras.values()]
+        for module in modules:
             module.to(device=device, dtype=dtype)
         if self.autoencoder is not None:
             self.autoencoder.to(device=device, dtype=upcast_dtype(self.autoencoder.config, dtype))
+            modules.append(self.autoencoder)
+        if dtype is not None:
+            for module in modules:
+                set_layout(module, preferred_layout(self.device, dtype))
         return self
 
     # -- LoRA adapters on the network (destatic.models.lora) ---------------------------------

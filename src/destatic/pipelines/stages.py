@@ -226,15 +226,16 @@ def initial_state(
     shape = pipe.latent_shape(batch, inputs.width, inputs.height, r.num_frames, audio_span(pipe, r))
     gens = generators(r.seeds)
     if noise is None:
-        noise = randn(shape, gens, device=pipe.device, dtype=pipe.dtype)
+        noise = randn(shape, gens, device=pipe.device, dtype=pipe.state_dtype)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
     if r.variation_strength:
         if r.variation_seed is None:
             raise ValueError("variation_strength needs a variation_seed")
-        other = randn(shape, generators(r.variation_seeds), device=pipe.device, dtype=pipe.dtype)
-        noise = slerp(noise.to(pipe.device, pipe.dtype), other, r.variation_strength)
-    noise = noise.to(pipe.device, pipe.dtype)
+        seeds = generators(r.variation_seeds)
+        other = randn(shape, seeds, device=pipe.device, dtype=pipe.state_dtype)
+        noise = slerp(noise.to(pipe.device, pipe.state_dtype), other, r.variation_strength)
+    noise = noise.to(pipe.device, pipe.state_dtype)
     held = inputs.image is not None and pipe.family.image_conditioning is None
     known = pipe.encode(inputs.image) if held else None  # else the network reads the image
     if known is not None and len(shape) == 5:  # image → video: the image in every frame
@@ -269,7 +270,7 @@ def wrap_denoiser(
         network = pipe.controlled(
             inputs, sigmas, r.control_scale, r.control_start, r.control_end, float(r.guidance)
         )
-    denoiser = Denoiser(network, pipe.process, pipe.target)
+    denoiser = Denoiser(network, pipe.process, pipe.target, dtype=pipe.dtype)
     c = conditioning
     interval = r.guidance_interval or (0.0, math.inf)
     guided = ClassifierFreeGuidance(
@@ -279,7 +280,7 @@ def wrap_denoiser(
         return KnownRegion(guided, known, first_frame_mask(known))
     if inputs.mask is not None and (r.keep_unmasked or not pipe.inpainting_model):
         assert known is not None
-        m = inputs.mask.to(pipe.device, pipe.dtype)
+        m = inputs.mask.to(pipe.device, pipe.state_dtype)
         factor = pipe.latent_factor
         # a latent pixel is repainted if any of its pixels is (max-pool to latent size)
         m = F.max_pool2d(m, factor) if factor > 1 else m

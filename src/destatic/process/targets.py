@@ -187,19 +187,29 @@ class Denoiser(nn.Module):
     """A raw network as the σ-space denoiser ``D(x, σ, **cond) -> x̂0`` of docs/architecture.md.
 
     ``net(x_in, c_noise, **cond)`` receives the scaled input and the process's noise label (the
-    timestep a diffusers model expects) and returns the target's prediction.
+    timestep a diffusers model expects) and returns the target's prediction. ``dtype``: the
+    network's precision when it differs from the state's (a bf16 network in an fp32 sampling
+    loop): its inputs are cast to it and its output back, so only the network is rounded.
     """
 
-    def __init__(self, net: Callable[..., torch.Tensor], process: Process, target: str | Target):
+    def __init__(
+        self,
+        net: Callable[..., torch.Tensor],
+        process: Process,
+        target: str | Target,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.net = net
         self.process = process
         self.target = get_target(target)
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         c_in, c_skip, c_out, c_noise = preconditioning(self.process, self.target, sigma)
-        out = self.net(per_sample(c_in, x) * x, c_noise.to(x.dtype), **cond)
+        dtype = self.dtype or x.dtype
+        out = self.net((per_sample(c_in, x) * x).to(dtype), c_noise.to(dtype), **cond)
         return per_sample(c_skip, x) * x + per_sample(c_out, x) * out.to(x.dtype)
 
     def raw_output(self, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor):
