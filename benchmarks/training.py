@@ -4,7 +4,10 @@ against the same architecture trained through diffusers' UNet2DConditionModel in
     python benchmarks/training.py [--config configs/emoji.toml] [--reps 5]
     python benchmarks/training.py --costs    # the model-size tables of BENCHMARKS.md "Training"
 
-Both sides get the same global batch (destatic's own draw: emoji images, cached MiniLM caption
+Each side runs in fp32 and under bf16 autocast (destatic: ``train.precision = "bf16"``, whose
+attention runs in fp32 on the CPU, ``destatic.models.sdpa``; diffusers: its model inside
+``torch.autocast("cpu", torch.bfloat16)``, what a diffusers user writes). All sides get the
+same global batch (destatic's own draw: emoji images, cached MiniLM caption
 tokens, logit-normal σ, noise) and the same initial weights. destatic runs its full step
 (``_Run.train_step``: loss, backward, clipping, AdamW, LR schedule, EMA, NaN checks); the plain
 loop does the rectified-flow loss, backward, clipping, AdamW and a ``swa_utils`` EMA update
@@ -16,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from models import count_flops, interleaved, matmul_peak
 
+from destatic.pipelines.devices import cpu_description
 from destatic.training import load_config
 from destatic.training.distributed import World
 from destatic.training.tasks import make_task
@@ -143,12 +145,14 @@ def main() -> None:
         return
     from diffusers import UNet2DConditionModel
 
-    cfg = load_config(args.config, {"train.progress": False, "train.tensorboard": False})
-    cfg.output.dir = "/tmp/destatic-bench-training"
-    device = torch.device("cpu")
-    torch.manual_seed(0)
-    task = make_task(cfg, device, progress=False)
-    run = _Run(cfg, World(), device, task)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        overrides = {"train.progress": False, "train.tensorboard": False}
+        cfg = load_config(args.config, {**overrides, "train.precision": precision})
+        cfg.output.dir = "/tmp/destatic-bench-training"
+        torch.manual_seed(0)
+        task = make_task(cfg, torch.device("cpu"), progress=False)
+        runs[precision] = _Run(cfg, World(), torch.device("cpu"), task)
     ours = task.trainable
     theirs = UNet2DConditionModel.from_config(ours.config.to_dict())
     theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -160,22 +164,26 @@ def main() -> None:
     b = cfg.train.batch_size
     batch = task.draw(batch_indices(0, 0, b, task.num_items), torch.Generator().manual_seed(0))
 
-    def plain_step() -> None:
+    def plain_step(amp: bool) -> None:
         sigma = batch["sigma"].float()[:, None, None, None]
         t = sigma / (1 + sigma)
         x_t = (1 - t) * batch["x0"] + t * batch["noise"]
         context = task.bank.tokens[batch["caption"]]
-        out = theirs(x_t, t.flatten() * 1000, encoder_hidden_states=context).sample
-        loss = (out - (batch["noise"] - batch["x0"])).pow(2).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = theirs(x_t, t.flatten() * 1000, encoder_hidden_states=context).sample
+            loss = (out.float() - (batch["noise"] - batch["x0"])).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(theirs.parameters(), cfg.optim.grad_clip)
         opt.step()
         ema.update_parameters(theirs)
 
-    def ours_step() -> None:
-        run.train_step()
-
+    sides = {
+        ("destatic train_step", "fp32"): runs["fp32"].train_step,
+        ("destatic train_step", "bf16 autocast"): runs["bf16"].train_step,
+        ("diffusers UNet + plain loop", "fp32"): lambda: plain_step(False),
+        ("diffusers UNet + plain loop", "bf16 autocast"): lambda: plain_step(True),
+    }
     per_sample = count_flops(
         lambda: (
             copy.deepcopy(theirs)(
@@ -186,20 +194,19 @@ def main() -> None:
         )
     )
     peak = matmul_peak(5)
-    times = interleaved([ours_step, plain_step], warmup=2, reps=args.reps)
+    times = interleaved(list(sides.values()), warmup=2, reps=args.reps)
     params = sum(p.numel() for p in ours.parameters()) / 1e6
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{THREADS} threads, torch {torch.__version__}; matmul peak {peak:.0f} GFLOP/s"
-    )
+    machine = f"{cpu_description()}, torch {torch.__version__}"
+    print(f"machine: {machine}; fp32 matmul peak {peak:.0f} GFLOP/s")
     print(
         f"model: {params:.2f} M parameters, {per_sample:.2f} GFLOP per training sample, batch {b}"
     )
-    print("| trainer | s/step | samples/s | MFU |")
-    print("|---|---:|---:|---:|")
-    for name, t in zip(("destatic train_step", "diffusers UNet + plain loop"), times, strict=True):
-        print(f"| {name} | {t:.2f} | {b / t:.1f} | {b * per_sample / t / peak:.0%} |")
-    print(f"ratio (plain / destatic time): {times[1] / times[0]:.2f}")
+    base = times[2]
+    print("| trainer | precision | s/step | samples/s | fp32 MFU | diffusers fp32 ÷ this |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (name, precision), t in zip(sides, times, strict=True):
+        mfu = b * per_sample / t / peak
+        print(f"| {name} | {precision} | {t:.2f} | {b / t:.1f} | {mfu:.0%} | {base / t:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from destatic.models.layers import GroupNorm
+from destatic.models.sdpa import scaled_dot_product_attention
 
 # ----------------------------------------------------------------------------------------------
 # Attention and feed-forward
@@ -100,7 +101,7 @@ class Attention(nn.Module):
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        out = scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         out = out.to(dtype).transpose(1, 2).reshape(B, N, -1)  # (B, N, inner)
         return self.to_out[1](self.to_out[0](out))  # (B, N, dim)
 

@@ -29,6 +29,7 @@ from destatic.models.config import (
     check_sample_size,
 )
 from destatic.models.layers import Downsample, GroupNorm, ResnetBlock, Upsample
+from destatic.models.sdpa import scaled_dot_product_attention
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -156,7 +157,7 @@ class SpatialSelfAttention(nn.Module):
         q = self.to_q(y)[:, None]  # (B, 1, HW, C)
         k = self.to_k(y)[:, None]
         v = self.to_v(y)[:, None]
-        y = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
+        y = scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
         y = self.to_out[1](self.to_out[0](y))
         return x + y.transpose(1, 2).reshape(b, c, h, w)
 

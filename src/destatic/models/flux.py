@@ -41,6 +41,7 @@ from torch import nn
 from destatic.models.config import JsonConfig, check_positive
 from destatic.models.layers import TimestepEmbedding, timestep_embedding
 from destatic.models.mmdit import AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, modulate
+from destatic.models.sdpa import scaled_dot_product_attention
 
 __all__ = [
     "Flux",
@@ -243,7 +244,7 @@ class FluxAttention(nn.Module):
             q, k, v = (torch.cat(pair, dim=1) for pair in zip(cs, (q, k, v), strict=True))
         q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)  # (B, S, H, d)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, d)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, S, D)
+        out = scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, S, D)
         if ctx is None:
             return out.to(q.dtype)
         c, x = out.split([ctx.shape[1], out.shape[1] - ctx.shape[1]], dim=1)

@@ -33,6 +33,7 @@ from torch import nn
 
 from destatic.models.config import JsonConfig, check_positive, check_sample_size
 from destatic.models.layers import TimestepEmbedding, timestep_embedding
+from destatic.models.sdpa import scaled_dot_product_attention
 
 __all__ = [
     "MMDIT_MODELS",
@@ -350,13 +351,13 @@ class JointAttention(nn.Module):
         fx = self.to_qkv if self.fused else None
         xs = self._qkv(x, (self.to_q, self.to_k, self.to_v), fx, (self.norm_q, self.norm_k))
         if not self.joint:  # image-only self-attention (attn2)
-            out = F.scaled_dot_product_attention(*xs).transpose(1, 2).flatten(2)  # (B, N, D)
+            out = scaled_dot_product_attention(*xs).transpose(1, 2).flatten(2)  # (B, N, D)
             return self.to_out[1](self.to_out[0](out))
         fc = self.to_added_qkv if self.fused else None
         added = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
         cs = self._qkv(ctx, added, fc, (self.norm_added_q, self.norm_added_k))  # (B, H, L, d)
         q, k, v = (torch.cat(pair, dim=2) for pair in zip(xs, cs, strict=True))  # (B, H, N+L, d)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, N+L, D)
+        out = scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, N+L, D)
         x, ctx = out[:, :n], out[:, n:]  # (B, N, D), (B, L, D)
         x = self.to_out[1](self.to_out[0](x))  # (B, N, D)
         return x, (None if self.to_add_out is None else self.to_add_out(ctx))

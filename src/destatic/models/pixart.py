@@ -43,6 +43,7 @@ from destatic.models.config import JsonConfig, check_positive, check_sample_size
 from destatic.models.dit import FREQ_DIM, IGNORED, PatchEmbed
 from destatic.models.layers import TimestepEmbedding, timestep_embedding
 from destatic.models.mmdit import FeedForward, JointAttention, unpatchify
+from destatic.models.sdpa import scaled_dot_product_attention
 
 __all__ = ["PixArt", "PixArtConfig"]
 
@@ -230,7 +231,7 @@ class CrossAttention(nn.Module):
 
         q, k, v = heads(self.to_q(x)), heads(self.to_k(ctx)), heads(self.to_v(ctx))
         keep = None if mask is None else mask.bool()[:, None, None, :]  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, H, N, d)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, H, N, d)
         return self.to_out[1](self.to_out[0](out.transpose(1, 2).flatten(2)))  # (B, N, D)
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from destatic.models.config import JsonConfig, check_positive
+from destatic.models.sdpa import scaled_dot_product_attention
 
 __all__ = [
     "StableAudioDiT",
@@ -165,7 +166,7 @@ class GroupedQueryAttention(nn.Module):
         )
         if rotary is not None:
             q, k = _apply_partial_rope(q, *rotary), _apply_partial_rope(k, *rotary)
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kv_heads != self.heads)
+        out = scaled_dot_product_attention(q, k, v, enable_gqa=self.kv_heads != self.heads)
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, S, dim)
 
 

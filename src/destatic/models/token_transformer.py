@@ -39,6 +39,7 @@ from torch import nn
 
 from destatic.models.config import JsonConfig, check_positive, check_positive_float
 from destatic.models.flux import apply_rope
+from destatic.models.sdpa import scaled_dot_product_attention
 
 __all__ = [
     "KVCache",
@@ -194,7 +195,7 @@ class SelfAttention(nn.Module):
         if is_causal and past:  # query t sees keys ≤ past + t
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
             is_causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, width)
 
 

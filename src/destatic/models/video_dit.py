@@ -56,6 +56,7 @@ from destatic.models.mmdit import (
     modulate,
 )
 from destatic.models.pixart import CrossAttention
+from destatic.models.sdpa import scaled_dot_product_attention
 
 __all__ = [
     "VIDEO_DIT_MODELS",
@@ -234,7 +235,7 @@ class RotaryAttention(JointAttention):
         fused = self.to_qkv if self.fused else None
         q, k, v = self._qkv(x, (self.to_q, self.to_k, self.to_v), fused, (None, None))
         q, k = (apply_rope(t.transpose(1, 2), *rotary).transpose(1, 2) for t in (q, k))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B', S, D)
+        out = scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B', S, D)
         return self.to_out[1](self.to_out[0](out))
 
 

@@ -49,6 +49,7 @@ from destatic.models.flux import apply_rope, rope
 from destatic.models.layers import TimestepEmbedding, timestep_embedding
 from destatic.models.mmdit import GELUProj
 from destatic.models.pixart import CaptionProjection
+from destatic.models.sdpa import scaled_dot_product_attention
 from destatic.models.video_dit import grid_ids, unpatchify_3d
 
 __all__ = [
@@ -174,7 +175,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> to
     """Softmax attention of (B, S, H·d) queries over (B, L, H·d) keys and values, ``heads``
     heads; (B, S, H·d) out. q and k may already be split into heads (B, ·, H, d)."""
     q, k, v = (t if t.ndim == 4 else t.unflatten(-1, (heads, -1)) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    out = scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
     return out.transpose(1, 2).flatten(2)
 
 

@@ -170,7 +170,7 @@ class TrainConfig:
     batch_size: int = 64  # global batch per optimizer step (over processes and accumulation)
     grad_accum: int = 1  # micro-batches per optimizer step and process
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on GPUs/CPUs with bf16 units) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch (0: torch's default)
     parallel: str = "ddp"  # under torchrun: ddp (whole model per process) | fsdp (sharded)

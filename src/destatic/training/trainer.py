@@ -51,6 +51,7 @@ from destatic.io import (
     write_atomic,
     write_error_reason,
 )
+from destatic.pipelines.devices import cpu_has_bf16
 from destatic.training.config import Config, ConfigError
 from destatic.training.distributed import (
     World,
@@ -108,8 +109,11 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
-    # auto: bf16 where the hardware gains from it (GPUs with bf16 units); fp32 on CPU.
+    # auto: bf16 autocast where the hardware gains from it — GPUs with bf16 units, CPUs with
+    # AMX or AVX-512-BF16 (1.8x the fp32 samples/s of configs/emoji.toml, BENCHMARKS.md) — else fp32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
 
