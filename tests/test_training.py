@@ -57,12 +57,15 @@ def test_train_exports_a_pipeline_that_generates(folder, tmp_path):
     assert_same(exported, {k[7:]: v for k, v in ema.items() if k.startswith("module.")})
 
 
-def test_kill_9_and_resume_gives_the_same_weights(folder, tmp_path):
-    """6 steps straight = a run killed (SIGKILL) after a checkpoint past step 3, resumed."""
-    straight = load_config(write_config(tmp_path / "a.toml", folder, tmp_path / "straight"))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kill_9_and_resume_gives_the_same_weights(folder, tmp_path, precision):
+    """6 steps straight = a run killed (SIGKILL) after a checkpoint past step 3, resumed; in
+    bf16 autocast too (the default on CPUs with AMX)."""
+    extra = f'precision = "{precision}"'
+    straight = load_config(write_config(tmp_path / "a.toml", folder, tmp_path / "straight", extra))
     train(straight)
 
-    cfg_path = write_config(tmp_path / "b.toml", folder, tmp_path / "killed")
+    cfg_path = write_config(tmp_path / "b.toml", folder, tmp_path / "killed", extra)
     stopped = kill_after_checkpoint(cfg_path, tmp_path / "killed", 3)
     assert 3 <= stopped < 6
     train(load_config(cfg_path))  # the same command again resumes

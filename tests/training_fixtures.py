@@ -49,7 +49,10 @@ norm_num_groups = 8
 
 def write_config(path: Path, folder: Path, out: Path, extra: str = "") -> Path:
     """A 6-step config of the tiny U-Net on ``folder`` writing to ``out`` (``extra``: more [train]
-    lines, or further tables after them)."""
+    lines, or further tables after them). fp32 unless ``extra`` sets ``precision``: the
+    equivalence tests (accumulation, processes, FSDP) hold exactly only in fp32, and ``auto``
+    would be bf16 on a CPU with AMX."""
+    precision = "" if "precision" in extra else 'precision = "fp32"\n'
     path.write_text(
         f"""
 [data]
@@ -75,7 +78,7 @@ sample_every = 0
 threads = 1
 progress = false
 tensorboard = false
-{extra}
+{precision}{extra}
 
 [sample]
 prompts = ["a red square", "a blue square"]
