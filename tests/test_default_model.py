@@ -36,7 +36,9 @@ def test_bundle_matches_its_config():
     )
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     # the API and the CLI draw at the scale the config's sample grids used
-    assert destatic.load().sampling_defaults["guidance"] == cfg.sample.guidance == 3.0
+    defaults = destatic.load().sampling_defaults
+    assert defaults["guidance"] == cfg.sample.guidance == 3.0
+    assert defaults["steps"] == cfg.sample.steps == 8  # on the time-to-quality frontier
 
 
 def test_default_model_generates_distinct_images_per_prompt():

@@ -245,7 +245,7 @@ def test_web_ui_in_headless_chromium(server):
             assert data[:4] == b"\x89PNG"
             assert Image.open(io.BytesIO(data)).size == (256, 256)  # enlarged for display
             text = page.locator("#txt2img-parameters textarea").input_value()
-            assert text.startswith("red heart\nSteps: 20")
+            assert text.startswith("red heart\nSteps: 8")
         finally:
             browser.close()
 

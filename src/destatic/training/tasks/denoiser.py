@@ -148,9 +148,9 @@ class DenoiserTask(Task):
 
     def _pipeline(self, trainable: nn.Module) -> Pipeline:
         p = self.pipeline
-        # the scale the sample grids were drawn at becomes the model's default guidance, so the
-        # Python API and the CLI agree on it (without one they fall back to 5 and 3)
-        defaults = {"guidance": self.cfg.sample.guidance}
+        # the scale and steps the sample grids were drawn at become the model's defaults, so the
+        # Python API and the CLI agree on them (without them they fall back to the family's)
+        defaults = {"guidance": self.cfg.sample.guidance, "steps": self.cfg.sample.steps}
         return Pipeline(trainable, p.autoencoder, p.text_encoder, p.process, p.target, defaults)
 
     def export(self, trainable: nn.Module, folder: Path) -> None:
