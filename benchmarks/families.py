@@ -40,7 +40,6 @@ import importlib
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -55,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import destatic
 from benchmarks.generation import PROMPT, THREADS, compare, sd_pair
+from destatic.pipelines.devices import cpu_description
 
 RESULTS = Path(__file__).parent / "results" / "families.md"
 SEED = 7  # the fresh draws of the LCM sampler
@@ -379,21 +379,6 @@ KEYS = [key for key, *_ in FAMILIES]
 # -- the machine --------------------------------------------------------------------------------
 
 
-def cpu_line() -> str:
-    """The CPU model and the vector extensions torch's CPU kernels care about."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())  # the first CPU's
-    except OSError:
-        pass
-    model = info.get("model name") or platform.processor() or platform.machine()
-    flags = set(info.get("flags", "").split())
-    extensions = [f for f in ("avx2", "avx512f", "amx_bf16") if f in flags]
-    return f"{model} ({', '.join(extensions) or 'no avx2'}), {os.cpu_count()} logical CPUs"
-
-
 def load_average() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -539,7 +524,7 @@ def main() -> None:
     results_json = args.json or (markdown.with_suffix(".json") if markdown else None)
 
     machine = (
-        f"{cpu_line()}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"{cpu_description()}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"{THREADS} threads, fp32"
     )
     load_before = load_average()

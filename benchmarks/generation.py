@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import destatic
-from destatic.pipelines.devices import cpu_description
+from destatic.pipelines.devices import DTYPES, cpu_description
 
 THREADS = 2
 PROMPT = "red heart"
@@ -133,10 +133,12 @@ def emoji_sides(batch: int, steps: int, fast: tuple[str, int]) -> dict[str, Call
     }
 
 
-def sd_sides(batch: int, steps: int, fast: tuple[str, int]) -> dict[str, Callable]:
-    """A tiny random SD 1.x pipeline: destatic (fp32, bf16) against StableDiffusionPipeline
-    (fp32, bf16 + channels_last); returns [0, 1] floats or uint8. Its random weights have no
-    quality to hold, so it has no fewer-steps row (``fast`` is unused)."""
+def sd_sides(
+    batch: int, steps: int, fast: tuple[str, int] | None = None, precisions=("fp32", "bf16")
+) -> dict[str, Callable]:
+    """A tiny random SD 1.x pipeline: destatic against StableDiffusionPipeline in each of
+    ``precisions`` (diffusers' bf16 with channels_last); returns [0, 1] floats or uint8. Its
+    random weights have no quality to hold, so it has no fewer-steps row (``fast`` is unused)."""
     import diffusers
 
     from tests import tiny_sd
@@ -199,12 +201,27 @@ def sd_sides(batch: int, steps: int, fast: tuple[str, int]) -> dict[str, Callabl
             output_type="np",
         ).images.astype(np.float32)
 
-    return {
-        "destatic fp32": ours("fp32"),
-        "destatic bf16": ours("bf16"),
-        "diffusers fp32": theirs(torch.float32),
-        "diffusers bf16": theirs(torch.bfloat16),
-    }
+    sides = {f"destatic {p}": ours(p) for p in precisions}
+    return sides | {f"diffusers {p}": theirs(DTYPES[p]) for p in precisions}
+
+
+def sd_pair(batch: int, steps: int) -> tuple[Callable, Callable]:
+    """(destatic, StableDiffusionPipeline) in fp32 on the tiny SD pipeline (for :func:`compare`;
+    benchmarks/families.py's SD 1.x row)."""
+    sides = sd_sides(batch, steps, precisions=("fp32",))
+    return sides["destatic fp32"], sides["diffusers fp32"]
+
+
+def compare(
+    ours: Callable[[], object], theirs: Callable[[], object], batch: int, warmup: int, reps: int
+) -> tuple[float, float, float]:
+    """(destatic s/image, diffusers s/image, max pixel difference 0-255) of two calls that each
+    return a batch of images (PIL-derived uint8 or [0, 1] floats); timed by :func:`interleaved`
+    after one call of each for the images."""
+    a, b = pixels(ours()), pixels(theirs())
+    diff = float(np.abs(a - b.reshape(a.shape)).max())
+    t_ours, t_theirs = interleaved([ours, theirs], warmup, reps)
+    return t_ours / batch, t_theirs / batch, diff
 
 
 def measure(sides: dict[str, Callable], batch: int, warmup: int, reps: int) -> list[tuple]:

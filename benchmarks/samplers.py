@@ -646,14 +646,9 @@ def ints(text: str) -> list[int]:
 
 
 def environment() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from destatic.pipelines.devices import cpu_description
+
+    cpu = cpu_description()
 
     def version(name: str) -> str:
         try:

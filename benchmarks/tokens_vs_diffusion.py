@@ -38,6 +38,7 @@ from destatic.bundled import resolve
 from destatic.data.select import load_split
 from destatic.metrics.sweep import Result, Setting, evaluate, reference_set, score_images
 from destatic.metrics.tokenizer import round_trip, tokenizer_report
+from destatic.pipelines.devices import cpu_description
 
 THREADS = int(os.environ.get("DESTATIC_THREADS", "2"))
 ROUND_TRIP = "encode → decode"  # the decoding column of the tokenizer's round trip
@@ -234,7 +235,7 @@ def main() -> None:
         rows.append(("tokenizer round trip (the token models' ceiling)", scored))
     assert real is not None
     print()
-    cpu = _cpu()
+    cpu = cpu_description()
     print(f"emoji held-out, n = {real.n}, seed {args.seed}; {cpu}, {THREADS} threads")
     print()
     print(table(real, rows))
@@ -252,16 +253,6 @@ def main() -> None:
     if args.plot is not None:
         plot(payload, args.plot)
         print(f"wrote {args.plot}")
-
-
-def _cpu() -> str:
-    """The CPU model and its matrix flags (the figures depend on them)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), "?"
-    )
-    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text]
-    return f"{model} ({', '.join(flags)})"
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
 from destatic.models.video_dit import VideoDiT, VideoDiTConfig
+from destatic.pipelines.devices import cpu_description
 
 THREADS = 2
 CLIP = (3, 8, 32, 32)  # C, F, H, W
@@ -35,16 +34,6 @@ SMALL = (
     ("XXS (96·4, mlp 2)", {"dim": 96, "num_layers": 4, "num_heads": 3, "mlp_ratio": 2}),
     ("XXXS (64·3, mlp 2)", {"dim": 64, "num_layers": 3, "num_heads": 2, "mlp_ratio": 2}),
 )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make(fields: dict, attention: str, patch: tuple[int, int]) -> VideoDiT:
@@ -116,7 +105,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     print(
-        f"# VideoDiT attention on CPU: {cpu_model()}, torch {torch.__version__}, "
+        f"# VideoDiT attention on CPU: {cpu_description()}, torch {torch.__version__}, "
         f"{THREADS} threads, fp32, best of {args.reps} interleaved runs after a warm-up; "
         f"load average {os.getloadavg()[0]:.1f} at start\n"
     )
