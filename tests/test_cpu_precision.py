@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from destatic.models.layers import GroupNorm
 from destatic.models.sdpa import scaled_dot_product_attention
+from destatic.pipelines import devices
 from destatic.training import trainer
 
 
@@ -56,7 +57,7 @@ def test_group_norm_is_the_same_in_either_layout(side):
     "flags, expected", [({"avx2"}, None), ({"amx_bf16"}, torch.bfloat16), (set(), None)]
 )
 def test_training_auto_precision_follows_the_cpu(monkeypatch, flags, expected):
-    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: bool({"amx_bf16"} & flags))
+    monkeypatch.setattr(devices, "cpu_features", lambda: frozenset(flags))
     assert trainer._autocast_dtype("auto", torch.device("cpu")) is expected
     assert trainer._autocast_dtype("fp32", torch.device("cpu")) is None
     assert trainer._autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16

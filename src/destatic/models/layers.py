@@ -23,8 +23,8 @@ from torch import nn
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (Wu & He 2018) that normalises a channels_last feature map smaller than
     32×32 in the contiguous layout: ATen's channels_last kernel parallelises over (batch × group)
-    with strided reads below 1,024 pixels, 10× slower than the contiguous kernel at 16×16 in bf16
-    (the bundled U-Net's bf16 forward at batch 16: 70 ms → 61 ms). Identical on contiguous
+    with strided reads below 1,024 pixels (the bundled U-Net's bf16 forward at batch 16 spends 67
+    ms in it against 12 contiguously, ``benchmarks/cpu_precision.py``). Identical on contiguous
     inputs (the fp32 default), and the same parameters and state-dict keys as ``nn.GroupNorm``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

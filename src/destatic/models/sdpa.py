@@ -3,10 +3,11 @@ al. 2017, "Attention Is All You Need") by torch's fused ``scaled_dot_product_att
 
 One exception to plain dispatch: on the CPU, with gradients on and half-precision inputs (a
 bf16-autocast training step), the kernel runs in fp32. ATen's bf16 flash-attention backward on
-the CPU is about 5× slower than its fp32 one (the bundled U-Net at batch 64: 1.38 s against
-0.27 s over three steps), while the two forwards cost the same; in fp32 the autocast step of
-``configs/emoji.toml`` trains at 75 samples/s instead of 54 (fp32 throughout: 42). Inference
-(no gradients) and fp32 inputs take torch's kernel unchanged, so fp32 outputs stay bit-exact.
+the CPU is about 5× slower than its fp32 one (the bundled U-Net at batch 64: 1.27 s against
+0.25 s over three steps), while the two forwards cost the same; with it in fp32 the autocast
+step trains at 84 samples/s instead of 59 (fp32 throughout: 47; ``benchmarks/cpu_precision.py``).
+Inference (no gradients) and fp32 inputs take torch's kernel unchanged, so fp32 outputs stay
+bit-exact.
 """
 
 from __future__ import annotations

@@ -41,14 +41,22 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 @functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
+    info: dict[str, str] = {}
+    path = Path("/proc/cpuinfo")
+    text = path.read_text(errors="replace") if path.exists() else ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
 def cpu_features() -> frozenset[str]:
     """The CPU's feature flags as Linux names them (``avx2``, ``avx512_bf16``, ``amx_bf16``, …):
-    the first ``flags`` line of ``/proc/cpuinfo``; elsewhere, the subset torch can detect."""
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        for line in info.read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+    the ``flags`` of ``/proc/cpuinfo``; elsewhere, the subset torch can detect."""
+    if "flags" in _cpuinfo():
+        return frozenset(_cpuinfo()["flags"].split())
     probes = {
         "avx2": "_is_avx2_supported",
         "avx512f": "_is_avx512_supported",
@@ -67,13 +75,7 @@ def cpu_has_bf16() -> bool:
 def cpu_description() -> str:
     """The CPU model, its thread count and the matrix/vector features that decide speed, for
     benchmark tables, e.g. ``Intel(R) Xeon(R) Processor, 2 threads, amx_bf16 avx512_bf16 …``."""
-    name = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        for line in info.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+    name = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     wanted = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
     flags = " ".join(f for f in wanted if f in cpu_features()) or "no AVX2"
     return f"{name}, {torch.get_num_threads()} threads, {flags}"

@@ -51,7 +51,7 @@ from destatic.io import (
     write_atomic,
     write_error_reason,
 )
-from destatic.pipelines.devices import cpu_has_bf16
+from destatic.pipelines.devices import pick_dtype
 from destatic.training.config import Config, ConfigError
 from destatic.training.distributed import (
     World,
@@ -109,13 +109,10 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
-    # auto: bf16 autocast where the hardware gains from it — GPUs with bf16 units, CPUs with
-    # AMX or AVX-512-BF16 (1.8x the fp32 samples/s of configs/emoji.toml, BENCHMARKS.md) — else fp32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and cpu_has_bf16():
-        return torch.bfloat16
-    return None
+    # auto: bf16 autocast where a pipeline's `auto` is bf16 — GPUs with bf16 units, CPUs with
+    # AMX or AVX-512-BF16 (1.6x the fp32 samples/s of configs/emoji.toml: BENCHMARKS.md) — else
+    # fp32 (a GPU without bf16 would need fp16's loss scaling: ask for it by name)
+    return torch.bfloat16 if pick_dtype("auto", device) == torch.bfloat16 else None
 
 
 def _lr_lambda(cfg: Config):
