@@ -16,9 +16,7 @@ matrix units" (the bundled U-Net, 2 threads).
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
@@ -30,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import destatic
-from benchmarks.generation import THREADS
+from benchmarks.generation import THREADS, interleaved
 from destatic.models import attention
 from destatic.models.layers import GroupNorm
 from destatic.pipelines.devices import cpu_description
@@ -58,18 +56,6 @@ def per_operator(fn: Callable[[], object], calls: int) -> dict[str, float]:
     ms = {k: sum(e.self_cpu_time_total for e in events if e.key in v) / 1e3 for k, v in OPS.items()}
     ms["total"] = sum(e.self_cpu_time_total for e in events) / 1e3
     return ms
-
-
-def medians(fns: list[Callable[[], object]], reps: int) -> list[float]:
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def forward_sides(net: torch.nn.Module, batch: int) -> dict[str, Callable]:
@@ -138,7 +124,7 @@ def main() -> None:
         ours = destatic.load().to(dtype="bf16").network.eval()
         print("| batch | destatic | diffusers | ratio |\n|---:|---:|---:|---:|")
         for batch in (16, 2):
-            a, b = medians(bf16_pair(ours, theirs, batch), 9)
+            a, b = interleaved(bf16_pair(ours, theirs, batch), 1, 9)
             print(f"| {batch} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}× |")
 
     print("\n## Training step, batch 64, 3 steps: self CPU ms per operator, samples/s\n")
@@ -151,8 +137,8 @@ def main() -> None:
         rows["bf16 autocast, torch's bf16 attention"] = per_operator(torch_step, 3)
     table(rows, list(OPS)[1:])
     with torch_attention:
-        rate = 64 / medians([torch_step], 5)[0]
-    ours_rates = [64 / t for t in medians(list(steps.values()), 5)]
+        rate = 64 / interleaved([torch_step], 1, 5)[0]
+    ours_rates = [64 / t for t in interleaved(list(steps.values()), 1, 5)]
     print(f"\nsamples/s: fp32 {ours_rates[0]:.1f}, bf16 autocast {ours_rates[1]:.1f}, ", end="")
     print(f"bf16 autocast with torch's bf16 attention {rate:.1f}")
 
