@@ -4,7 +4,8 @@ against the same architecture trained through diffusers' UNet2DConditionModel in
     python benchmarks/training.py [--config configs/emoji.toml] [--reps 5]
     python benchmarks/training.py --costs    # the model-size tables of BENCHMARKS.md "Training"
 
-Each side runs in fp32 and under bf16 autocast (destatic: ``train.precision = "bf16"``, whose
+Each side runs in fp32 and under bf16 autocast (with ``--compile`` also compiled block by block,
+``train.compile``) (destatic: ``train.precision = "bf16"``, whose
 attention runs in fp32 on the CPU, ``destatic.models.sdpa``; diffusers: its model inside
 ``torch.autocast("cpu", torch.bfloat16)``, what a diffusers user writes). All sides get the
 same global batch (destatic's own draw: emoji images, cached MiniLM caption
@@ -18,7 +19,6 @@ reported with model-FLOPs utilisation against a measured fp32 matmul peak.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from models import count_flops, interleaved, matmul_peak
 
+from destatic.models.speedups import compile_blocks
 from destatic.pipelines.devices import cpu_description
 from destatic.training import load_config
 from destatic.training.distributed import World
@@ -138,6 +139,9 @@ def main() -> None:
     parser.add_argument("--config", default="configs/emoji.toml")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--costs", action="store_true", help="print the model-size tables")
+    parser.add_argument(
+        "--compile", action="store_true", help="add torch.compile sides (minutes of compiling)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     if args.costs:
@@ -146,47 +150,56 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     runs = {}
-    for precision in ("fp32", "bf16"):
+    variants = {"fp32": ("fp32", False), "bf16 autocast": ("bf16", False)}
+    if args.compile:
+        variants["bf16 autocast + compile"] = ("bf16", True)
+    for name, (precision, compiled) in variants.items():
         overrides = {"train.progress": False, "train.tensorboard": False}
-        cfg = load_config(args.config, {**overrides, "train.precision": precision})
+        overrides |= {"train.precision": precision, "train.compile": compiled}
+        cfg = load_config(args.config, overrides)
         cfg.output.dir = "/tmp/destatic-bench-training"
         torch.manual_seed(0)
         task = make_task(cfg, torch.device("cpu"), progress=False)
-        runs[precision] = _Run(cfg, World(), torch.device("cpu"), task)
-    ours = task.trainable
-    theirs = UNet2DConditionModel.from_config(ours.config.to_dict())
-    theirs.load_state_dict(ours.state_dict(), strict=True)
-    theirs.train()
-    opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.optim.lr, weight_decay=0.0)
-    ema = torch.optim.swa_utils.AveragedModel(
-        theirs, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay)
-    )
+        runs[name] = _Run(cfg, World(), torch.device("cpu"), task)
+    ours = runs["fp32"].trainable
     b = cfg.train.batch_size
     batch = task.draw(batch_indices(0, 0, b, task.num_items), torch.Generator().manual_seed(0))
 
-    def plain_step(amp: bool) -> None:
-        sigma = batch["sigma"].float()[:, None, None, None]
-        t = sigma / (1 + sigma)
-        x_t = (1 - t) * batch["x0"] + t * batch["noise"]
-        context = task.bank.tokens[batch["caption"]]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = theirs(x_t, t.flatten() * 1000, encoder_hidden_states=context).sample
-            loss = (out.float() - (batch["noise"] - batch["x0"])).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        ema.update_parameters(theirs)
+    def plain_loop(amp: bool, compiled: bool):
+        """diffusers' model in the loop of its training examples; ``compiled``: compiled block
+        by block like ours (``compile_blocks``; compiled whole, the U-Net's gradients come out
+        wrong under bf16 autocast, see its docstring)."""
+        theirs = UNet2DConditionModel.from_config(ours.config.to_dict())
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        theirs.train()
+        opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.optim.lr, weight_decay=0.0)
+        ema = torch.optim.swa_utils.AveragedModel(
+            theirs, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay)
+        )
+        model = compile_blocks(theirs) if compiled else theirs
 
-    sides = {
-        ("destatic train_step", "fp32"): runs["fp32"].train_step,
-        ("destatic train_step", "bf16 autocast"): runs["bf16"].train_step,
-        ("diffusers UNet + plain loop", "fp32"): lambda: plain_step(False),
-        ("diffusers UNet + plain loop", "bf16 autocast"): lambda: plain_step(True),
-    }
+        def step() -> None:
+            sigma = batch["sigma"].float()[:, None, None, None]
+            t = sigma / (1 + sigma)
+            x_t = (1 - t) * batch["x0"] + t * batch["noise"]
+            context = task.bank.tokens[batch["caption"]]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = model(x_t, t.flatten() * 1000, encoder_hidden_states=context).sample
+                loss = (out.float() - (batch["noise"] - batch["x0"])).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            ema.update_parameters(theirs)
+
+        return step
+
+    sides = {("destatic train_step", name): run.train_step for name, run in runs.items()}
+    for name, (precision, compiled) in variants.items():
+        sides[("diffusers UNet + plain loop", name)] = plain_loop(precision == "bf16", compiled)
     per_sample = count_flops(
         lambda: (
-            copy.deepcopy(theirs)(
+            UNet2DConditionModel.from_config(ours.config.to_dict())(
                 batch["x0"][:1], torch.tensor([500.0]), encoder_hidden_states=task.bank.tokens[:1]
             )
             .sample.sum()
@@ -201,7 +214,7 @@ def main() -> None:
     print(
         f"model: {params:.2f} M parameters, {per_sample:.2f} GFLOP per training sample, batch {b}"
     )
-    base = times[2]
+    base = times[len(variants)]  # diffusers fp32
     print("| trainer | precision | s/step | samples/s | fp32 MFU | diffusers fp32 ÷ this |")
     print("|---|---|---:|---:|---:|---:|")
     for (name, precision), t in zip(sides, times, strict=True):

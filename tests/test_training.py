@@ -3,6 +3,7 @@ the exported pipeline, the autoencoder task and two processes against one."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,33 @@ def test_kill_9_and_resume_gives_the_same_weights(folder, tmp_path, precision):
         for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2, 3, 4, 5, 6]  # no repeated records after the resume
+
+
+def test_compiled_training_tracks_eager_and_resumes_exactly(folder, tmp_path):
+    """``train.compile``: the losses of eager bf16 within bf16's rounding, and a run killed
+    after a checkpoint and resumed ends with the weights of one that never stopped (the killed
+    and resumed processes compile again; inductor's cache serves them). bf16 trains channels_last:
+    the restored AdamW moments must take the weights' layout, or fused AdamW pairs the wrong
+    elements."""
+    compiled = 'precision = "bf16"\ncompile = true'
+    straight = load_config(
+        write_config(tmp_path / "a.toml", folder, tmp_path / "straight", compiled)
+    )
+    train(straight)
+    eager = 'precision = "bf16"'
+    train(load_config(write_config(tmp_path / "e.toml", folder, tmp_path / "eager", eager)))
+
+    def losses(out: Path) -> list[float]:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "eager"), rel=0.03)
+    assert losses(tmp_path / "straight") != losses(tmp_path / "eager")  # it did compile
+
+    cfg_path = write_config(tmp_path / "b.toml", folder, tmp_path / "killed", compiled)
+    assert 3 <= kill_after_checkpoint(cfg_path, tmp_path / "killed", 3) < 6
+    train(load_config(cfg_path))
+    assert_same(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"))
 
 
 def test_nan_losses_skip_then_stop_without_a_nan_checkpoint(folder, tmp_path, monkeypatch):

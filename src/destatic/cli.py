@@ -1248,23 +1248,22 @@ def eval_(
         "1,1.5,2,3,4.5,6", help="Guidance scales of the guidance sweep ('' = none)."
     ),
     guidance_sampler: str = typer.Option("dpmpp_2m", help="Sampler of the guidance sweep."),
-    guidance_steps: int = typer.Option(
-        16, min=1, max=MAX_STEPS, help="Steps of the guidance sweep."
-    ),
+    guidance_steps: int = typer.Option(16, min=1, max=MAX_STEPS, help="Guidance sweep steps."),
     metrics: str = typer.Option(
         "retrieval,clip,fid,kid,pr", help="retrieval, clip (evaluator); fid, kid, pr (Inception)."
     ),
     evaluator: Path = typer.Option(None, help="Evaluator folder (default: the bundled one)."),
     n: int = typer.Option(0, min=0, help="Held-out prompts to use (0 = all)."),
+    size: int = typer.Option(
+        0, min=0, max=1024, help="Score at size²: drawn images Lanczos-resized (0 = model's)."
+    ),
     seed: int = typer.Option(
         0, min=0, max=2**63 - 1, help="Seed of the first image; the next ones count up."
     ),
     batch_size: int = typer.Option(64, min=1, help="Images generated per batch."),
     out: Path = typer.Option(Path("runs/eval"), "-o", "--out", help="Report folder."),
     baseline: str = typer.Option(
-        "emoji",
-        help="Video models: the image model that draws each frame independently as the "
-        "baseline ('' = none).",
+        "emoji", help="Video models: the image model drawing each frame alone ('' = none)."
     ),
     device: DeviceName = "auto",
     dtype: DtypeName = "auto",
@@ -1298,7 +1297,7 @@ def eval_(
             return _eval_audio(pipe, evaluator, n, seed, batch_size, out)
         if pipe.family.name == "destatic-tokens":
             step_settings, guide_settings = _token_settings(pipe, counts, guidance, scales)
-        reference = reference_set(data, pipe.default_size, data_path, n=n, seed=seed)
+        reference = reference_set(data, size or pipe.default_size, data_path, n=n, seed=seed)
         scorer = load_evaluator(evaluator) if {"retrieval", "clip"} & set(wanted) else None
         common = dict(evaluator=scorer, metrics=wanted, seed=seed, batch_size=batch_size)
         real, by_steps, by_guidance = _sweeps(
@@ -1311,6 +1310,7 @@ def eval_(
         "data": data,
         "n": len(reference.prompts),
         "seed": seed,
+        "size": reference.images.shape[1],
         "evaluator": str(evaluator or destatic.DEFAULT_EVALUATOR) if scorer else None,
     }
     _write_eval_report(real, by_steps, by_guidance, out, meta)
@@ -1324,7 +1324,8 @@ def _sweeps(pipe, step_settings, guide_settings, reference, common: dict):
 
     wanted = common["metrics"]
     inception = InceptionFeatures() if {"fid", "kid", "pr"} & set(wanted) else None
-    common = {**common, "inception": inception, "flops": True}
+    # the reference has the asked size (--size): images drawn at another are resized to it
+    common = {**common, "inception": inception, "flops": True, "resize": True}
     real, by_steps = evaluate(pipe, step_settings, reference, **common)
     if not guide_settings:
         return real, by_steps, []

@@ -33,6 +33,7 @@ from torch import nn
 
 from destatic.models.attention import Attention, FeedForward
 from destatic.models.config import JsonConfig, check_positive
+from destatic.models.layers import LayerNorm
 from destatic.models.unet import UNet2DCondition, UNetConfig
 
 __all__ = [
@@ -90,11 +91,11 @@ class TemporalBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, max_frames: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, dim // heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim // heads)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
         self.pos_embed = FramePositions(dim, max_frames)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from destatic.models.layers import GroupNorm
+from destatic.models.layers import GroupNorm, LayerNorm
 from destatic.models.sdpa import scaled_dot_product_attention
 
 # ----------------------------------------------------------------------------------------------
@@ -151,11 +151,11 @@ class BasicTransformerBlock(nn.Module):
         upcast: bool = False,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim, None, dropout, upcast)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, head_dim, context_dim, dropout, upcast)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from destatic.models.config import JsonConfig, check_positive, check_sample_size
-from destatic.models.layers import TimestepEmbedding, timestep_embedding
+from destatic.models.layers import LayerNorm, TimestepEmbedding, timestep_embedding
 from destatic.models.mmdit import (
     AdaLayerNormZero,
     FeedForward,
@@ -260,7 +260,7 @@ class DiTBlock(nn.Module):
         d = cfg.hidden_size
         self.norm1 = AdaLayerNormZeroLabel(d, cfg.num_classes)
         self.attn1 = JointAttention(d, cfg.num_attention_heads, None, True, joint=False)
-        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
+        self.norm3 = LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.ff = FeedForward(d)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -280,7 +280,7 @@ class DiT(nn.Module):
         self.pos_embed = PatchEmbed(cfg.in_channels, d, p, cfg.sample_size)
         self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         # final layer: adaLN (shift, scale; no gate) → per-patch linear
-        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm_out = LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(d, 2 * d)
         self.proj_out_2 = nn.Linear(d, p * p * cfg.out_channels)
         self.initialize_weights()

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from destatic.models.config import JsonConfig, check_positive
-from destatic.models.layers import TimestepEmbedding, timestep_embedding
+from destatic.models.layers import LayerNorm, TimestepEmbedding, timestep_embedding
 from destatic.models.mmdit import AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, modulate
 from destatic.models.sdpa import scaled_dot_product_attention
 
@@ -263,9 +263,9 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm1_context = AdaLayerNormZero(dim), AdaLayerNormZero(dim)
         self.attn = FluxAttention(dim, heads, joint=True)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim)
-        self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2_context = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff_context = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor, rotary: tuple):
@@ -288,7 +288,7 @@ class AdaLayerNormZeroSingle(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, 3 * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shift, scale, gate = self.linear(F.silu(c)).chunk(3, 1)

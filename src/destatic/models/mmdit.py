@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from destatic.models.config import JsonConfig, check_positive, check_sample_size
-from destatic.models.layers import TimestepEmbedding, timestep_embedding
+from destatic.models.layers import LayerNorm, TimestepEmbedding, timestep_embedding
 from destatic.models.sdpa import scaled_dot_product_attention
 
 __all__ = [
@@ -221,7 +221,7 @@ class AdaLayerNormZero(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, 6 * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor):
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.linear(F.silu(c)).chunk(6, 1)
@@ -235,7 +235,7 @@ class AdaLayerNormZeroX(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, 9 * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor):
         *six, shift2, scale2, gate2 = self.linear(F.silu(c)).chunk(9, 1)
@@ -251,7 +251,7 @@ class AdaLayerNormContinuous(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(F.silu(c).to(x.dtype)).chunk(2, 1)  # note: scale first
@@ -407,10 +407,10 @@ class JointBlock(nn.Module):
         self.norm1_context = AdaLayerNormContinuous(d) if pre_only else AdaLayerNormZero(d)
         self.attn = JointAttention(d, heads, cfg.qk_norm, pre_only)
         self.attn2 = JointAttention(d, heads, cfg.qk_norm, True, joint=False) if dual else None
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(d)
         if not pre_only:
-            self.norm2_context = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+            self.norm2_context = LayerNorm(d, elementwise_affine=False, eps=1e-6)
             self.ff_context = FeedForward(d)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor):

@@ -41,7 +41,7 @@ from torch import nn
 
 from destatic.models.config import JsonConfig, check_positive, check_sample_size
 from destatic.models.dit import FREQ_DIM, IGNORED, PatchEmbed
-from destatic.models.layers import TimestepEmbedding, timestep_embedding
+from destatic.models.layers import LayerNorm, TimestepEmbedding, timestep_embedding
 from destatic.models.mmdit import FeedForward, JointAttention, unpatchify
 from destatic.models.sdpa import scaled_dot_product_attention
 
@@ -246,10 +246,10 @@ class PixArtBlock(nn.Module):
     def __init__(self, cfg: PixArtConfig):
         super().__init__()
         d, heads = cfg.hidden_size, cfg.num_attention_heads
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
+        self.norm1 = LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.attn1 = JointAttention(d, heads, None, True, joint=False)
         self.attn2 = CrossAttention(d, cfg.cross_attention_dim, heads)
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
+        self.norm2 = LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.ff = FeedForward(d)
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
 
@@ -273,7 +273,7 @@ class PixArt(nn.Module):
         scale = float(cfg.interpolation_scale)
         self.pos_embed = PatchEmbed(cfg.in_channels, d, p, cfg.sample_size, scale)
         self.transformer_blocks = nn.ModuleList([PixArtBlock(cfg) for _ in range(cfg.num_layers)])
-        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm_out = LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
         self.proj_out = nn.Linear(d, p * p * cfg.out_channels)
         self.adaln_single = AdaLayerNormSingle(d, bool(cfg.use_additional_conditions))

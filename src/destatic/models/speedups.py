@@ -11,7 +11,8 @@ does (bit-identical in eager fp32). The levers, measured in ``benchmarks/models.
   weights changed afterwards: the compiled graph keeps the weights it saw.
 - ``channels_last`` memory format for the convolutions of the U-Net / autoencoder.
 
-:func:`optimize` bundles the first three.
+:func:`optimize` bundles the first three. For training, :func:`compile_blocks` compiles a network
+block by block (``[train] compile = true``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["fuse_projections", "optimize", "preferred_layout", "set_layout", "unfuse_projections"]
+__all__ = [
+    "compile_blocks",
+    "fuse_projections",
+    "optimize",
+    "preferred_layout",
+    "set_layout",
+    "unfuse_projections",
+]
 
 
 def preferred_layout(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
@@ -39,6 +47,40 @@ def set_layout(model: nn.Module, layout: torch.memory_format) -> nn.Module:
     if any(p.dim() > 4 for p in model.parameters()):
         return model
     return model.to(memory_format=layout)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The items of the outermost module lists named ``*blocks`` and the outermost modules named
+    ``*_block`` (a U-Net's down, mid and up blocks, a transformer's blocks, wherever a wrapper
+    such as peft puts them): the units that FSDP gathers one at a time and that
+    :func:`compile_blocks` compiles."""
+    found: list[nn.Module] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(t + ".") for t in taken):
+            continue
+        if isinstance(module, nn.ModuleList) and name.endswith("blocks"):
+            found.extend(module)
+            taken.append(name)
+        elif name.endswith("_block"):
+            found.append(module)
+            taken.append(name)
+    return found
+
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """``torch.compile`` each of :func:`blocks` in place (regional compilation; weights and
+    state-dict keys unchanged), with static shapes.
+
+    Why not the whole network as one graph: under bf16 autocast on the CPU (torch 2.13,
+    inductor), the bundled U-Net compiled whole gets zero gradients for 280 of its 326
+    parameters — everything behind its first cross-attention block — while the ``aot_eager``
+    backend and the same blocks compiled one by one match eager's gradients. Block by block also
+    compiles in half the time (52 s against 110 for the bundled U-Net on 2 CPU threads), and the
+    identical layers of a deep transformer share one compiled graph."""
+    for block in blocks(model) or [model]:  # a model without blocks compiles whole
+        block.compile(dynamic=False)
+    return model
 
 
 def _fusable(model: nn.Module) -> list[nn.Module]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from destatic.models.config import JsonConfig, check_positive
+from destatic.models.layers import LayerNorm
 from destatic.models.sdpa import scaled_dot_product_attention
 
 __all__ = [
@@ -190,13 +191,13 @@ class StableAudioBlock(nn.Module):
         super().__init__()
         dim, heads = config.hidden_size, config.num_attention_heads
         head_dim = config.attention_head_dim
-        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.norm1 = LayerNorm(dim, eps=NORM_EPS)
         self.attn1 = GroupedQueryAttention(dim, heads, head_dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.norm2 = LayerNorm(dim, eps=NORM_EPS)
         self.attn2 = GroupedQueryAttention(
             dim, heads, head_dim, config.num_key_value_attention_heads, config.cross_attention_dim
         )
-        self.norm3 = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.norm3 = LayerNorm(dim, eps=NORM_EPS)
         self.ff = nn.Module()
         self.ff.net = nn.Sequential(SwiGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from destatic.models.config import JsonConfig, check_positive, check_sample_size
 from destatic.models.flux import apply_rope, rope
+from destatic.models.layers import LayerNorm
 from destatic.models.mmdit import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -251,9 +252,9 @@ class VideoDiTBlock(nn.Module):
         if cfg.attention == "factorised":
             self.norm_t = nn.Linear(d, 3 * d)  # shift, scale, gate of the temporal attention
             self.attn_t = RotaryAttention(d, heads)
-        self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+        self.norm_cross = LayerNorm(d, eps=1e-6)
         self.cross = CrossAttention(d, cfg.context_dim, heads)
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(d, cfg.mlp_ratio)
 
     def forward(

@@ -174,6 +174,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch (0: torch's default)
     parallel: str = "ddp"  # under torchrun: ddp (whole model per process) | fsdp (sharded)
+    compile: bool = False  # torch.compile the network (a one-time compile of 1–2 minutes)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from destatic.models.speedups import blocks
+
 __all__ = [
     "World",
     "full_model_state",
@@ -114,27 +116,16 @@ def parallelize(model: nn.Module, world: World, device: torch.device, parallel: 
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The items of the outermost module lists named ``*blocks`` (one gather/free unit each)."""
-    found: list[nn.Module] = []
-    taken: list[str] = []
-    for name, module in model.named_modules():
-        inside = any(name.startswith(t + ".") for t in taken)
-        if not inside and isinstance(module, nn.ModuleList) and name.endswith("blocks"):
-            found.extend(module)
-            taken.append(name)
-    return found
-
-
 def shard(model: nn.Module, world: World, device: torch.device) -> None:
-    """FSDP2 in place: each block of :func:`_blocks`, then ``model`` itself (the parameters
-    outside blocks), over a 1-D mesh of all processes. Parameters become DTensors sharded along
-    dim 0; the same call on a copy of ``model`` (the EMA) shards it the same way."""
+    """FSDP2 in place: each block of :func:`~destatic.models.speedups.blocks`, then ``model``
+    itself (the parameters outside blocks), over a 1-D mesh of all processes. Parameters become
+    DTensors sharded along dim 0; the same call on a copy of ``model`` (the EMA) shards it the
+    same way."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world.size,))
-    for block in _blocks(model):
+    for block in blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 

@@ -9,9 +9,12 @@ global batch from one generator. Process ``r`` of ``W`` then trains on its ``1/W
 whole into the checkpoints: :mod:`destatic.training.distributed`). One process with the same
 global batch therefore computes the same update, up to float summation order.
 
-Per step: AdamW with warm-up and an optional cosine/linear decay (``LambdaLR``), gradient
-clipping, an EMA of the weights (``torch.optim.swa_utils.AveragedModel`` with the usual warm-up
-``min(decay, (1+n)/(10+n))``), autocast where it pays (bf16 on GPUs that support it). A loss or
+Per step: AdamW (torch's fused kernel in one process) with warm-up and an optional
+cosine/linear decay (``LambdaLR``), gradient clipping, an EMA of the weights
+(``torch.optim.swa_utils.AveragedModel``, one foreach ``lerp_`` with the usual warm-up
+``min(decay, (1+n)/(10+n))``), autocast where it pays (bf16 on GPUs that support it and on CPUs
+with bf16 matrix units), and with ``compile = true`` the network compiled block by block
+(:func:`~destatic.models.speedups.compile_blocks`). A loss or
 gradient that is NaN/inf skips the update with a warning; ``max_bad_steps`` in a row stop the
 run with an error naming the last good checkpoint. A checkpoint is never written from weights
 that are not finite.
@@ -51,6 +54,7 @@ from destatic.io import (
     write_atomic,
     write_error_reason,
 )
+from destatic.models.speedups import compile_blocks, preferred_layout, set_layout
 from destatic.pipelines.devices import pick_dtype
 from destatic.training.config import Config, ConfigError
 from destatic.training.distributed import (
@@ -132,11 +136,32 @@ def _lr_lambda(cfg: Config):
 
 
 def _ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    def avg(ema_param: torch.Tensor, param: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + int(n)) / (10 + int(n)))
-        return d * ema_param + (1 - d) * param
+    """``AveragedModel`` with ``ema ← ema + (1 - d)(θ - ema)``, ``d = min(decay, (1+n)/(10+n))``,
+    one foreach ``lerp_`` per device and dtype (floating tensors; an integer buffer is copied)."""
 
-    return torch.optim.swa_utils.AveragedModel(model, avg_fn=avg, use_buffers=True)
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
+def _moments_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give restored optimizer state its parameter's memory layout. A checkpoint stores
+    contiguous tensors; fused AdamW on the CPU (torch 2.13) walks a channels_last parameter and
+    a contiguous moment as if they had one layout, pairing the wrong elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if (
+                    torch.is_tensor(value)
+                    and value.shape == p.shape
+                    and value.stride() != p.stride()
+                ):
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def _finite(module: nn.Module) -> bool:
@@ -260,9 +285,14 @@ class _Run:
         self.ckpt_dir = self.out / "checkpoints"
         model = task.trainable.to(device)
         model.train()
+        self.amp = _autocast_dtype(cfg.train.precision, device)
+        if cfg.train.compile:  # oneDNN's bf16 layout pays once inductor fuses around it
+            set_layout(model, preferred_layout(device, self.amp or torch.float32))
         self.trainable = model
         o = cfg.optim
         self.ema = _ema(model, o.ema_decay) if o.ema_decay > 0 else None
+        if cfg.train.compile:  # block by block (models.speedups.compile_blocks says why)
+            compile_blocks(model)  # after the EMA copy: the averaged model samples eagerly
         # fsdp: parameters, moments and EMA sharded over processes; the whole averaged module
         # exists on rank 0 only while it is exported or sampled (``gathered``)
         self.sharded = world.size > 1 and cfg.train.parallel == "fsdp"
@@ -272,12 +302,18 @@ class _Run:
         if self.sharded and self.ema is not None:
             shard(self.ema.module, world, device)  # cut like the trainable: a local update
         params = [p for p in model.parameters() if p.requires_grad]
+        # one fused kernel for the whole update where torch has it (not over DTensor shards)
+        fused = not self.sharded and device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            params,
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            fused=fused or None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.amp = _autocast_dtype(cfg.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.step = 0
         self.bad = 0
@@ -364,6 +400,7 @@ class _Run:
         if not self.sharded:
             self.trainable.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            _moments_like_params(self.optimizer)
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
             return

@@ -1,0 +1,394 @@
+"""Time to quality: held-out quality against seconds per image for the bundled emoji model,
+destatic's samplers against diffusers' schedulers driving the same network (issue 19, goal 4).
+
+    python benchmarks/time_to_quality.py                        # 376 prompts, 4/6/8/12 steps
+    python benchmarks/time_to_quality.py --n 64 --steps 8       # a quick run
+    python benchmarks/time_to_quality.py --threads 1 --steps 8,4,6,12
+
+The bundled model (``destatic.load()``: pixel-space 32² U-Net, rectified flow, MiniLM) draws
+one image per held-out emoji prompt (seeds ``seed + i``, as ``destatic eval`` does, so rows
+compare with BENCHMARKS.md's eval figures) at guidance 3, in bf16 (``--dtype auto`` on a CPU
+with bf16 matrix units), with:
+
+* destatic: ``euler``, ``dpmpp_2m`` and ``uni_pc`` on the model's own grid (sgm_uniform), and
+  ``dpmpp_2m`` in fp32 at 8 steps as a precision check;
+* diffusers, the loop a diffusers user writes from the components (as generation.py's
+  ``emoji_sides``; there is no stock pipeline for this model): ``UNet2DConditionModel`` on the
+  bundled ``unet`` folder, the same MiniLM encoder, the same initial noise and classifier-free
+  guidance, driven by ``FlowMatchEulerDiscreteScheduler`` (the model's own scheduler config),
+  and ``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` configured for flow
+  matching (``prediction_type="flow_prediction"``, ``use_flow_sigmas=True``, ``flow_shift`` =
+  the config's ``shift``), each on its own default grid; bf16 weights, bf16 latents and
+  channels_last (diffusers' documented speed advice), and ``DPMSolverMultistep`` in fp32 at 8
+  steps beside destatic's fp32 check.
+
+Each row: FID (Inception, against the real held-out images) and top-1 prompt retrieval (the
+bundled evaluator) of the n images; network calls per image (NFE, a guided cond + uncond pair
+counts once); seconds per image at batch 64 (the whole generation of the n images: prompt
+encoding, sampling, decoding) and at batch 1 (median of 5 single-prompt generations after one
+warm-up). Before the sweep, a parity check draws a small batch with each diffusers scheduler in
+fp32 and with destatic's matching sampler on that scheduler's grid: the Euler pixels must match
+(generation.py's check), and DPM++ 2M and UniPC are compared as well, with the network fed the
+scheduler's integer timesteps and fed t·1000 exactly. Results go to
+benchmarks/results/time_to_quality.json (rewritten after every row, so a stopped run keeps its
+rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generation import PROMPT, emoji_sides, pixels
+
+import destatic
+from destatic.pipelines.devices import cpu_description, pick_dtype
+from destatic.sampling.noise import generators, randn
+
+SAMPLERS = ("euler", "dpmpp_2m", "uni_pc")
+# diffusers scheduler → destatic's sampler of the same method (for the parity check)
+SCHEDULERS = {
+    "FlowMatchEulerDiscrete": "euler",
+    "DPMSolverMultistep": "dpmpp_2m",
+    "UniPCMultistep": "uni_pc",
+}
+CHECK_STEPS = 8  # the fp32 rows
+BATCH = 64
+SINGLE_REPS = 5
+RESULTS = Path(__file__).parent / "results" / "time_to_quality.json"
+
+
+@functools.cache
+def bundled():
+    """The bundled pipeline in fp32, read for its process, grid and text length only."""
+    return destatic.load()
+
+
+def flow_scheduler(name: str):
+    """A fresh diffusers scheduler for the bundled model: the stored FlowMatchEuler config, or
+    DPM-Solver++ / UniPC built from it for flow matching (diffusers' flow options)."""
+    import diffusers
+
+    folder = destatic.DEFAULT_MODEL / "scheduler"
+    base = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder)
+    if name == "FlowMatchEulerDiscrete":
+        return base
+    cls = getattr(diffusers, f"{name}Scheduler")
+    return cls.from_config(
+        base.config,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=base.config.shift,
+    )
+
+
+def destatic_grid(scheduler) -> torch.Tensor:
+    """A diffusers flow scheduler's σ_t (after set_timesteps) as destatic's σ = t/(1-t) grid."""
+    s = scheduler.sigmas.to(torch.float64)
+    grid = torch.cat([s[:-1] / (1 - s[:-1]), torch.zeros(1, dtype=torch.float64)])
+    if s[0] == 1:
+        grid[0] = math.inf
+    return grid
+
+
+class DiffusersLoop:
+    """The bundled network driven by any diffusers scheduler, as a diffusers user writes it:
+    ``UNet2DConditionModel`` and the MiniLM encoder from transformers in ``dtype`` (bf16 with
+    channels_last), latents in ``dtype``, classifier-free guidance on one cond + uncond batch.
+    generation.py's ``emoji_sides`` runs the same loop with the FlowMatchEuler scheduler."""
+
+    def __init__(self, dtype: torch.dtype):
+        from diffusers import UNet2DConditionModel
+        from transformers import AutoModel, AutoTokenizer
+
+        from destatic.models.text import _minilm_dir
+
+        folder = destatic.DEFAULT_MODEL
+        self.dtype = dtype
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+        self.unet.eval()
+        minilm = _minilm_dir()
+        self.text = AutoModel.from_pretrained(minilm, local_files_only=True).eval().to(dtype)
+        if dtype != torch.float32:  # what diffusers' docs advise for speed
+            self.unet.to(memory_format=torch.channels_last)
+        self.tokenizer = AutoTokenizer.from_pretrained(minilm, local_files_only=True)
+        self.max_length = bundled().text_encoder.max_length
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        noise: torch.Tensor,
+        scheduler,
+        steps: int,
+        guidance: float,
+        exact_t: bool = False,
+    ) -> torch.Tensor:
+        """Images [B, 3, 32, 32] in [0, 1] (float32) from unit ``noise``; ``exact_t`` feeds
+        the network σ_t·1000 rather than the scheduler's (integer-rounded) timesteps."""
+        batch = len(prompts)
+        tokens = self.tokenizer(
+            [*prompts, *[""] * batch],
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ctx = self.text(**tokens).last_hidden_state
+        scheduler.set_timesteps(steps)
+        latents = noise.to(self.dtype)
+        for i, t in enumerate(scheduler.timesteps):
+            t_in = scheduler.sigmas[i] * scheduler.config.num_train_timesteps if exact_t else t
+            out = self.unet(torch.cat([latents] * 2), t_in, encoder_hidden_states=ctx).sample
+            cond, uncond = out.chunk(2)
+            guided = uncond + guidance * (cond - uncond)
+            latents = scheduler.step(guided, t, latents).prev_sample
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+
+def uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def parity(batch: int = 8, steps: int = CHECK_STEPS) -> list[dict]:
+    """Max and mean pixel differences (0-255) in fp32 on ``batch`` images of generation.py's
+    prompt and noise: :class:`DiffusersLoop` with each scheduler against destatic's matching
+    sampler on that scheduler's grid, and the Euler loop against ``emoji_sides``' own."""
+    sides = emoji_sides(batch, steps, ("euler", steps))
+    theirs = sides["diffusers fp32"]()  # uint8
+    noise = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loop = DiffusersLoop(torch.float32)
+    pipe = destatic.load()
+    prompts = [PROMPT] * batch
+    rows = []
+
+    def diff(name: str, a: np.ndarray, b: np.ndarray) -> None:
+        d = np.abs(pixels(a) - pixels(b))
+        rows.append({"check": name, "max": float(d.max()), "mean": float(d.mean())})
+        print(f"  parity: {name}: max Δ {d.max():.0f}, mean Δ {d.mean():.3f}", flush=True)
+
+    for name, sampler in SCHEDULERS.items():
+        scheduler = flow_scheduler(name)
+        mine = uint8(loop(prompts, noise, scheduler, steps, 3.0))
+        exact = uint8(loop(prompts, noise, scheduler, steps, 3.0, exact_t=True))
+        grid = destatic_grid(scheduler)
+        ours = uint8(
+            pipe.generate(
+                prompts, steps=steps, sampler=sampler, guidance=3.0, noise=noise, sigmas=grid
+            )
+        )
+        if name == "FlowMatchEulerDiscrete":
+            diff("diffusers Euler loop here vs emoji_sides' loop", mine, theirs)
+        diff(f"diffusers {name} vs destatic {sampler} on its grid", mine, ours)
+        diff(f"diffusers {name} (network fed t·1000 exactly) vs destatic {sampler}", exact, ours)
+    return rows
+
+
+@dataclass
+class Row:
+    library: str
+    scheduler: str
+    steps: int
+    dtype: str
+    grid: str
+    nfe: int
+    n: int
+    fid: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+    seconds: float = 0.0  # generation of the n images at batch 64
+    s_per_image_b64: float = 0.0
+    s_per_image_b1: float = 0.0
+    cpu_s_per_image_b64: float = 0.0  # process CPU time
+    cpu_s_per_image_b1: float = 0.0
+    t_grid: list[float] | None = None  # the flow times t = σ/(1+σ) of the steps, 0 last
+
+    def cells(self) -> list[str]:
+        return [
+            self.library,
+            self.scheduler,
+            self.dtype,
+            self.grid,
+            str(self.steps),
+            str(self.nfe),
+            f"{self.fid:.1f}",
+            f"{100 * self.top1:.1f}",
+            f"{self.s_per_image_b64:.4f}",
+            f"{self.s_per_image_b1:.4f}",
+            f"{self.cpu_s_per_image_b64:.4f}",
+            f"{self.cpu_s_per_image_b1:.4f}",
+        ]
+
+
+HEAD = [
+    "library",
+    "sampler / scheduler",
+    "dtype",
+    "grid",
+    "steps",
+    "NFE",
+    "FID",
+    "top-1 %",
+    "s/image batch 64",
+    "s/image batch 1",
+    "CPU s/image batch 64",
+    "CPU s/image batch 1",
+]
+
+
+def table(rows: Sequence[Row]) -> str:
+    order = {name: i for i, name in enumerate([*SAMPLERS, *SCHEDULERS])}
+    rows = sorted(rows, key=lambda r: (r.library, order[r.scheduler], r.dtype, r.steps))
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * 4 + "---:|" * (len(HEAD) - 4)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def flow_times(library: str, name: str, steps: int, grid: str) -> list[float]:
+    """The grid a row runs on as flow times t (1: pure noise, 0: the image)."""
+    if library == "destatic":
+        from destatic.sampling.grids import make_sigmas
+
+        sigmas = make_sigmas(grid, steps, process=bundled().process).to(torch.float64)
+        t = torch.where(sigmas.isinf(), torch.ones_like(sigmas), sigmas / (1 + sigmas))
+    else:
+        scheduler = flow_scheduler(name)
+        scheduler.set_timesteps(steps)
+        t = scheduler.sigmas.to(torch.float64)
+    return [round(float(v), 6) for v in t]
+
+
+def drawer(library: str, name: str, dtype: torch.dtype, pipes: dict, loops: dict) -> Callable:
+    """``draw(prompts, seeds, steps)`` → float images [B, 3, 32, 32] in [0, 1] for one row."""
+    if library == "destatic":
+        pipe = pipes[dtype]
+
+        def draw(prompts, seeds, steps):
+            return pipe.generate(prompts, sampler=name, steps=steps, guidance=3.0, seed=seeds)
+
+        return draw
+    loop = loops[dtype]
+
+    def draw(prompts, seeds, steps):
+        noise = randn((len(prompts), 3, 32, 32), generators(seeds))
+        return loop(prompts, noise, flow_scheduler(name), steps, 3.0)
+
+    return draw
+
+
+def measure(draw: Callable, prompts: list[str], steps: int, seed: int) -> tuple:
+    """(float images of all prompts at batch 64, their wall and CPU seconds, median wall and CPU
+    seconds of a 1-prompt call). CPU time (the process's) is less swayed by other work on a
+    shared machine than wall time."""
+    draw(prompts[:1], [seed], steps)  # warm-up
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = []
+    for lo in range(0, len(prompts), BATCH):
+        hi = min(len(prompts), lo + BATCH)
+        images.append(draw(prompts[lo:hi], list(range(seed + lo, seed + hi)), steps).float())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    single, single_cpu = [], []
+    for i in range(SINGLE_REPS):
+        t, c = time.perf_counter(), time.process_time()
+        draw(prompts[i : i + 1], [seed + i], steps)
+        single.append(time.perf_counter() - t)
+        single_cpu.append(time.process_time() - c)
+    return (
+        torch.cat(images),
+        wall,
+        cpu,
+        statistics.median(single),
+        statistics.median(single_cpu),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=0, help="held-out prompts (0: all 376)")
+    parser.add_argument("--steps", default="4,6,8,12", help="comma-separated step counts")
+    parser.add_argument("--dtype", default="auto", help="the sweep's precision (auto: bf16 here)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-parity", action="store_true", help="skip the pixel parity check")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import diffusers
+
+    from destatic.metrics.evaluator import load_evaluator
+    from destatic.metrics.inception import InceptionFeatures
+    from destatic.metrics.sweep import reference_set, score_images
+    from destatic.sampling import sampler_info
+
+    dtype = pick_dtype(args.dtype, torch.device("cpu"))
+    fp32 = torch.float32
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", fp32: "fp32"}
+    steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
+    machine = f"{cpu_description()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+    print(f"# time to quality, bundled emoji model, guidance 3; {machine}\n", flush=True)
+    checks = [] if args.no_parity else parity()
+
+    reference = reference_set("emoji", 32, n=args.n, seed=args.seed)
+    prompts = reference.prompts
+    evaluator, inception = load_evaluator(), InceptionFeatures()
+    default_grid = bundled().sampling_defaults.get("grid") or "default"
+    pipes = {d: destatic.load().to(dtype=d) for d in {dtype, fp32}}
+    loops = {d: DiffusersLoop(d) for d in {dtype, fp32}}
+
+    plan = []  # (library, sampler or scheduler, dtype, steps)
+    for steps in steps_list:
+        plan += [("destatic", s, dtype, steps) for s in SAMPLERS]
+        plan += [("diffusers", s, dtype, steps) for s in SCHEDULERS]
+        if steps == CHECK_STEPS and dtype != fp32:
+            plan += [("destatic", "dpmpp_2m", fp32, steps)]
+            plan += [("diffusers", "DPMSolverMultistep", fp32, steps)]
+    rows: list[Row] = []
+    for library, name, d, steps in plan:
+        draw = drawer(library, name, d, pipes, loops)
+        images, seconds, cpu, single, single_cpu = measure(draw, prompts, steps, args.seed)
+        scores = score_images(
+            images,
+            reference,
+            evaluator=evaluator,
+            inception=inception,
+            metrics=["retrieval", "fid"],
+        )
+        nfe = sampler_info(name).nfe(steps) if library == "destatic" else steps
+        grid = default_grid if library == "destatic" else "its default"
+        row = Row(library, name, steps, names[d], grid, nfe, len(prompts))
+        row.t_grid = flow_times(library, name, steps, default_grid)
+        row.fid, row.top1, row.top5 = scores.fid, scores.top1, scores.top5
+        row.seconds, row.s_per_image_b64 = seconds, seconds / len(prompts)
+        row.s_per_image_b1, row.cpu_s_per_image_b1 = single, single_cpu
+        row.cpu_s_per_image_b64 = cpu / len(prompts)
+        rows.append(row)
+        print("| " + " | ".join(row.cells()) + " |", flush=True)
+        payload = {
+            "machine": machine,
+            "threads": args.threads,
+            "n": len(prompts),
+            "seed": args.seed,
+            "guidance": 3.0,
+            "parity": checks,
+            "rows": [asdict(r) for r in rows],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    print(f"\n{machine}; n = {len(prompts)} held-out prompts, seed {args.seed}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
