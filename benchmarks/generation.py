@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,20 +68,87 @@ def pixels(images) -> np.ndarray:
     return images.astype(float) if images.dtype == np.uint8 else (images * 255).round()
 
 
+def destatic_grid(scheduler) -> torch.Tensor:
+    """A diffusers flow scheduler's σ_t (after set_timesteps) as destatic's σ = t/(1-t) grid."""
+    s = scheduler.sigmas.to(torch.float64)
+    grid = torch.cat([s[:-1] / (1 - s[:-1]), torch.zeros(1, dtype=torch.float64)])
+    if s[0] == 1:
+        grid[0] = math.inf
+    return grid
+
+
+class DiffusersLoop:
+    """The bundled network driven by any diffusers scheduler, as a diffusers user writes it:
+    ``UNet2DConditionModel`` and the MiniLM encoder from transformers in ``dtype`` (bf16 with
+    channels_last), latents in ``dtype``, classifier-free guidance on one cond + uncond batch.
+    :func:`emoji_sides` runs it with the model's FlowMatchEuler scheduler, time_to_quality.py
+    with DPM-Solver++ and UniPC too."""
+
+    def __init__(self, dtype: torch.dtype):
+        from diffusers import UNet2DConditionModel
+        from transformers import AutoModel, AutoTokenizer
+
+        from destatic.models.text import _minilm_dir
+
+        folder = destatic.DEFAULT_MODEL
+        self.dtype = dtype
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+        self.unet.eval()
+        minilm = _minilm_dir()
+        self.text = AutoModel.from_pretrained(minilm, local_files_only=True).eval().to(dtype)
+        if dtype != torch.float32:  # what diffusers' docs advise for speed
+            self.unet.to(memory_format=torch.channels_last)
+        self.tokenizer = AutoTokenizer.from_pretrained(minilm, local_files_only=True)
+        self.max_length = destatic.load().text_encoder.max_length
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        noise: torch.Tensor,
+        scheduler,
+        steps: int,
+        guidance: float,
+        exact_t: bool = False,
+    ) -> torch.Tensor:
+        """Images [B, 3, 32, 32] in [0, 1] (float32) from unit ``noise``; ``exact_t`` feeds
+        the network σ_t·1000 rather than the scheduler's (integer-rounded) timesteps."""
+        batch = len(prompts)
+        tokens = self.tokenizer(
+            [*prompts, *[""] * batch],
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ctx = self.text(**tokens).last_hidden_state
+        scheduler.set_timesteps(steps)
+        latents = noise.to(self.dtype)
+        for i, t in enumerate(scheduler.timesteps):
+            t_in = scheduler.sigmas[i] * scheduler.config.num_train_timesteps if exact_t else t
+            out = self.unet(torch.cat([latents] * 2), t_in, encoder_hidden_states=ctx).sample
+            cond, uncond = out.chunk(2)
+            guided = uncond + guidance * (cond - uncond)
+            latents = scheduler.step(guided, t, latents).prev_sample
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+
+def uint8(images: torch.Tensor) -> np.ndarray:
+    """Images [B, 3, H, W] in [0, 1] → uint8 [B, H, W, 3], rounded as a saved PNG is."""
+    return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
 def emoji_sides(batch: int, steps: int, fast: tuple[str, int]) -> dict[str, Callable]:
     """The bundled model's sides, each returning uint8 arrays: destatic in fp32 and bf16 on the
     scheduler's grid, destatic bf16 with the ``fast`` (sampler, steps) on its own grid, and the
     loop a diffusers user writes from the components, in fp32 and in bf16 + channels_last."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import AutoModel, AutoTokenizer
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from destatic.models.text import _minilm_dir
-
-    folder = destatic.DEFAULT_MODEL
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        destatic.DEFAULT_MODEL / "scheduler"
+    )
     scheduler.set_timesteps(steps)
-    sigmas = torch.cat([scheduler.sigmas[:-1] / (1 - scheduler.sigmas[:-1]), torch.zeros(1)])
-    sigmas[0] = float("inf") if scheduler.sigmas[0] == 1 else sigmas[0]
+    sigmas = destatic_grid(scheduler)
     noise = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
     def ours(dtype: str, sampler: str = "euler", n: int = steps, grid=sigmas) -> Callable:
@@ -95,33 +163,8 @@ def emoji_sides(batch: int, steps: int, fast: tuple[str, int]) -> dict[str, Call
         return run
 
     def theirs(dtype: torch.dtype) -> Callable:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
-        text = AutoModel.from_pretrained(_minilm_dir(), local_files_only=True).eval().to(dtype)
-        if dtype != torch.float32:  # what diffusers' docs advise for speed
-            unet.to(memory_format=torch.channels_last)
-        tokenizer = AutoTokenizer.from_pretrained(_minilm_dir(), local_files_only=True)
-        max_length = destatic.load().text_encoder.max_length
-
-        @torch.no_grad()
-        def run() -> np.ndarray:
-            tokens = tokenizer(
-                [PROMPT] * batch + [""] * batch,
-                padding="max_length",
-                max_length=max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            ctx = text(**tokens).last_hidden_state
-            scheduler.set_timesteps(steps)
-            latents = noise.to(dtype)
-            for t in scheduler.timesteps:
-                out = unet(torch.cat([latents] * 2), t, encoder_hidden_states=ctx).sample
-                cond, uncond = out.chunk(2)
-                latents = scheduler.step(uncond + 3.0 * (cond - uncond), t, latents).prev_sample
-            images = (latents.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-            return (images * 255).round().to(torch.uint8).numpy()
-
-        return run
+        loop = DiffusersLoop(dtype)
+        return lambda: uint8(loop([PROMPT] * batch, noise, scheduler, steps, 3.0))
 
     sampler, n = fast
     return {

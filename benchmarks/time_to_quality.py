@@ -13,7 +13,7 @@ with bf16 matrix units), with:
 * destatic: ``euler``, ``dpmpp_2m`` and ``uni_pc`` on the model's own grid (sgm_uniform), and
   ``dpmpp_2m`` in fp32 at 8 steps as a precision check;
 * diffusers, the loop a diffusers user writes from the components (as generation.py's
-  ``emoji_sides``; there is no stock pipeline for this model): ``UNet2DConditionModel`` on the
+  ``DiffusersLoop``; there is no stock pipeline for this model): ``UNet2DConditionModel`` on the
   bundled ``unet`` folder, the same MiniLM encoder, the same initial noise and classifier-free
   guidance, driven by ``FlowMatchEulerDiscreteScheduler`` (the model's own scheduler config),
   and ``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` configured for flow
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation import PROMPT, emoji_sides, pixels
+from generation import PROMPT, DiffusersLoop, destatic_grid, pixels, uint8
 
 import destatic
 from destatic.pipelines.devices import cpu_description, pick_dtype
@@ -94,80 +93,10 @@ def flow_scheduler(name: str):
     )
 
 
-def destatic_grid(scheduler) -> torch.Tensor:
-    """A diffusers flow scheduler's σ_t (after set_timesteps) as destatic's σ = t/(1-t) grid."""
-    s = scheduler.sigmas.to(torch.float64)
-    grid = torch.cat([s[:-1] / (1 - s[:-1]), torch.zeros(1, dtype=torch.float64)])
-    if s[0] == 1:
-        grid[0] = math.inf
-    return grid
-
-
-class DiffusersLoop:
-    """The bundled network driven by any diffusers scheduler, as a diffusers user writes it:
-    ``UNet2DConditionModel`` and the MiniLM encoder from transformers in ``dtype`` (bf16 with
-    channels_last), latents in ``dtype``, classifier-free guidance on one cond + uncond batch.
-    generation.py's ``emoji_sides`` runs the same loop with the FlowMatchEuler scheduler."""
-
-    def __init__(self, dtype: torch.dtype):
-        from diffusers import UNet2DConditionModel
-        from transformers import AutoModel, AutoTokenizer
-
-        from destatic.models.text import _minilm_dir
-
-        folder = destatic.DEFAULT_MODEL
-        self.dtype = dtype
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
-        self.unet.eval()
-        minilm = _minilm_dir()
-        self.text = AutoModel.from_pretrained(minilm, local_files_only=True).eval().to(dtype)
-        if dtype != torch.float32:  # what diffusers' docs advise for speed
-            self.unet.to(memory_format=torch.channels_last)
-        self.tokenizer = AutoTokenizer.from_pretrained(minilm, local_files_only=True)
-        self.max_length = bundled().text_encoder.max_length
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompts: Sequence[str],
-        noise: torch.Tensor,
-        scheduler,
-        steps: int,
-        guidance: float,
-        exact_t: bool = False,
-    ) -> torch.Tensor:
-        """Images [B, 3, 32, 32] in [0, 1] (float32) from unit ``noise``; ``exact_t`` feeds
-        the network σ_t·1000 rather than the scheduler's (integer-rounded) timesteps."""
-        batch = len(prompts)
-        tokens = self.tokenizer(
-            [*prompts, *[""] * batch],
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        ctx = self.text(**tokens).last_hidden_state
-        scheduler.set_timesteps(steps)
-        latents = noise.to(self.dtype)
-        for i, t in enumerate(scheduler.timesteps):
-            t_in = scheduler.sigmas[i] * scheduler.config.num_train_timesteps if exact_t else t
-            out = self.unet(torch.cat([latents] * 2), t_in, encoder_hidden_states=ctx).sample
-            cond, uncond = out.chunk(2)
-            guided = uncond + guidance * (cond - uncond)
-            latents = scheduler.step(guided, t, latents).prev_sample
-        return (latents.float() / 2 + 0.5).clamp(0, 1)
-
-
-def uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-
-
 def parity(batch: int = 8, steps: int = CHECK_STEPS) -> list[dict]:
     """Max and mean pixel differences (0-255) in fp32 on ``batch`` images of generation.py's
     prompt and noise: :class:`DiffusersLoop` with each scheduler against destatic's matching
-    sampler on that scheduler's grid, and the Euler loop against ``emoji_sides``' own."""
-    sides = emoji_sides(batch, steps, ("euler", steps))
-    theirs = sides["diffusers fp32"]()  # uint8
+    sampler on that scheduler's grid."""
     noise = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     loop = DiffusersLoop(torch.float32)
     pipe = destatic.load()
@@ -189,8 +118,6 @@ def parity(batch: int = 8, steps: int = CHECK_STEPS) -> list[dict]:
                 prompts, steps=steps, sampler=sampler, guidance=3.0, noise=noise, sigmas=grid
             )
         )
-        if name == "FlowMatchEulerDiscrete":
-            diff("diffusers Euler loop here vs emoji_sides' loop", mine, theirs)
         diff(f"diffusers {name} vs destatic {sampler} on its grid", mine, ours)
         diff(f"diffusers {name} (network fed t·1000 exactly) vs destatic {sampler}", exact, ours)
     return rows

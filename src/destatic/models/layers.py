@@ -36,10 +36,10 @@ class GroupNorm(nn.GroupNorm):
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (Ba et al. 2016) computed in fp32 under autocast. CPU autocast leaves
     ``layer_norm`` in bf16, and ATen's bf16 backward sums the γ/β gradients in low precision:
-    65% off their fp32 values on a [64, 256, 64] batch, and the bundled U-Net's transformer
-    norms trained visibly worse (its 400-step loss 10% above fp32's under ``torch.compile``).
-    Outside autocast (fp32 training, half-precision inference) it is ``nn.LayerNorm`` exactly,
-    with the same parameters and state-dict keys."""
+    65% off their fp32 values on a [64, 256, 64] batch (``tests/test_cpu_precision.py``). With
+    this norm the bundled model's 400-step bf16 loss curve sits on fp32's (BENCHMARKS.md,
+    "Training"). Outside autocast (fp32 training, half-precision inference) it is
+    ``nn.LayerNorm`` exactly, with the same parameters and state-dict keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(x.device.type):

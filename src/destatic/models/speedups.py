@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "blocks",
     "compile_blocks",
     "fuse_projections",
     "optimize",

@@ -286,7 +286,7 @@ class _Run:
         model = task.trainable.to(device)
         model.train()
         self.amp = _autocast_dtype(cfg.train.precision, device)
-        if cfg.train.compile:  # oneDNN's bf16 layout pays once inductor fuses around it
+        if cfg.train.compile:  # oneDNN's native bf16 layout, as for inference
             set_layout(model, preferred_layout(device, self.amp or torch.float32))
         self.trainable = model
         o = cfg.optim
