@@ -4,6 +4,7 @@ destatic's samplers against diffusers' schedulers driving the same network (issu
     python benchmarks/time_to_quality.py                        # 376 prompts, 4/6/8/12 steps
     python benchmarks/time_to_quality.py --n 64 --steps 8       # a quick run
     python benchmarks/time_to_quality.py --threads 1 --steps 8,4,6,12
+    python benchmarks/time_to_quality.py --steps 6 --students '' --append   # add rows to the file
 
 The bundled model (``destatic.load()``: pixel-space 32² U-Net, rectified flow, MiniLM) draws
 one image per held-out emoji prompt (seeds ``seed + i``, as ``destatic eval`` does, so rows
@@ -20,7 +21,11 @@ with bf16 matrix units), with:
   matching (``prediction_type="flow_prediction"``, ``use_flow_sigmas=True``, ``flow_shift`` =
   the config's ``shift``), each on its own default grid; bf16 weights, bf16 latents and
   channels_last (diffusers' documented speed advice), and ``DPMSolverMultistep`` in fp32 at 8
-  steps beside destatic's fp32 check.
+  steps beside destatic's fp32 check;
+* the distilled students (``--students``, default the bundled ``emoji_lcm``; a reflow student's
+  folder such as ``runs/emoji_reflow/model`` too) at 1, 2 and 4 steps with their stored sampler,
+  grid and folded-in guidance 3: one network pass per step where the teacher's guided step
+  costs two (batched).
 
 Each row: FID (Inception, against the real held-out images) and top-1 prompt retrieval (the
 bundled evaluator) of the n images; network calls per image (NFE, a guided cond + uncond pair
@@ -31,7 +36,7 @@ fp32 and with destatic's matching sampler on that scheduler's grid: the Euler pi
 (generation.py's check), and DPM++ 2M and UniPC are compared as well, with the network fed the
 scheduler's integer timesteps and fed t·1000 exactly. Results go to
 benchmarks/results/time_to_quality.json (rewritten after every row, so a stopped run keeps its
-rows).
+rows; ``--append`` keeps the file's rows that this run does not measure).
 """
 
 from __future__ import annotations
@@ -141,6 +146,7 @@ class Row:
     cpu_s_per_image_b64: float = 0.0  # process CPU time
     cpu_s_per_image_b1: float = 0.0
     t_grid: list[float] | None = None  # the flow times t = σ/(1+σ) of the steps, 0 last
+    threads: int = 0  # torch threads of the run that measured the row
 
     def cells(self) -> list[str]:
         return [
@@ -156,6 +162,7 @@ class Row:
             f"{self.s_per_image_b1:.4f}",
             f"{self.cpu_s_per_image_b64:.4f}",
             f"{self.cpu_s_per_image_b1:.4f}",
+            str(self.threads),
         ]
 
 
@@ -172,12 +179,15 @@ HEAD = [
     "s/image batch 1",
     "CPU s/image batch 64",
     "CPU s/image batch 1",
+    "threads",
 ]
 
 
 def table(rows: Sequence[Row]) -> str:
     order = {name: i for i, name in enumerate([*SAMPLERS, *SCHEDULERS])}
-    rows = sorted(rows, key=lambda r: (r.library, order[r.scheduler], r.dtype, r.steps))
+    rows = sorted(
+        rows, key=lambda r: (r.library, order.get(r.scheduler, 9), r.scheduler, r.dtype, r.steps)
+    )
     lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * 4 + "---:|" * (len(HEAD) - 4)]
     lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
     return "\n".join(lines)
@@ -185,7 +195,7 @@ def table(rows: Sequence[Row]) -> str:
 
 def flow_times(library: str, name: str, steps: int, grid: str) -> list[float]:
     """The grid a row runs on as flow times t (1: pure noise, 0: the image)."""
-    if library == "destatic":
+    if library in ("destatic", "student"):
         from destatic.sampling.grids import make_sigmas
 
         sigmas = make_sigmas(grid, steps, process=bundled().process).to(torch.float64)
@@ -198,7 +208,15 @@ def flow_times(library: str, name: str, steps: int, grid: str) -> list[float]:
 
 
 def drawer(library: str, name: str, dtype: torch.dtype, pipes: dict, loops: dict) -> Callable:
-    """``draw(prompts, seeds, steps)`` → float images [B, 3, 32, 32] in [0, 1] for one row."""
+    """``draw(prompts, seeds, steps)`` → float images [B, 3, 32, 32] in [0, 1] for one row
+    (``library`` "student": ``name`` is the student's model, drawn with its stored defaults)."""
+    if library == "student":
+        pipe = destatic.load(name).to(dtype=dtype)
+
+        def draw(prompts, seeds, steps):
+            return pipe.generate(prompts, steps=steps, guidance=3.0, seed=seeds)
+
+        return draw
     if library == "destatic":
         pipe = pipes[dtype]
 
@@ -250,6 +268,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-parity", action="store_true", help="skip the pixel parity check")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--students", default="emoji_lcm", help="comma-separated student models ('' = none)"
+    )
+    parser.add_argument("--student-steps", default="1,2,4")
+    parser.add_argument("--append", action="store_true", help="keep --out's other rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import diffusers
@@ -281,6 +304,13 @@ def main() -> None:
         if steps == CHECK_STEPS and dtype != fp32:
             plan += [("destatic", "dpmpp_2m", fp32, steps)]
             plan += [("diffusers", "DPMSolverMultistep", fp32, steps)]
+    for student in filter(None, args.students.split(",")):
+        plan += [("student", student, dtype, int(s)) for s in args.student_steps.split(",")]
+    kept: list[Row] = []
+    if args.append and args.out.exists():
+        measured = {(lib, name, names[d], steps) for lib, name, d, steps in plan}
+        old = [Row(**r) for r in json.loads(args.out.read_text(encoding="utf-8"))["rows"]]
+        kept = [r for r in old if (r.library, r.scheduler, r.dtype, r.steps) not in measured]
     rows: list[Row] = []
     for library, name, d, steps in plan:
         draw = drawer(library, name, d, pipes, loops)
@@ -293,28 +323,31 @@ def main() -> None:
             metrics=["retrieval", "fid"],
         )
         nfe = sampler_info(name).nfe(steps) if library == "destatic" else steps
-        grid = default_grid if library == "destatic" else "its default"
+        grid = {"destatic": default_grid, "diffusers": "its default"}.get(library)
+        if library == "student":
+            grid = destatic.load(name).sampling_defaults["grid"]
         row = Row(library, name, steps, names[d], grid, nfe, len(prompts))
-        row.t_grid = flow_times(library, name, steps, default_grid)
+        row.t_grid = flow_times(library, name, steps, grid)
         row.fid, row.top1, row.top5 = scores.fid, scores.top1, scores.top5
         row.seconds, row.s_per_image_b64 = seconds, seconds / len(prompts)
         row.s_per_image_b1, row.cpu_s_per_image_b1 = single, single_cpu
         row.cpu_s_per_image_b64 = cpu / len(prompts)
+        row.threads = args.threads
         rows.append(row)
         print("| " + " | ".join(row.cells()) + " |", flush=True)
         payload = {
             "machine": machine,
-            "threads": args.threads,
+            "threads": "per row",
             "n": len(prompts),
             "seed": args.seed,
             "guidance": 3.0,
             "parity": checks,
-            "rows": [asdict(r) for r in rows],
+            "rows": [asdict(r) for r in kept + rows],
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"\n{machine}; n = {len(prompts)} held-out prompts, seed {args.seed}\n")
-    print(table(rows))
+    print(table(kept + rows))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""CPU precision levers of issue 19: the attention kernel's fp32 backward for bf16 training,
+"""CPU precision levers of issue 19: the attention kernel's fp32 backward for bf16 training
+(spelled out in bf16 when compiled),
 the GroupNorm that normalises small channels_last maps contiguously, and training's ``auto``
 precision (bf16 autocast only where the CPU has bf16 matrix units)."""
 
@@ -39,6 +40,25 @@ def test_bf16_training_attention_runs_in_fp32_and_gives_bf16_gradients():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast must not re-cast it to bf16
         again = scaled_dot_product_attention(q, k, v)
     assert torch.equal(again, out)
+
+
+def test_compiled_bf16_training_attention_is_spelled_out_within_bf16_rounding():
+    """Inside torch.compile a bf16 training step's attention is the explicit bf16 product (see
+    destatic.models.sdpa): output and gradients within bf16 rounding of fp32 attention."""
+    q, k, v = _qkv(torch.bfloat16, grad=True)
+    compiled = torch.compile(scaled_dot_product_attention, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    assert out.dtype == torch.bfloat16
+    assert not torch.equal(out, scaled_dot_product_attention(q, k, v))  # the other spelling
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*ref)
+    torch.testing.assert_close(out.float(), exact, atol=0.03, rtol=0.03)
+    weights = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1))
+    (out.float() * weights).sum().backward()
+    (exact * weights).sum().backward()
+    for ours, theirs in zip((q, k, v), ref, strict=True):
+        error = (ours.grad.float() - theirs.grad).norm() / theirs.grad.norm()
+        assert error < 0.01, error  # measured 0.005
 
 
 @pytest.mark.parametrize("side", [8, 16, 32])

@@ -153,3 +153,23 @@ def test_fp32_stays_exact_and_contiguous(sd_folder):
     pipe = destatic.load(sd_folder).to(dtype="bf16").to(dtype="fp32")
     assert pipe.network.conv_in.weight.is_contiguous()
     assert pipe.autoencoder.decoder.conv_in.weight.is_contiguous()
+
+
+def test_crowded_cpu_advice_counts_other_running_processes(monkeypatch):
+    """torch threads beside other running processes stall each other (a 2-thread training step
+    ran 4-5x slower beside one busy process): the trainer warns and says how many threads fit."""
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(devices, "_running_elsewhere", lambda: 1)
+    advice = devices.crowded_cpu_advice(threads=2)
+    assert "keep 1 of this machine's 2 CPUs busy" in advice and "train.threads = 1" in advice
+    assert devices.crowded_cpu_advice(threads=1) is None
+    monkeypatch.setattr(devices, "_running_elsewhere", lambda: 0)
+    assert devices.crowded_cpu_advice(threads=2) is None
+
+
+def test_running_elsewhere_reads_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 3\nprocs_blocked 0\n")
+    real = devices.Path
+    monkeypatch.setattr(devices, "Path", lambda p: stat if p == "/proc/stat" else real(p))
+    assert devices._running_elsewhere(samples=2, interval=0) == 2

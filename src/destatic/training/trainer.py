@@ -55,7 +55,7 @@ from destatic.io import (
     write_error_reason,
 )
 from destatic.models.speedups import compile_blocks, preferred_layout, set_layout
-from destatic.pipelines.devices import pick_dtype
+from destatic.pipelines.devices import crowded_cpu_advice, pick_dtype
 from destatic.training.config import Config, ConfigError
 from destatic.training.distributed import (
     World,
@@ -672,6 +672,8 @@ def train(cfg: Config, *, resume: bool = True) -> Path:
     if world.main:
         _check_output(out)
     world.barrier()
+    if device.type == "cpu" and world.size == 1 and (advice := crowded_cpu_advice()):
+        print(f"warning: {advice}", file=sys.stderr)
     torch.manual_seed(t.seed)
     task = make_task(cfg, device, progress=t.progress and world.main)
     run = _Run(cfg, world, device, task)
