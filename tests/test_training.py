@@ -81,9 +81,11 @@ def test_kill_9_and_resume_gives_the_same_weights(folder, tmp_path, precision):
 def test_compiled_training_tracks_eager_and_resumes_exactly(folder, tmp_path):
     """``train.compile``: the losses of eager bf16 within bf16's rounding, and a run killed
     after a checkpoint and resumed ends with the weights of one that never stopped (the killed
-    and resumed processes compile again; inductor's cache serves them). bf16 trains channels_last:
-    the restored AdamW moments must take the weights' layout, or fused AdamW pairs the wrong
-    elements."""
+    and resumed processes compile again and check their gradients again; inductor's cache
+    serves them). bf16 trains channels_last: the restored AdamW moments must take the weights'
+    layout, or fused AdamW pairs the wrong elements. (With torch 2.13 this tiny U-Net's compiled
+    bf16 gradients fail the trainer's check — conv2, shortcut and downsampler weights get none
+    — so after its first step it trains eagerly, still channels_last.)"""
     compiled = 'precision = "bf16"\ncompile = true'
     straight = load_config(
         write_config(tmp_path / "a.toml", folder, tmp_path / "straight", compiled)
@@ -97,7 +99,6 @@ def test_compiled_training_tracks_eager_and_resumes_exactly(folder, tmp_path):
         return [json.loads(line)["loss"] for line in lines]
 
     assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "eager"), rel=0.03)
-    assert losses(tmp_path / "straight") != losses(tmp_path / "eager")  # it did compile
 
     cfg_path = write_config(tmp_path / "b.toml", folder, tmp_path / "killed", compiled)
     assert 3 <= kill_after_checkpoint(cfg_path, tmp_path / "killed", 3) < 6
@@ -351,3 +352,64 @@ def test_inpainting_variant_starts_as_its_base_and_trains(folder, tmp_path):
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :8, :] = 1
     assert pipe.generate("a red square", steps=2, image=image, mask=mask).shape == (1, 3, 16, 16)
+
+
+def _gradient_dropping_compile(model):
+    """compile_blocks with a backend that detaches every block's outputs: a stand-in for the
+    inductor bug that left most of the 64² U-Net without gradients."""
+    from destatic.models.speedups import blocks
+
+    def backend(graph, example_inputs):
+        def run(*args):
+            out = graph(*args)
+            return type(out)(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
+
+        return run
+
+    for block in blocks(model):
+        block.compile(backend=backend)
+    return model
+
+
+def test_compiled_gradient_errors_names_what_the_compiler_got_wrong():
+    from destatic.models import UNet2DCondition, UNetConfig
+    from destatic.models.speedups import compile_blocks, compiled_gradient_errors
+    from tests.training_fixtures import PIXEL_UNET
+
+    torch.manual_seed(0)
+    model = UNet2DCondition(UNetConfig(**PIXEL_UNET))
+    torch.nn.init.normal_(model.conv_out.weight)  # a fresh U-Net zeroes it: no gradients behind
+
+    def loss():
+        x, context = torch.randn(2, 3, 16, 16), torch.randn(2, 8, 384)
+        return model(x, torch.rand(2) * 1000, context).square().mean()
+
+    assert compiled_gradient_errors(model, loss) == []  # nothing compiled: eager is eager
+    wrong = compiled_gradient_errors(_gradient_dropping_compile(model), loss)
+    assert "conv_in.weight" in wrong and "down_blocks.0.resnets.0.conv2.weight" in wrong
+    assert "conv_out.weight" not in wrong  # after the last block: its gradient is right
+    assert all(p.grad is None for p in model.parameters())
+    from destatic.models.speedups import uncompile_blocks
+
+    assert compiled_gradient_errors(uncompile_blocks(model), loss) == []
+    assert compiled_gradient_errors(compile_blocks(model), loss) == []  # inductor, fp32
+
+
+def test_compiled_training_falls_back_to_eager_when_its_gradients_are_wrong(
+    folder, tmp_path, monkeypatch
+):
+    """The trainer compares one compiled step's gradients with eager's (the first after an
+    update) and trains eagerly on when they differ, with a warning naming the count."""
+    from destatic.training import trainer
+
+    monkeypatch.setattr(trainer, "compile_blocks", _gradient_dropping_compile)
+    compiled = "compile = true"
+    checked = load_config(write_config(tmp_path / "a.toml", folder, tmp_path / "a", compiled))
+    with pytest.warns(UserWarning, match=r"torch.compile gave \d+ of \d+ parameters wrong"):
+        train(checked)
+    monkeypatch.setattr(trainer._Run, "_check_compiled", lambda self, part: None)
+    blind = load_config(write_config(tmp_path / "b.toml", folder, tmp_path / "b", compiled))
+    train(blind)
+    name = "down_blocks.0.resnets.0.conv2.weight"
+    moved = final_weights(tmp_path / "a")[name] - final_weights(tmp_path / "b")[name]
+    assert float(moved.abs().max()) > 1e-3  # the checked run trained the blocks

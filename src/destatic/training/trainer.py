@@ -14,7 +14,8 @@ cosine/linear decay (``LambdaLR``), gradient clipping, an EMA of the weights
 (``torch.optim.swa_utils.AveragedModel``, one foreach ``lerp_`` with the usual warm-up
 ``min(decay, (1+n)/(10+n))``), autocast where it pays (bf16 on GPUs that support it and on CPUs
 with bf16 matrix units), and with ``compile = true`` the network compiled block by block
-(:func:`~destatic.models.speedups.compile_blocks`). A loss or
+(:func:`~destatic.models.speedups.compile_blocks`; one step's gradients are checked against
+eager's, and a run whose compiled gradients are wrong trains eagerly). A loss or
 gradient that is NaN/inf skips the update with a warning; ``max_bad_steps`` in a row stop the
 run with an error naming the last good checkpoint. A checkpoint is never written from weights
 that are not finite.
@@ -54,7 +55,13 @@ from destatic.io import (
     write_atomic,
     write_error_reason,
 )
-from destatic.models.speedups import compile_blocks, preferred_layout, set_layout
+from destatic.models.speedups import (
+    compile_blocks,
+    compiled_gradient_errors,
+    preferred_layout,
+    set_layout,
+    uncompile_blocks,
+)
 from destatic.pipelines.devices import crowded_cpu_advice, pick_dtype
 from destatic.training.config import Config, ConfigError
 from destatic.training.distributed import (
@@ -317,6 +324,10 @@ class _Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.step = 0
         self.bad = 0
+        # compiled runs check one step's gradients against eager's, once per process: the first
+        # step after an update (at step 0 a fresh U-Net's zeroed output layer leaves every other
+        # gradient zero, eager's too)
+        self.unchecked = cfg.train.compile and world.size == 1
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -482,12 +493,34 @@ class _Run:
             self.whole = None
 
     # -- one step ------------------------------------------------------------------------------
+    def _check_compiled(self, part: Batch) -> None:
+        """Fall back to eager when the compiled network's gradients on ``part`` are not eager's
+        (:func:`~destatic.models.speedups.compiled_gradient_errors`: a torch inductor bug)."""
+        self.unchecked = False
+
+        def loss() -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                return self.task.loss(self.trained, part, self.device).mean()
+
+        wrong = compiled_gradient_errors(self.trainable, loss)
+        if wrong:
+            total = sum(p.requires_grad for p in self.trainable.parameters())
+            warnings.warn(
+                f"torch.compile gave {len(wrong)} of {total} parameters wrong gradients (first: "
+                f"{wrong[0]}; a torch inductor bug); this run trains eagerly — set "
+                "train.compile = false to skip the check",
+                stacklevel=2,
+            )
+            uncompile_blocks(self.trainable)
+
     def train_step(self) -> dict[str, float] | None:
         cfg = self.cfg.train
         index = batch_indices(cfg.seed, self.step, cfg.batch_size, self.task.num_items)
         self.task.step = self.step
         batch = self.task.draw(index, self.generator)
         parts = _share(batch, self.world, cfg.grad_accum)
+        if self.unchecked and self.step > 0:
+            self._check_compiled(parts[0])
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for j, part in enumerate(parts):
