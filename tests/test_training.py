@@ -83,9 +83,9 @@ def test_compiled_training_tracks_eager_and_resumes_exactly(folder, tmp_path):
     after a checkpoint and resumed ends with the weights of one that never stopped (the killed
     and resumed processes compile again and check their gradients again; inductor's cache
     serves them). bf16 trains channels_last: the restored AdamW moments must take the weights'
-    layout, or fused AdamW pairs the wrong elements. (With torch 2.13 this tiny U-Net's compiled
-    bf16 gradients fail the trainer's check — conv2, shortcut and downsampler weights get none
-    — so after its first step it trains eagerly, still channels_last.)"""
+    layout, or fused AdamW pairs the wrong elements. (With torch 2.13 this tiny U-Net compiled
+    by blocks fails the trainer's gradient check under bf16 — its conv2, shortcut and
+    downsampler weights get no gradient — so from its second step it is compiled by layers.)"""
     compiled = 'precision = "bf16"\ncompile = true'
     straight = load_config(
         write_config(tmp_path / "a.toml", folder, tmp_path / "straight", compiled)
@@ -99,6 +99,7 @@ def test_compiled_training_tracks_eager_and_resumes_exactly(folder, tmp_path):
         return [json.loads(line)["loss"] for line in lines]
 
     assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "eager"), rel=0.03)
+    assert losses(tmp_path / "straight") != losses(tmp_path / "eager")  # it did compile
 
     cfg_path = write_config(tmp_path / "b.toml", folder, tmp_path / "killed", compiled)
     assert 3 <= kill_after_checkpoint(cfg_path, tmp_path / "killed", 3) < 6
@@ -354,10 +355,10 @@ def test_inpainting_variant_starts_as_its_base_and_trains(folder, tmp_path):
     assert pipe.generate("a red square", steps=2, image=image, mask=mask).shape == (1, 3, 16, 16)
 
 
-def _gradient_dropping_compile(model):
-    """compile_blocks with a backend that detaches every block's outputs: a stand-in for the
+def _gradient_dropping_compile(model, finer: bool = False):
+    """compile_blocks with a backend that detaches every unit's outputs: a stand-in for the
     inductor bug that left most of the 64² U-Net without gradients."""
-    from destatic.models.speedups import blocks
+    from destatic.models.speedups import blocks, layers
 
     def backend(graph, example_inputs):
         def run(*args):
@@ -366,8 +367,8 @@ def _gradient_dropping_compile(model):
 
         return run
 
-    for block in blocks(model):
-        block.compile(backend=backend)
+    for unit in (layers if finer else blocks)(model):
+        unit.compile(backend=backend)
     return model
 
 
@@ -393,20 +394,30 @@ def test_compiled_gradient_errors_names_what_the_compiler_got_wrong():
 
     assert compiled_gradient_errors(uncompile_blocks(model), loss) == []
     assert compiled_gradient_errors(compile_blocks(model), loss) == []  # inductor, fp32
+    from destatic.models.speedups import blocks, layers
+
+    units = layers(model)  # one level finer: each block's resnets, attentions, resamplers
+    inside = {id(m) for b in blocks(model) for m in b.modules() if m is not b}
+    assert len(units) > len(blocks(model)) and all(id(u) in inside for u in units)
 
 
 def test_compiled_training_falls_back_to_eager_when_its_gradients_are_wrong(
     folder, tmp_path, monkeypatch
 ):
-    """The trainer compares one compiled step's gradients with eager's (the first after an
-    update) and trains eagerly on when they differ, with a warning naming the count."""
+    """The trainer compares a compiled step's gradients with eager's (the first after an
+    update): wrong by blocks, it compiles by layers and checks again; wrong again, it trains
+    eagerly on. Each fallback is a warning naming the count."""
     from destatic.training import trainer
 
     monkeypatch.setattr(trainer, "compile_blocks", _gradient_dropping_compile)
     compiled = "compile = true"
     checked = load_config(write_config(tmp_path / "a.toml", folder, tmp_path / "a", compiled))
-    with pytest.warns(UserWarning, match=r"torch.compile gave \d+ of \d+ parameters wrong"):
+    with pytest.warns(UserWarning) as caught:
         train(checked)
+    messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("torch.compile by blocks gave") and "by layers" in messages[0]
+    assert messages[1].startswith("torch.compile by layers gave") and "eagerly" in messages[1]
     monkeypatch.setattr(trainer._Run, "_check_compiled", lambda self, part: None)
     blind = load_config(write_config(tmp_path / "b.toml", folder, tmp_path / "b", compiled))
     train(blind)

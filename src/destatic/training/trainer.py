@@ -324,10 +324,11 @@ class _Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.step = 0
         self.bad = 0
-        # compiled runs check one step's gradients against eager's, once per process: the first
-        # step after an update (at step 0 a fresh U-Net's zeroed output layer leaves every other
-        # gradient zero, eager's too)
+        # compiled runs check one step's gradients against eager's, once per process and after
+        # each fallback: the first step after an update (at step 0 a fresh U-Net's zeroed output
+        # layer leaves every other gradient zero, eager's too)
         self.unchecked = cfg.train.compile and world.size == 1
+        self.compiled = "blocks" if cfg.train.compile else "no"
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -494,8 +495,10 @@ class _Run:
 
     # -- one step ------------------------------------------------------------------------------
     def _check_compiled(self, part: Batch) -> None:
-        """Fall back to eager when the compiled network's gradients on ``part`` are not eager's
-        (:func:`~destatic.models.speedups.compiled_gradient_errors`: a torch inductor bug)."""
+        """When the compiled network's gradients on ``part`` are not eager's
+        (:func:`~destatic.models.speedups.compiled_gradient_errors`: a torch inductor bug),
+        compile it a level finer (layers instead of blocks) and check again at the next step;
+        if that is wrong too, train eagerly."""
         self.unchecked = False
 
         def loss() -> torch.Tensor:
@@ -503,15 +506,22 @@ class _Run:
                 return self.task.loss(self.trained, part, self.device).mean()
 
         wrong = compiled_gradient_errors(self.trainable, loss)
-        if wrong:
-            total = sum(p.requires_grad for p in self.trainable.parameters())
-            warnings.warn(
-                f"torch.compile gave {len(wrong)} of {total} parameters wrong gradients (first: "
-                f"{wrong[0]}; a torch inductor bug); this run trains eagerly — set "
-                "train.compile = false to skip the check",
-                stacklevel=2,
-            )
-            uncompile_blocks(self.trainable)
+        if not wrong:
+            return
+        total = sum(p.requires_grad for p in self.trainable.parameters())
+        finer = self.compiled == "blocks"
+        warnings.warn(
+            f"torch.compile by {self.compiled} gave {len(wrong)} of {total} parameters wrong "
+            f"gradients (first: {wrong[0]}; a torch inductor bug); "
+            + ("compiling by layers instead" if finer else "this run trains eagerly"),
+            stacklevel=3,
+        )
+        uncompile_blocks(self.trainable)
+        if finer:
+            compile_blocks(self.trainable, finer=True)
+            self.compiled, self.unchecked = "layers", True
+        else:
+            self.compiled = "no"
 
     def train_step(self) -> dict[str, float] | None:
         cfg = self.cfg.train
