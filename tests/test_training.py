@@ -399,6 +399,8 @@ def test_compiled_gradient_errors_names_what_the_compiler_got_wrong():
     units = layers(model)  # one level finer: each block's resnets, attentions, resamplers
     inside = {id(m) for b in blocks(model) for m in b.modules() if m is not b}
     assert len(units) > len(blocks(model)) and all(id(u) in inside for u in units)
+    compile_blocks(uncompile_blocks(model), finer=True)  # each shape its own graph, none eager
+    assert torch._dynamo.config.recompile_limit >= len(units)
 
 
 def test_compiled_training_falls_back_to_eager_when_its_gradients_are_wrong(
