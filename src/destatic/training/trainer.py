@@ -14,8 +14,9 @@ cosine/linear decay (``LambdaLR``), gradient clipping, an EMA of the weights
 (``torch.optim.swa_utils.AveragedModel``, one foreach ``lerp_`` with the usual warm-up
 ``min(decay, (1+n)/(10+n))``), autocast where it pays (bf16 on GPUs that support it and on CPUs
 with bf16 matrix units), and with ``compile = true`` the network compiled block by block
-(:func:`~destatic.models.speedups.compile_blocks`; one step's gradients are checked against
-eager's, and a run whose compiled gradients are wrong trains eagerly). A loss or
+(:func:`~destatic.models.speedups.compile_blocks`; a step's gradients are checked against
+eager's, and where the compiler got them wrong the network is compiled layer by layer instead,
+or trains eagerly). A loss or
 gradient that is NaN/inf skips the update with a warning; ``max_bad_steps`` in a row stop the
 run with an error naming the last good checkpoint. A checkpoint is never written from weights
 that are not finite.
