@@ -10,9 +10,9 @@ Inside ``torch.compile`` (``[train] compile = true``) the same step instead spel
 in bf16: ``QKᵀ`` and ``·V`` as AMX matmuls, the scaled softmax computed in fp32 registers by
 inductor's fused kernel and stored in bf16. What it saves is memory traffic: the attention
 matrices, the largest tensors of the step, are read and written in bf16. The compiled bf16 step
-of the bundled U-Net takes 0.586 s instead of 0.634 (median of 12 interleaved steps, batch 64;
-``benchmarks/training.py --compile``: 107 against 100 samples/s); with the logits kept in fp32
-it takes 0.706 s. The price: the 400-step loss curve sits 1% above fp32's from step 200
+of the bundled U-Net trains at 107 samples/s instead of 100 (``benchmarks/training.py
+--compile``, batch 64); with the logits kept in fp32 it was slower than either (an exploration
+run, BENCHMARKS.md). The price: the 400-step loss curve sits 1% above fp32's from step 200
 (BENCHMARKS.md, "Training: bf16 autocast, fp32 attention and layer norms, compiled block by
 block"). Eager, the spelled-out form is slower (0.893 s against 0.825), so eager keeps the fp32
 kernel. Inference (no gradients) and fp32 inputs take torch's kernel unchanged, so fp32 outputs
@@ -36,7 +36,7 @@ def scaled_dot_product_attention(
     if half and q.device.type == "cpu" and torch.is_grad_enabled():
         if not kwargs and torch.compiler.is_compiling():
             weights = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
-            return (weights.to(q.dtype) @ v).to(q.dtype)
+            return weights.to(q.dtype) @ v
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
         return out.to(q.dtype)
