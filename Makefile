@@ -29,7 +29,7 @@ SHEET_PROMPTS := "grinning face" "red heart" "cat face" "flag: japan" "pizza" "r
 VIDEO_PROMPTS := "red heart moves down" "pizza bounces" "thumbs up rotates anticlockwise" \
 	"sun zooms out" "ghost moves up" "fire zooms in" "star zooms out" "birthday cake moves down"
 
-.PHONY: demo test lint bench bundle bundle-evaluator bundle-control bundle-inpaint bundle-lcm bundle-video \
+.PHONY: demo test lint bench bundle bundle-64 bundle-evaluator bundle-control bundle-inpaint bundle-lcm bundle-video \
 	bundle-notes bundle-notes-evaluator bundle-ar
 demo: $(VENV)/.installed
 	$(BIN)/destatic generate $(DEMO_PROMPTS) --upscale 4 -o out
@@ -39,6 +39,12 @@ bundle: $(VENV)/.installed
 	rm -rf src/destatic/assets/emoji
 	$(BIN)/destatic export runs/emoji/model src/destatic/assets/emoji --half
 	$(BIN)/destatic generate $(SHEET_PROMPTS) -o /tmp/destatic-sheet --sheet docs/emoji_samples.png
+
+# Refresh the bundled 64×64 model from a finished `destatic train configs/emoji64.toml`.
+bundle-64: $(VENV)/.installed
+	rm -rf src/destatic/assets/emoji64
+	$(BIN)/destatic export runs/emoji64/model src/destatic/assets/emoji64 --half
+	$(BIN)/destatic generate $(SHEET_PROMPTS) --model emoji64 -o /tmp/destatic-sheet64 --sheet docs/emoji64_samples.png
 
 # Refresh the bundled evaluator from a finished `destatic train configs/emoji_evaluator.toml`.
 bundle-evaluator: $(VENV)/.installed

@@ -11,40 +11,51 @@ import torch
 import destatic
 from destatic.training import load_config
 
-CONFIG = Path(__file__).parents[1] / "configs" / "emoji.toml"
+ROOT = Path(__file__).parents[1]
+CONFIG = ROOT / "configs" / "emoji.toml"
+#: the bundled text-to-image models: the 32² default and the 64² one (BENCHMARKS.md, "The 64×64
+#: model"), each with its training config and side
+PIXEL_MODELS = pytest.mark.parametrize(
+    ("name", "side"), [("emoji", 32), ("emoji64", 64)], ids=["emoji", "emoji64"]
+)
 
 
-def test_bundle_is_small_fp16_safetensors():
-    files = [f for f in destatic.DEFAULT_MODEL.rglob("*") if f.is_file()]
+@PIXEL_MODELS
+def test_bundle_is_small_fp16_safetensors(name, side):
+    folder = destatic.BUNDLED[name].folder
+    files = [f for f in folder.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 25e6
     assert {f.suffix for f in files} <= {".json", ".safetensors"}  # never pickle
     from destatic.io import load_weights
 
-    weights = load_weights(destatic.DEFAULT_MODEL / "unet")
+    weights = load_weights(folder / "unet")
     assert {v.dtype for v in weights.values()} == {torch.float16}
 
 
-def test_bundle_matches_its_config():
-    cfg = load_config(CONFIG)
-    unet = json.loads((destatic.DEFAULT_MODEL / "unet" / "config.json").read_text())
+@PIXEL_MODELS
+def test_bundle_matches_its_config(name, side):
+    folder = destatic.BUNDLED[name].folder
+    cfg = load_config(ROOT / destatic.BUNDLED[name].config)
+    assert cfg.data.size == side
+    unet = json.loads((folder / "unet" / "config.json").read_text())
     for key, value in cfg.model.unet.items():
         assert unet[key] == value, key
-    index = json.loads((destatic.DEFAULT_MODEL / "model_index.json").read_text())
+    index = json.loads((folder / "model_index.json").read_text())
     assert index["destatic_text_max_length"] == cfg.model.text_max_length
-    scheduler = json.loads(
-        (destatic.DEFAULT_MODEL / "scheduler" / "scheduler_config.json").read_text()
-    )
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     # the API and the CLI draw at the scale the config's sample grids used
-    defaults = destatic.load().sampling_defaults
+    defaults = destatic.load(name).sampling_defaults
     assert defaults["guidance"] == cfg.sample.guidance == 3.0
     assert defaults["steps"] == cfg.sample.steps == 8  # on the time-to-quality frontier
 
 
-def test_default_model_generates_distinct_images_per_prompt():
-    pipe = destatic.load()
+@PIXEL_MODELS
+def test_bundled_model_generates_distinct_images_per_prompt(name, side):
+    pipe = destatic.load(name)
+    assert pipe.default_size == side
     images = pipe.generate(["red heart", "green apple"], steps=8, seed=0)
-    assert images.shape == (2, 3, 32, 32)
+    assert images.shape == (2, 3, side, side)
     assert bool(torch.isfinite(images).all())
     assert float((images[0] - images[1]).abs().mean()) > 0.05  # the prompt changes the image
     # a red heart is redder than it is green

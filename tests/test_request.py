@@ -203,7 +203,7 @@ def test_task_registry_lists_and_refuses(tmp_path):
 def test_bundled_table_and_companions():
     from destatic.bundled import BUNDLED, companions
 
-    assert set(BUNDLED) == {"emoji", "emoji_inpaint", "emoji_control", "emoji_lcm",
+    assert set(BUNDLED) == {"emoji", "emoji64", "emoji_inpaint", "emoji_control", "emoji_lcm",
                             "emoji_video", "emoji_ar", "emoji_evaluator", "notes",
                             "notes_evaluator"}  # fmt: skip
     assert resolve(None) == destatic.DEFAULT_MODEL == resolve("emoji")

@@ -54,6 +54,9 @@ BUNDLED: dict[str, BundledModel] = {
     for m in (
         BundledModel("emoji", "pipeline", "configs/emoji.toml", "text → 32×32 emoji (default)"),
         BundledModel(
+            "emoji64", "pipeline", "configs/emoji64.toml", "text → 64×64 emoji (pixel U-Net)"
+        ),
+        BundledModel(
             "emoji_inpaint", "pipeline", "configs/emoji_inpaint.toml", "inpainting variant"
         ),
         BundledModel(
