@@ -1,4 +1,5 @@
-"""The bundled default model: small, loads offline, follows its config, generates."""
+"""The bundled models (the 32² default, the 64² one and the companions): small, load offline,
+follow their configs, generate."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import destatic
 from destatic.training import load_config
 
 ROOT = Path(__file__).parents[1]
-CONFIG = ROOT / "configs" / "emoji.toml"
 #: the bundled text-to-image models: the 32² default and the 64² one (BENCHMARKS.md, "The 64×64
 #: model"), each with its training config and side
 PIXEL_MODELS = pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def _heldout_emoji():
         pytest.skip(f"emoji data unavailable: {err}")
 
 
-INPAINT_CONFIG = Path(__file__).parents[1] / "configs" / "emoji_inpaint.toml"
+INPAINT_CONFIG = ROOT / "configs" / "emoji_inpaint.toml"
 
 
 def test_bundled_inpainting_model_reads_mask_and_image():
