@@ -170,22 +170,37 @@ def caller(kind: str, model: torch.nn.Module, ours: bool) -> Callable[..., torch
 # ----------------------------------------------------------------------------------------------
 
 
-def matmul_peak(reps: int) -> float:
-    """fp32 GFLOP/s of a 2048² matmul on the current threads (best of ``reps``)."""
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(
+    reps: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> float:
+    """GFLOP/s of a square matmul in ``dtype`` on ``device`` (CPU: 2048² on the current threads;
+    CUDA: 8192²), best of ``reps``."""
+    device = device or torch.device("cpu")
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = device_sync(device)
     for _ in range(2):
         a @ b
     best = float("inf")
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
 
-def interleaved(fns: list[Callable[[], Any]], warmup: int, reps: int) -> list[float]:
-    """Median seconds per call of each fn, calling them in turn (round-robin)."""
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a clock is read (nothing on the CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def interleaved(
+    fns: list[Callable[[], Any]], warmup: int, reps: int, sync: Callable[[], None] = lambda: None
+) -> list[float]:
+    """Median seconds per call of each fn, calling them in turn (round-robin); ``sync`` waits for
+    an accelerator's queue before each clock reading."""
     for _ in range(warmup):
         for f in fns:
             f()
@@ -193,8 +208,10 @@ def interleaved(fns: list[Callable[[], Any]], warmup: int, reps: int) -> list[fl
     for r in range(reps):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
+            sync()
             t0 = time.perf_counter()
             fns[i]()
+            sync()
             times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 

@@ -3,6 +3,7 @@ against the same architecture trained through diffusers' UNet2DConditionModel in
 
     python benchmarks/training.py [--config configs/emoji.toml] [--reps 5]
     python benchmarks/training.py --costs    # the model-size tables of BENCHMARKS.md "Training"
+    python benchmarks/training.py --device cuda --compile     # the same sides on a GPU
 
 Each side runs in fp32 and under bf16 autocast (with ``--compile`` also compiled block by block,
 ``train.compile``) (destatic: ``train.precision = "bf16"``, whose
@@ -13,7 +14,8 @@ tokens, logit-normal σ, noise) and the same initial weights. destatic runs its 
 (``_Run.train_step``: loss, backward, clipping, AdamW, LR schedule, EMA, NaN checks); the plain
 loop does the rectified-flow loss, backward, clipping, AdamW and a ``swa_utils`` EMA update
 with diffusers' model. Steps are interleaved so that other load hits both alike; medians are
-reported with model-FLOPs utilisation against a measured fp32 matmul peak.
+reported with model-FLOPs utilisation against a measured matmul peak (fp32 on the CPU, bf16 on
+a GPU, where autocast is ``torch.autocast("cuda", torch.bfloat16)``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import count_flops, interleaved, matmul_peak
+from models import count_flops, device_sync, interleaved, matmul_peak
 
 from destatic.models.speedups import compile_blocks
 from destatic.pipelines.devices import cpu_description
@@ -142,8 +144,10 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="add torch.compile sides (minutes of compiling)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    device = torch.device(args.device)
     if args.costs:
         costs()
         return
@@ -159,8 +163,8 @@ def main() -> None:
         cfg = load_config(args.config, overrides)
         cfg.output.dir = "/tmp/destatic-bench-training"
         torch.manual_seed(0)
-        task = make_task(cfg, torch.device("cpu"), progress=False)
-        runs[name] = _Run(cfg, World(), torch.device("cpu"), task)
+        task = make_task(cfg, device, progress=False)
+        runs[name] = _Run(cfg, World(), device, task)
     ours = runs["fp32"].trainable
     b = cfg.train.batch_size
     batch = task.draw(batch_indices(0, 0, b, task.num_items), torch.Generator().manual_seed(0))
@@ -171,21 +175,23 @@ def main() -> None:
         wrong under bf16 autocast, see its docstring)."""
         theirs = UNet2DConditionModel.from_config(ours.config.to_dict())
         theirs.load_state_dict(ours.state_dict(), strict=True)
-        theirs.train()
+        theirs.to(device).train()
         opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.optim.lr, weight_decay=0.0)
         ema = torch.optim.swa_utils.AveragedModel(
             theirs, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay)
         )
         model = compile_blocks(theirs) if compiled else theirs
 
+        x0, noise = batch["x0"].to(device), batch["noise"].to(device)
+        context = task.bank.tokens[batch["caption"]].to(device)
+        sigma = batch["sigma"].float().to(device)[:, None, None, None]
+
         def step() -> None:
-            sigma = batch["sigma"].float()[:, None, None, None]
             t = sigma / (1 + sigma)
-            x_t = (1 - t) * batch["x0"] + t * batch["noise"]
-            context = task.bank.tokens[batch["caption"]]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            x_t = (1 - t) * x0 + t * noise
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(x_t, t.flatten() * 1000, encoder_hidden_states=context).sample
-                loss = (out.float() - (batch["noise"] - batch["x0"])).pow(2).mean()
+                loss = (out.float() - (noise - x0)).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(theirs.parameters(), cfg.optim.grad_clip)
@@ -206,16 +212,19 @@ def main() -> None:
             .backward()
         )
     )
-    peak = matmul_peak(5)
-    times = interleaved(list(sides.values()), warmup=2, reps=args.reps)
+    peak_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    peak = matmul_peak(5, device, peak_dtype)
+    times = interleaved(list(sides.values()), warmup=2, reps=args.reps, sync=device_sync(device))
     params = sum(p.numel() for p in ours.parameters()) / 1e6
-    machine = f"{cpu_description()}, torch {torch.__version__}"
-    print(f"machine: {machine}; fp32 matmul peak {peak:.0f} GFLOP/s")
+    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    peak_name = str(peak_dtype).removeprefix("torch.").replace("float32", "fp32")
+    peak_name = peak_name.replace("bfloat16", "bf16")
+    print(f"machine: {chip}, torch {torch.__version__}; {peak_name} matmul peak {peak:.0f} GFLOP/s")
     print(
         f"model: {params:.2f} M parameters, {per_sample:.2f} GFLOP per training sample, batch {b}"
     )
     base = times[len(variants)]  # diffusers fp32
-    print("| trainer | precision | s/step | samples/s | fp32 MFU | diffusers fp32 ÷ this |")
+    print(f"| trainer | precision | s/step | samples/s | {peak_name} MFU | diffusers fp32 ÷ this |")
     print("|---|---|---:|---:|---:|---:|")
     for (name, precision), t in zip(sides, times, strict=True):
         mfu = b * per_sample / t / peak
