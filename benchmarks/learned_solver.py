@@ -34,6 +34,18 @@ def errors(out: torch.Tensor, reference: torch.Tensor) -> tuple[float, int, floa
     return rms(out, reference), int((per_sample > FLIP).sum()), float(per_sample.median())
 
 
+def check_problems(problem: LabProblem, x_train: torch.Tensor, train_reference: torch.Tensor):
+    """(label, lab problem or None, mixture, start at σ_max, reference x(0)) for the training
+    noise, the sampler table's held-out noise and two problems a fit never saw."""
+    yield "16-D, training noise (seed 1234)", None, problem.mixture, x_train, train_reference
+    for label, lab in [
+        ("**16-D, held-out benchmark noise**", problem),
+        ("16-D, other means (mixture seed 7), not fitted", LabProblem(16, seed=7)),
+        ("2-D (8 on a circle), not fitted", LabProblem(2)),
+    ]:
+        yield label, lab, lab.mixture, lab.start(lab.process.sigma_max), lab.reference
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", default="uni_pc_3")
@@ -65,16 +77,7 @@ def main() -> None:
     fit_seconds = time.time() - began
 
     rows = []
-    for label, lab in [
-        ("16-D, training noise (seed 1234)", None),
-        ("**16-D, held-out benchmark noise**", problem),
-        ("16-D, other means (mixture seed 7), not fitted", LabProblem(16, seed=7)),
-        ("2-D (8 on a circle), not fitted", LabProblem(2)),
-    ]:
-        if lab is None:
-            mixture, x0, reference = problem.mixture, x, targets[-1]
-        else:
-            mixture, x0, reference = lab.mixture, lab.start(float(sigmas[0])), lab.reference
+    for label, _, mixture, x0, reference in check_problems(problem, x, targets[-1]):
         base = errors(start.sample(mixture, x0), reference)
         fitted = errors(solver.sample(mixture, x0), reference)
         rows.append((label, base, fitted))

@@ -102,6 +102,7 @@ def sample(
     callback: Callback | None = None,
     noise: NoiseFn | str | None = None,
     process: Process | None = None,
+    final_std: float | None = None,
     **options,
 ) -> torch.Tensor:
     """Run ``sampler`` from state ``x`` at ``sigmas[0]`` down the grid; returns the final state.
@@ -112,9 +113,15 @@ def sample(
     the ``process``'s ``sde_noise``). ``process``, the model's, also goes to the samplers that
     need it (``tcd``). ``callback`` gets a
     :class:`StepInfo` after each model call of a step, with the running evaluation count.
+    ``final_std`` (the model's local data std, :func:`~destatic.sampling.final_step.
+    estimate_local_std`) replaces the sampler's last step σ_L → 0 by the exact one of locally
+    Gaussian data, from the sampler's evaluation at σ_L (no extra call; the grid must end at 0).
     """
     info = sampler_info(sampler)  # unknown names fail here, listing the valid ones
     sigmas = check_sigmas(sigmas)
+    if final_std is not None:
+        return _with_final_step(sampler, denoiser, x, sigmas, final_std, callback, **options,
+                                generator=generator, noise=noise, process=process)  # fmt: skip
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"x must be [batch, ...] with batch >= 1, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
@@ -149,3 +156,22 @@ def sample(
     if not bool(torch.isfinite(out).all()):
         raise NonFiniteError(f"{sampler} produced NaN or inf; try more steps or another grid")
     return out
+
+
+def _with_final_step(sampler, denoiser, x, sigmas, std, callback, **options) -> torch.Tensor:
+    """:func:`sample` with its last step replaced (``final_std``)."""
+    from destatic.sampling.final_step import local_gaussian_final_step
+
+    if len(sigmas) < 3 or float(sigmas[-1]) != 0:
+        raise ValueError("final_std needs a grid of at least 2 steps that ends at σ = 0")
+    sigma_last = float(sigmas[-2])
+    seen: list[StepInfo] = []
+
+    def keep(step: StepInfo) -> None:
+        if step.sigma == sigma_last and not seen:
+            seen.append(step)
+        if callback is not None:
+            callback(step)
+
+    sample(sampler, denoiser, x, sigmas, callback=keep, **options)
+    return local_gaussian_final_step(seen[0].x, seen[0].denoised, sigma_last, std)
