@@ -48,17 +48,13 @@ from pathlib import Path
 
 import torch
 
-import destatic.sampling.optimize as optimize
 from destatic.lab import LabProblem, reference_solution
 from destatic.sampling import make_sigmas, sample
 from destatic.sampling.final_step import estimate_local_std
+from destatic.sampling.optimize import optimize_sigmas
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learned_solver import check_problems
-
-BEST_PEER = 1.04e-1  # diffusers UniPC (default) at 8 NFE in 16-D, BENCHMARKS.md
-
-FLIP = 0.25  # per-sample error that means another mixture component (benchmarks/samplers.py)
+from learned_solver import BEST_PEER, FLIP, check_problems, errors
 
 
 class GaussianFirstStep:
@@ -80,20 +76,19 @@ class GaussianFirstStep:
         return self.mean + out @ self.basis.T
 
 
-def flipped(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    return ((out - reference) ** 2).mean(1).sqrt() > FLIP
+def flips(out: torch.Tensor, reference: torch.Tensor) -> int:
+    return errors(out, reference)[1]
 
 
 def summary(out: torch.Tensor, reference: torch.Tensor) -> str:
-    per_sample = ((out - reference) ** 2).mean(1).sqrt()
-    rms = float(((out - reference) ** 2).mean().sqrt())
-    return f"{rms:.3e} | {int((per_sample > FLIP).sum())} | {float(per_sample.median()):.2e}"
+    rms, flipped, median = errors(out, reference)
+    return f"{rms:.3e} | {flipped} | {median:.2e}"
 
 
 def with_first_step(gauss: GaussianFirstStep, form: str):
     """``uni_pc_3`` whose first step is Gaussian, in form "A" or "B" (module docstring)."""
 
-    def run(_name, denoiser, x, grid, **_options):
+    def run(denoiser, x, grid):
         s0, s1 = float(grid[0]), float(grid[1])
         if form == "B":
             d0 = denoiser(x, torch.full((len(x),), s0, dtype=torch.float64))
@@ -119,7 +114,7 @@ def last_step(problem: LabProblem, x_train, train_reference, evals: int) -> list
         return estimate_local_std(lab.mixture, data, generator=torch.Generator().manual_seed(5))
 
     std = std_of(problem)
-    grid, _ = optimize.optimize_sigmas(
+    grid, _ = optimize_sigmas(
         "uni_pc_3",
         [(problem.mixture, x_train, train_reference)],
         8,
@@ -142,12 +137,12 @@ def last_step(problem: LabProblem, x_train, train_reference, evals: int) -> list
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lab16d = make_sigmas("lab16d", 8, process=process)
-    held_out = None
     for label, lab, mixture, x0, reference in check_problems(problem, x_train, train_reference):
         s = std if lab is None else std_of(lab)
         base = summary(sample("uni_pc_3", mixture, x0, lab16d), reference)
         out = sample("uni_pc_3", mixture, x0, grid, final_std=s)
-        held_out = held_out if lab is not problem else float(((out - reference) ** 2).mean().sqrt())
+        if lab is problem:
+            held_out = errors(out, reference)[0]
         lines.append(f"| {label} | {base} | {summary(out, reference)} |")
     lines += [
         "",
@@ -187,10 +182,8 @@ def main() -> None:
         states: list[tuple[float, torch.Tensor]] = []
         keep = states.append
         out = sample(name, mixture, x0, lab16d, callback=lambda i, keep=keep: keep((i.sigma, i.x)))
-        counts = [
-            int(flipped(reference_solution(mixture, x, s), reference).sum()) for s, x in states[1:]
-        ]
-        counts.append(int(flipped(out, reference).sum()))
+        counts = [flips(reference_solution(mixture, x, s), reference) for s, x in states[1:]]
+        counts.append(flips(out, reference))
         lines.append(f"| {name} | " + " | ".join(map(str, counts)) + " |")
 
     lines += [
@@ -207,7 +200,7 @@ def main() -> None:
             gauss.step(x0, d0, s0, s1, residual=False),
             gauss.step(x0, d0, s0, s1),
         ]
-        counts = [int(flipped(reference_solution(mixture, x, s1), reference).sum()) for x in firsts]
+        counts = [flips(reference_solution(mixture, x, s1), reference) for x in firsts]
         lines.append(f"| {s1:.3g} | " + " | ".join(map(str, counts)) + " |")
 
     process = problem.process
@@ -224,28 +217,22 @@ def main() -> None:
     ]
     for form in ("A", "B"):
         run = with_first_step(gauss, form)
-        lines.append(
-            f"| form {form} | lab16d | {summary(run('', mixture, x0, lab16d), reference)} |"
-        )
+        lines.append(f"| form {form} | lab16d | {summary(run(mixture, x0, lab16d), reference)} |")
         for starts in (("karras", "exponential", "ays"), ("lab16d",)):
-            optimize.sample = run  # optimize_sigmas calls sample(name, denoiser, x, grid)
-            try:
-                grid, _ = optimize.optimize_sigmas(
-                    "uni_pc_3",
-                    [(mixture, x_train, train_reference)],
-                    8,
-                    process.sigma_min,
-                    process.sigma_max,
-                    starts=starts,
-                    max_evals=args.evals,
-                )
-            finally:
-                optimize.sample = sample
+            grid, _ = optimize_sigmas(
+                run,
+                [(mixture, x_train, train_reference)],
+                8,
+                process.sigma_min,
+                process.sigma_max,
+                starts=starts,
+                max_evals=args.evals,
+            )
             label = f"re-optimised from {'/'.join(starts)}: " + ", ".join(
                 f"{v:.3g}" for v in grid.tolist()[1:-1]
             )
             lines.append(
-                f"| form {form} | {label} | {summary(run('', mixture, x0, grid), reference)} |"
+                f"| form {form} | {label} | {summary(run(mixture, x0, grid), reference)} |"
             )
     lines += last_step(problem, x_train, train_reference, args.evals)
     lines += ["", f"Total {time.time() - began:.0f} s.", ""]

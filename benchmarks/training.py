@@ -212,13 +212,13 @@ def main() -> None:
             .backward()
         )
     )
-    peak_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    peak_name, peak_dtype = (
+        ("fp32", torch.float32) if device.type == "cpu" else ("bf16", torch.bfloat16)
+    )
     peak = matmul_peak(5, device, peak_dtype)
     times = interleaved(list(sides.values()), warmup=2, reps=args.reps, sync=device_sync(device))
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     chip = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
-    peak_name = str(peak_dtype).removeprefix("torch.").replace("float32", "fp32")
-    peak_name = peak_name.replace("bfloat16", "bf16")
     print(f"machine: {chip}, torch {torch.__version__}; {peak_name} matmul peak {peak:.0f} GFLOP/s")
     print(
         f"model: {params:.2f} M parameters, {per_sample:.2f} GFLOP per training sample, batch {b}"

@@ -25,3 +25,21 @@ def test_optimised_grid_beats_karras_and_exponential():
     assert abs(rms(sample("euler", mix, x, grid), ref) - err) < 1e-12
     for start in ("karras", "exponential"):
         assert err < 0.8 * rms(sample("euler", mix, x, make_sigmas(start, 4, 0.03, 14.6)), ref)
+
+
+def test_a_solver_of_your_own_is_optimised_like_a_named_one():
+    mix = GaussianMixture.standard(2)
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 14.6
+    ref = reference_solution(mix, x, 14.6)
+    calls = []
+
+    def euler(denoiser, x, grid):
+        calls.append(len(grid))
+        return sample("euler", denoiser, x, grid)
+
+    named = optimize_sigmas(
+        "euler", [(mix, x, ref)], 3, 0.03, 14.6, starts=("karras",), max_evals=40
+    )
+    own = optimize_sigmas(euler, [(mix, x, ref)], 3, 0.03, 14.6, starts=("karras",), max_evals=40)
+    assert torch.equal(own[0], named[0]) and own[1] == named[1]
+    assert calls and set(calls) == {4}

@@ -374,7 +374,13 @@ def _gradient_dropping_compile(model, finer: bool = False):
 
 def test_compiled_gradient_errors_names_what_the_compiler_got_wrong():
     from destatic.models import UNet2DCondition, UNetConfig
-    from destatic.models.speedups import compile_blocks, compiled_gradient_errors
+    from destatic.models.speedups import (
+        blocks,
+        compile_blocks,
+        compiled_gradient_errors,
+        layers,
+        uncompile_blocks,
+    )
     from tests.training_fixtures import PIXEL_UNET
 
     torch.manual_seed(0)
@@ -390,12 +396,8 @@ def test_compiled_gradient_errors_names_what_the_compiler_got_wrong():
     assert "conv_in.weight" in wrong and "down_blocks.0.resnets.0.conv2.weight" in wrong
     assert "conv_out.weight" not in wrong  # after the last block: its gradient is right
     assert all(p.grad is None for p in model.parameters())
-    from destatic.models.speedups import uncompile_blocks
-
     assert compiled_gradient_errors(uncompile_blocks(model), loss) == []
     assert compiled_gradient_errors(compile_blocks(model), loss) == []  # inductor, fp32
-    from destatic.models.speedups import blocks, layers
-
     units = layers(model)  # one level finer: each block's resnets, attentions, resamplers
     inside = {id(m) for b in blocks(model) for m in b.modules() if m is not b}
     assert len(units) > len(blocks(model)) and all(id(u) in inside for u in units)

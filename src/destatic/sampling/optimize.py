@@ -44,7 +44,7 @@ def _logits_of(sigmas: torch.Tensor, sigma_min: float) -> np.ndarray:
 
 
 def optimize_sigmas(
-    sampler: str,
+    sampler: str | Callable[[Callable, torch.Tensor, torch.Tensor], torch.Tensor],
     problems: Sequence[tuple[Callable, torch.Tensor, torch.Tensor]],
     steps: int,
     sigma_min: float,
@@ -55,7 +55,9 @@ def optimize_sigmas(
     **options,
 ) -> tuple[torch.Tensor, float]:
     """A grid of ``steps`` steps for ``sampler`` minimising the summed log RMS error over
-    ``problems`` = [(denoiser, x at σ_max, reference x(0)), …]. Returns (grid, mean RMS)."""
+    ``problems`` = [(denoiser, x at σ_max, reference x(0)), …]. Returns (grid, mean RMS).
+    ``sampler`` is a name for :func:`~destatic.sampling.sample` (``options`` go to it) or a
+    solver of your own, ``sampler(denoiser, x, grid) -> x(0)``."""
     from scipy.optimize import minimize
 
     def objective(logits: np.ndarray) -> float:
@@ -64,7 +66,11 @@ def optimize_sigmas(
             return math.inf  # two points merged: not a grid of ``steps`` steps
         total = 0.0
         for denoiser, x, reference in problems:
-            out = sample(sampler, denoiser, x.clone(), grid, **options)
+            out = (
+                sampler(denoiser, x.clone(), grid)
+                if callable(sampler)
+                else sample(sampler, denoiser, x.clone(), grid, **options)
+            )
             total += math.log(float(((out - reference) ** 2).mean().sqrt()))
         return total / len(problems)
 

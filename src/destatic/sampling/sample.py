@@ -120,8 +120,8 @@ def sample(
     info = sampler_info(sampler)  # unknown names fail here, listing the valid ones
     sigmas = check_sigmas(sigmas)
     if final_std is not None:
-        return _with_final_step(sampler, denoiser, x, sigmas, final_std, callback, **options,
-                                generator=generator, noise=noise, process=process)  # fmt: skip
+        options |= {"generator": generator, "noise": noise, "process": process}
+        return _with_final_step(sampler, denoiser, x, sigmas, final_std, callback, **options)
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"x must be [batch, ...] with batch >= 1, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
